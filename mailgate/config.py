@@ -1,0 +1,303 @@
+"""One frozen configuration tree: embedded defaults, a TOML file, then environment overrides.
+
+Loaded once at start and passed in explicitly. Anything wrong (unknown key, bad type, bad value)
+raises ConfigError naming the key, so `mailgate check-config` and `serve` fail before listening.
+"""
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import socket
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+SECONDS = 1.0
+MINUTES = 60 * SECONDS
+HOURS = 60 * MINUTES
+KiB = 1024
+MiB = 1024 * KiB
+
+SYSTEM_CONFIG = Path("/etc/mailgate/mailgate.toml")
+
+
+class ConfigError(ValueError):
+    """A config problem, with the dotted key it concerns."""
+
+
+def default_data_dir() -> str:
+    """systemd's StateDirectory, else /var/lib/mailgate for root, else the user's data dir."""
+    if os.environ.get("STATE_DIRECTORY"):
+        return os.environ["STATE_DIRECTORY"].split(":")[0]
+    if os.geteuid() == 0:
+        return "/var/lib/mailgate"
+    base = os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share")
+    return os.path.join(base, "mailgate")
+
+
+@dataclass(frozen=True)
+class Listen:
+    smtp: str = "127.0.0.1:10025"      # content filter / internal port / swaks; "" = off
+    lmtp: str = "127.0.0.1:10024"      # Postfix virtual_transport; "" = off
+    trusted_networks: tuple[str, ...] = ("127.0.0.0/8", "::1/128")  # may send XFORWARD
+    max_sessions: int = 100            # past it: 421 4.3.2
+    command_timeout: float = 5 * MINUTES   # idle deadline per command (RFC 5321 §4.5.3.2)
+    shutdown_timeout: float = 30 * SECONDS  # how long transactions in flight may finish
+
+
+@dataclass(frozen=True)
+class Limits:
+    message_size: int = 50 * MiB       # advertised in SIZE; larger: 552 5.3.4
+    max_recipients: int = 1000         # per transaction; past it: 452 4.5.3
+    message_timeout: float = 5 * MINUTES   # budget for filters + delivery, < Postfix's 600 s
+    parse_size: int = 25 * MiB         # larger messages are delivered unparsed
+    parse_depth: int = 50              # MIME nesting beyond this is delivered unparsed
+    parse_timeout: float = 10 * SECONDS
+
+
+@dataclass(frozen=True)
+class Delivery:
+    lmtp: str = "127.0.0.1:24"         # Dovecot: "host:port" or "unix:/path"; "" = maildir only
+    maildir: str = ""                  # fallback template with {domain} {user}; "" = off
+    lmtp_timeout: float = 30 * SECONDS
+    lmtp_connections: int = 8          # pool size; also the cap on deliveries in flight
+    create_maildirs: tuple[str, ...] = ()  # addresses whose maildir is created at start
+    recipient_cache: float = 60 * SECONDS  # how long a Dovecot answer about a user is reused
+    delivery_record: float = 24 * HOURS    # how long partial deliveries are remembered
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    filters: tuple[str, ...] = ()      # names from mailgate.pipeline.FILTERS or "module:Class"
+    filter_timeout: float = 10 * SECONDS
+
+
+@dataclass(frozen=True)
+class Relay:
+    smtp: str = "127.0.0.1:25"         # where auto-replies and forwards are sent
+
+
+@dataclass(frozen=True)
+class Metrics:
+    listen: str = "127.0.0.1:8000"     # Prometheus exposition; "" = off
+
+
+@dataclass(frozen=True)
+class Health:
+    listen: str = "127.0.0.1:8080"     # GET /health, GET /domains; "" = off
+
+
+@dataclass(frozen=True)
+class Log:
+    level: str = "info"
+    syslog: bool = False               # also to /dev/log, facility mail, next to Postfix's lines
+
+
+@dataclass(frozen=True)
+class Config:
+    hostname: str = field(default_factory=socket.getfqdn)
+    domains: tuple[str, ...] = ("localhost",)
+    data_dir: str = field(default_factory=default_data_dir)
+    listen: Listen = Listen()
+    limits: Limits = Limits()
+    delivery: Delivery = Delivery()
+    pipeline: Pipeline = Pipeline()
+    relay: Relay = Relay()
+    metrics: Metrics = Metrics()
+    health: Health = Health()
+    log: Log = Log()
+
+    def maildir_template(self) -> str:
+        return self.delivery.maildir.replace("{data_dir}", self.data_dir)
+
+
+SECTIONS = {f.name: type(f.default) for f in dataclasses.fields(Config)
+            if dataclasses.is_dataclass(f.default)}
+
+# The maildir default lives in the data dir so a first run needs no /var/vmail.
+EMBEDDED = {"delivery": {"maildir": "{data_dir}/mail/{domain}/{user}",
+                         "create_maildirs": ["postmaster@localhost"]}}
+
+# Names the seed deployment used; each sets one key (host:port keys keep their host).
+LEGACY_ENV = {
+    "LMTP_HOST": ("delivery", "lmtp", "host"),
+    "LMTP_PORT": ("delivery", "lmtp", "port"),
+    "INTERNAL_SMTP_PORT": ("listen", "smtp", "port"),
+    "SMTP_PORT": ("relay", "smtp", "port"),
+    "METRICS_PORT": ("metrics", "listen", "port"),
+    "HEALTH_PORT": ("health", "listen", "port"),
+}
+
+
+def find_file(explicit: str | None, environ: Mapping[str, str]) -> Path | None:
+    if explicit:
+        return Path(explicit)
+    if environ.get("MAILGATE_CONFIG"):
+        return Path(environ["MAILGATE_CONFIG"])
+    return SYSTEM_CONFIG if SYSTEM_CONFIG.exists() else None
+
+
+def load(path: str | None = None, environ: Mapping[str, str] | None = None) -> Config:
+    """The config from `path` (or the usual places), with environment overrides, validated."""
+    environ = os.environ if environ is None else environ
+    found = find_file(path, environ)
+    if found is None:
+        raw: dict[str, Any] = {k: dict(v) for k, v in EMBEDDED.items()}
+    else:
+        try:
+            raw = tomllib.loads(found.read_text())
+        except OSError as e:
+            raise ConfigError(f"{found}: cannot read: {e.strerror}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{found}: not valid TOML: {e}") from None
+    apply_environment(raw, environ)
+    return validate(build(Config, raw, ""))
+
+
+def apply_environment(raw: dict[str, Any], environ: Mapping[str, str]) -> None:
+    for name, (section, key, part) in LEGACY_ENV.items():
+        if environ.get(name):
+            current = raw.get(section, {}).get(key) or getattr(getattr(Config(), section), key)
+            host, _, port = current.rpartition(":")
+            value = f"{environ[name]}:{port}" if part == "host" else f"{host}:{environ[name]}"
+            raw.setdefault(section, {})[key] = value
+    for name, value in environ.items():
+        if name.startswith("MAILGATE_") and name != "MAILGATE_CONFIG":
+            set_dotted(raw, name[len("MAILGATE_"):].lower(), value)
+
+
+def set_dotted(raw: dict[str, Any], name: str, value: str) -> None:
+    """MAILGATE_DELIVERY_LMTP_TIMEOUT -> raw['delivery']['lmtp_timeout'] (section first)."""
+    section, _, key = name.partition("_")
+    if section in SECTIONS:
+        raw.setdefault(section, {})[key] = value
+    else:
+        raw[name] = value
+
+
+def build(cls: type, raw: Any, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a table")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ConfigError(f"{prefix}{unknown[0]}: unknown key")
+    values = {}
+    for name, value in raw.items():
+        if cls is Config and name in SECTIONS:
+            values[name] = build(SECTIONS[name], value, f"{name}.")
+        else:
+            values[name] = coerce(value, fields[name].type, f"{prefix}{name}")
+    return cls(**values)
+
+
+def coerce(value: Any, ftype: str, key: str) -> Any:
+    """TOML values as they are; environment strings converted to the field's type."""
+    try:
+        if ftype == "bool":
+            if isinstance(value, str):
+                if value.lower() not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+                    raise ValueError(value)
+                return value.lower() in ("1", "true", "yes", "on")
+            return _typed(value, bool)
+        if ftype == "int":
+            return int(value) if isinstance(value, str) else _typed(value, int)
+        if ftype == "float":
+            return float(value) if isinstance(value, str) else float(_typed(value, (int, float)))
+        if ftype.startswith("tuple"):
+            if isinstance(value, str):
+                return tuple(v.strip() for v in value.split(",") if v.strip())
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise ValueError(value)
+            return tuple(value)
+        return _typed(value, str)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key}: expected {ftype.replace('tuple[str, ...]', 'a list of strings')}, "
+                          f"got {value!r}") from None
+
+
+def _typed(value: Any, types: Any) -> Any:
+    if isinstance(value, bool) and types is not bool:
+        raise TypeError(value)
+    if not isinstance(value, types):
+        raise TypeError(value)
+    return value
+
+
+def validate(cfg: Config) -> Config:
+    if not cfg.domains:
+        raise ConfigError("domains: at least one domain is needed")
+    for domain in cfg.domains:
+        if domain != domain.lower() or not _is_domain(domain):
+            raise ConfigError(f"domains: {domain!r} is not a lower-case domain name")
+    for key in ("listen.smtp", "listen.lmtp", "metrics.listen", "health.listen", "relay.smtp"):
+        value = _get(cfg, key)
+        if value:
+            parse_hostport(value, key)
+    if not cfg.listen.smtp and not cfg.listen.lmtp:
+        raise ConfigError("listen: at least one of smtp, lmtp is needed")
+    if cfg.delivery.lmtp and not cfg.delivery.lmtp.startswith("unix:"):
+        parse_hostport(cfg.delivery.lmtp, "delivery.lmtp")
+    if not cfg.delivery.lmtp and not cfg.delivery.maildir:
+        raise ConfigError("delivery: lmtp and maildir are both empty; mail could go nowhere")
+    _check_maildir_template(cfg.delivery.maildir)
+    for network in cfg.listen.trusted_networks:
+        try:
+            ipaddress.ip_network(network, strict=False)
+        except ValueError:
+            raise ConfigError(f"listen.trusted_networks: {network!r} is not a network") from None
+    for address in cfg.delivery.create_maildirs:
+        if address.rpartition("@")[2] not in cfg.domains:
+            raise ConfigError(f"delivery.create_maildirs: {address!r} is not in a served domain")
+    _check_positive(cfg)
+    if cfg.limits.message_timeout >= 600:
+        raise ConfigError("limits.message_timeout: must stay under Postfix's 600 s data_done timeout")
+    if cfg.log.level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ConfigError(f"log.level: {cfg.log.level!r} is not debug, info, warning or error")
+    from mailgate.pipeline import resolve_filters  # late: the pipeline imports this module
+    resolve_filters(cfg.pipeline.filters)
+    return cfg
+
+
+def _check_positive(cfg: Config) -> None:
+    for section in ("listen", "limits", "delivery", "pipeline"):
+        for f in dataclasses.fields(getattr(cfg, section)):
+            value = getattr(getattr(cfg, section), f.name)
+            if f.type in ("int", "float") and value <= 0:
+                raise ConfigError(f"{section}.{f.name}: must be greater than 0")
+
+
+def _check_maildir_template(template: str) -> None:
+    if not template:
+        return
+    if "{user}" not in template or not template.startswith(("/", "{data_dir}")):
+        raise ConfigError("delivery.maildir: must be an absolute path containing {user}")
+    try:
+        template.format(domain="d", user="u", data_dir="x")
+    except (KeyError, IndexError, ValueError):
+        raise ConfigError("delivery.maildir: only {domain}, {user} and {data_dir} may be used") from None
+    if template.index("{user}") < template.find("{domain}"):
+        raise ConfigError("delivery.maildir: {domain} must come before {user}")
+
+
+def _get(cfg: Config, dotted: str) -> Any:
+    section, key = dotted.split(".")
+    return getattr(getattr(cfg, section), key)
+
+
+def parse_hostport(value: str, key: str = "address") -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"{key}: {value!r} is not host:port")
+    return host, int(port)
+
+
+def _is_domain(name: str) -> bool:
+    labels = name.split(".")
+    return len(name) <= 253 and all(
+        0 < len(label) <= 63 and label.replace("-", "").isalnum() and label.isascii()
+        and not label.startswith("-") and not label.endswith("-")
+        for label in labels)

@@ -1,0 +1,122 @@
+"""Delivery: Dovecot over LMTP first; on a 4xx or no answer, the maildir fallback.
+
+Returns one Result per recipient. A recipient is "sent" only when Dovecot said 250 or the
+maildir file is durable; a Dovecot 5xx is "bounced" with Dovecot's words; anything else is
+"deferred". An LMTP reply lost after DATA is deferred, not written to the maildir, because
+Dovecot may already hold the message (a duplicate is worse than a retry).
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from mailgate import maildir, metrics
+from mailgate.config import Config
+from mailgate.lmtp import LMTPReply, Pool
+from mailgate.message import Envelope
+from mailgate.verdict import DELIVERED, DELIVERY_DEFERRED, Reply
+
+log = logging.getLogger("mailgate.deliver")
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    recipient: str
+    reply: Reply      # what the client is told for this recipient
+    relay: str        # dovecot[127.0.0.1:24], maildir, none
+    status: str       # sent | deferred | bounced | discarded (Postfix's words)
+    detail: str = ""  # the peer's own reply or the reason, for the log
+
+    @property
+    def ok(self) -> bool:
+        return self.reply.ok
+
+
+def from_lmtp(recipient: str, reply: LMTPReply, relay: str) -> Result:
+    status, _, text = reply.text.partition(" ")
+    if not (status[:1] in "245" and status.count(".") == 2):
+        status, text = f"{reply.code // 100}.0.0", reply.text
+    kind = "sent" if reply.code < 400 else "deferred" if reply.code < 500 else "bounced"
+    return Result(recipient, Reply(reply.code, status, text), relay, kind, str(reply))
+
+
+class Deliverer:
+    def __init__(self, config: Config, pool: Pool | None):
+        self.pool = pool
+        self.template = config.maildir_template()
+        self.domains = config.domains
+
+    async def deliver(self, envelope: Envelope, recipients: list[str], data: bytes,
+                      deadline: float) -> list[Result]:
+        replies: list[LMTPReply | None] = [None] * len(recipients)
+        error = "LMTP delivery disabled"
+        if self.pool is not None:
+            started = time.perf_counter()
+            replies, error = await self.pool.deliver(envelope.sender, recipients, data,
+                                                     envelope.body_8bit, deadline)
+            metrics.DELIVERY_SECONDS.labels("lmtp").observe(time.perf_counter() - started)
+        jobs = [self._one(envelope, rcpt, reply, data, error) for rcpt, reply in zip(recipients, replies)]
+        return list(await asyncio.gather(*jobs))
+
+    async def _one(self, envelope: Envelope, rcpt: str, reply: LMTPReply | None, data: bytes,
+                   error: str) -> Result:
+        if reply is not None and (reply.code < 400 or reply.code >= 500 or reply.unknown):
+            return from_lmtp(rcpt, reply, self.pool.relay if self.pool else "none")
+        why = str(reply) if reply is not None else error
+        if not self.template:
+            return Result(rcpt, DELIVERY_DEFERRED, self.pool.relay if self.pool else "none",
+                          "deferred", why)
+        return await self._to_maildir(envelope, rcpt, data, why)
+
+    async def _to_maildir(self, envelope: Envelope, rcpt: str, data: bytes, why: str) -> Result:
+        trace = (f"Return-Path: <{envelope.sender}>\r\nDelivered-To: {rcpt}\r\n").encode()
+        started = time.perf_counter()
+        try:
+            name = await asyncio.to_thread(maildir.deliver, self.template, rcpt, self.domains,
+                                           trace + data)
+        except maildir.MaildirError as e:
+            log.warning("%s: maildir fallback for %s failed: %s", envelope.queue_id, rcpt, e)
+            metrics.FALLBACK.labels("failed").inc()
+            return Result(rcpt, DELIVERY_DEFERRED, "maildir", "deferred", f"{why}; {e}")
+        metrics.DELIVERY_SECONDS.labels("maildir").observe(time.perf_counter() - started)
+        metrics.FALLBACK.labels("delivered").inc()
+        log.info("%s: Dovecot did not take %s (%s): written to maildir", envelope.queue_id, rcpt, why)
+        reply = DELIVERED.with_text(DELIVERED.text.format(queue_id=envelope.queue_id))
+        return Result(rcpt, reply, "maildir", "sent", f"delivered to maildir as {name}")
+
+
+class DeliveryRecord:
+    """Recipients that already have a message whose sender was not told so (bounded, in memory).
+
+    SMTP has one reply per message: after a partial failure we say 451, and the sender's retry
+    must not deliver again to the recipients that got it. Also used when the client vanished
+    before it heard our reply. Lost on restart: a retry after a restart may duplicate.
+    """
+
+    def __init__(self, ttl: float, max_entries: int = 100_000):
+        self.ttl, self.max_entries = ttl, max_entries
+        self.entries: OrderedDict[bytes, float] = OrderedDict()
+
+    @staticmethod
+    def key(envelope: Envelope, recipient: str, raw: bytes) -> bytes:
+        return hashlib.sha256(b"\0".join(
+            (envelope.sender.encode(), recipient.lower().encode(), raw))).digest()
+
+    def remember(self, key: bytes) -> None:
+        self.entries[key] = time.monotonic() + self.ttl
+        self.entries.move_to_end(key)
+        while len(self.entries) > self.max_entries:
+            self.entries.popitem(last=False)
+
+    def seen(self, key: bytes) -> bool:
+        expires = self.entries.get(key)
+        if expires is None:
+            return False
+        if expires < time.monotonic():
+            del self.entries[key]
+            return False
+        return True

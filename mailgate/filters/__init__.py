@@ -1,0 +1,1 @@
+"""Filters for the pipeline; each module registers its class in mailgate.pipeline.FILTERS."""

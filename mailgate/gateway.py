@@ -1,0 +1,216 @@
+"""The aiosmtpd handler: decides at RCPT, runs the pipeline and delivery after DATA, answers.
+
+A message's processing runs in its own task, shielded from the client's connection: if the
+client goes away mid-delivery, delivery still finishes and what was delivered is remembered, so
+the client's retry does not deliver twice. Any exception becomes 451 4.3.0, never a 5xx.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from mailgate import maillog, metrics, trace
+from mailgate.config import Config
+from mailgate.deliver import Deliverer, DeliveryRecord, Result
+from mailgate.lmtp import Pool
+from mailgate.message import Envelope, parse, unparsed
+from mailgate.pipeline import Chain, Outcome
+from mailgate.recipients import Recipients
+from mailgate.server import SMTPServer
+from mailgate.verdict import (BARE_NEWLINE, DELIVERED, DELIVERY_DEFERRED, MESSAGE_TIMEOUT,
+                              TEMP_FAILURE, Action, Reply, Verdict)
+
+log = logging.getLogger("mailgate.gateway")
+
+
+def has_bare_newline(raw: bytes) -> bool:
+    """A CR or LF outside CRLF: refused, as Postfix does, against SMTP smuggling."""
+    pairs = raw.count(b"\r\n")
+    return raw.count(b"\r") != pairs or raw.count(b"\n") != pairs
+
+
+class Gateway:
+    def __init__(self, config: Config, pool: Pool | None, chain: Chain):
+        self.config, self.pool, self.chain = config, pool, chain
+        self.recipients = Recipients(config, pool)
+        self.deliverer = Deliverer(config, pool)
+        self.record = DeliveryRecord(config.delivery.delivery_record)
+        self.sessions: set[SMTPServer] = set()
+        self.inflight: set[asyncio.Task] = set()
+        self.closing = False
+        self.quiet = asyncio.Event()  # set when no session is inside a transaction
+
+    # -- sessions -------------------------------------------------------------------------
+    def session_opened(self, server: SMTPServer) -> None:
+        self.sessions.add(server)
+        metrics.SESSIONS_ACTIVE.labels(server.listener).inc()
+
+    def session_closed(self, server: SMTPServer) -> None:
+        if server in self.sessions:
+            self.sessions.discard(server)
+            metrics.SESSIONS_ACTIVE.labels(server.listener).dec()
+
+    def transaction_ended(self) -> None:
+        if not any(s.busy for s in self.sessions):
+            self.quiet.set()
+
+    def over_session_limit(self, server: SMTPServer) -> bool:
+        return len(self.sessions) > self.config.listen.max_sessions
+
+    async def shutdown(self, timeout: float) -> None:
+        """Stop idle sessions now; let messages in flight finish within `timeout`."""
+        self.closing = True
+        loop = asyncio.get_running_loop()
+        end = loop.time() + timeout
+        for server in list(self.sessions):
+            if not server.busy:
+                server.close_idle()
+        if any(s.busy for s in self.sessions):
+            self.quiet.clear()
+            try:
+                await asyncio.wait_for(self.quiet.wait(), timeout)
+            except TimeoutError:
+                log.warning("shutdown: %d transactions still running after %s s, closing them",
+                            sum(s.busy for s in self.sessions), timeout)
+        if self.inflight:
+            await asyncio.wait(self.inflight, timeout=max(0.0, end - loop.time()))
+        for server in list(self.sessions):
+            server.close_idle()
+
+    # -- aiosmtpd hooks -------------------------------------------------------------------
+    async def handle_EHLO(self, server, session, envelope, hostname: str, responses) -> list[str]:
+        session.host_name = hostname
+        words = [self.config.hostname, "PIPELINING", f"SIZE {self.config.limits.message_size}",
+                 "8BITMIME", "SMTPUTF8", "ENHANCEDSTATUSCODES"]
+        if server.trusted:
+            words.append("XFORWARD NAME ADDR PROTO HELO IDENT SOURCE PORT")
+        return [f"250-{w}" for w in words[:-1]] + [f"250 {words[-1]}"]
+
+    async def handle_exception(self, error: Exception) -> str:
+        log.error("internal error, answered %s", TEMP_FAILURE, exc_info=error)
+        metrics.ERRORS.labels("session").inc()
+        return str(TEMP_FAILURE)
+
+    async def check_recipient(self, server: SMTPServer, address: str) -> Reply:
+        reply = await self.recipients.check(address)
+        if not reply.ok:
+            client = server.client()
+            maillog.reject("RCPT", maillog.client_text(client.name, client.addr),
+                           f"{reply.code} {reply.status} <{address}>: {reply.text}",
+                           server.envelope.mail_from, address, client.proto, client.helo)
+            metrics.RECIPIENTS.labels("rejected").inc()
+        return reply
+
+    async def handle_DATA(self, server: SMTPServer, session, envelope) -> str:
+        loop = asyncio.get_running_loop()
+        env = Envelope(trace.queue_id(), envelope.mail_from, tuple(envelope.rcpt_tos),
+                       server.client(), loop.time(), envelope.body_8bit, envelope.smtp_utf8)
+        raw = envelope.original_content
+        if has_bare_newline(raw):
+            results = [Result(r, BARE_NEWLINE, "none", "bounced", "bare newline in DATA")
+                       for r in env.recipients]
+            self._log(env, len(raw), results, server.listener)
+        else:
+            task = asyncio.ensure_future(self.process(env, raw, server))
+            self.inflight.add(task)
+            task.add_done_callback(self.inflight.discard)
+            results = await asyncio.shield(task)  # the client leaving must not cut delivery short
+        return self.answer(env, results, server.protocol_name == "LMTP")
+
+    # -- one message ----------------------------------------------------------------------
+    async def process(self, env: Envelope, raw: bytes, server: SMTPServer) -> list[Result]:
+        try:
+            results = await self._process(env, raw, server.protocol_name)
+        # XXX our bug must become a retry (451), never a bounce nor a silent loss.
+        except Exception:  # noqa: BLE001
+            log.exception("%s: internal error while processing", env.queue_id)
+            metrics.ERRORS.labels("message").inc()
+            results = [Result(r, TEMP_FAILURE, "none", "deferred", "internal error")
+                       for r in env.recipients]
+        lost = server.transport is None or server.transport.is_closing()
+        told_per_recipient = server.protocol_name == "LMTP" and not lost
+        if (not told_per_recipient and not all(r.ok for r in results)) or lost:
+            for result in results:
+                if result.ok:
+                    self.record.remember(self.record.key(env, result.recipient, raw))
+        self._log(env, len(raw), results, server.listener)
+        return results
+
+    async def _process(self, env: Envelope, raw: bytes, proto: str) -> list[Result]:
+        deadline = env.received_at + self.config.limits.message_timeout
+        outcome = await self._run_chain(env, raw, deadline)
+        done: dict[str, Result] = {}
+        targets: list[str] = []
+        for rcpt in env.recipients:
+            verdict = outcome.verdicts.get(rcpt, Verdict(Action.CONTINUE))
+            if self.record.seen(self.record.key(env, rcpt, raw)):
+                done[rcpt] = Result(rcpt, self._delivered(env), "none", "sent",
+                                    "already delivered (retry after a partial failure)")
+            elif verdict.action >= Action.DISCARD:
+                status = {Action.DISCARD: "discarded", Action.DEFER: "deferred"}.get(
+                    verdict.action, "bounced")
+                done[rcpt] = Result(rcpt, verdict.default_reply(), "none", status, verdict.reason)
+            else:
+                targets.append(rcpt)
+        if targets:
+            header = trace.received(env.client, self.config.hostname,
+                                    "LMTP" if proto == "LMTP" else env.client.proto,
+                                    env.queue_id, env.recipients)
+            data = header + b"".join(outcome.headers) + raw
+            for result in await self.deliverer.deliver(env, targets, data, deadline):
+                done[result.recipient] = result
+        return [done[r] for r in env.recipients]
+
+    async def _run_chain(self, env: Envelope, raw: bytes, deadline: float) -> Outcome:
+        if not self.chain.filters:
+            return Outcome({}, ())
+        try:
+            async with asyncio.timeout_at(deadline):
+                message = await parse(env, raw, self.config.limits) if self.chain.needs_parse \
+                    else unparsed(env, raw)
+                if message.headers is None and message.parse_error:
+                    metrics.PARSE_FAILURES.inc()
+                    log.warning("%s: delivered unparsed: %s", env.queue_id, message.parse_error)
+                return await self.chain.run(message)
+        except TimeoutError:
+            verdict = Verdict(Action.DEFER, "message time budget exhausted", MESSAGE_TIMEOUT)
+            return Outcome({r: verdict for r in env.recipients}, ())
+
+    @staticmethod
+    def _delivered(env: Envelope) -> Reply:
+        return DELIVERED.with_text(DELIVERED.text.format(queue_id=env.queue_id))
+
+    # -- replies and logs -----------------------------------------------------------------
+    def answer(self, env: Envelope, results: list[Result], lmtp: bool) -> str:
+        """LMTP: one line per recipient, in order. SMTP: one line for the message."""
+        if lmtp:
+            return "\r\n".join(self._line(r) for r in results)
+        if all(r.ok for r in results):
+            return str(self._delivered(env))
+        if not any(r.ok for r in results) and all(r.reply.permanent for r in results):
+            return self._line(results[0])
+        temporary = next((r for r in results if r.reply.temporary), None)
+        return self._line(temporary) if temporary else str(DELIVERY_DEFERRED)
+
+    @staticmethod
+    def _line(result: Result) -> str:
+        reply = result.reply
+        if reply.ok:
+            return str(reply)
+        return f"{reply.code} {reply.status} <{result.recipient}>: {reply.text}"
+
+    def _log(self, env: Envelope, size: int, results: list[Result], listener: str) -> None:
+        qid = env.queue_id
+        maillog.log.info("%s: client=%s", qid, maillog.client_text(env.client.name, env.client.addr))
+        maillog.log.info("%s: from=<%s>, size=%d, nrcpt=%d", qid, env.sender, size, len(results))
+        delay = asyncio.get_running_loop().time() - env.received_at
+        for r in results:
+            maillog.delivery(qid, env.sender, r.recipient, r.relay, delay, r.reply.status,
+                             r.status, r.detail or str(r.reply))
+            metrics.RECIPIENTS.labels(r.status).inc()
+        metrics.MESSAGE_BYTES.observe(size)
+        metrics.MESSAGE_SECONDS.observe(delay)
+        ok = sum(r.ok for r in results)
+        outcome = ("delivered" if ok == len(results) else "partial" if ok else
+                   "rejected" if all(r.reply.permanent for r in results) else "deferred")
+        metrics.MESSAGES.labels(listener, outcome).inc()

@@ -1,0 +1,213 @@
+"""Asyncio LMTP client to Dovecot: pipelined transactions, one reply per recipient, pooled.
+
+A connection that errs or times out is closed, never reused, and every recipient whose reply
+was not read gets `None` (unknown outcome: the caller treats it as temporary). Data goes out
+with CRLF line endings and dot-stuffing done on the CRLF form, so a bare-LF dot can never end
+DATA early at Dovecot (an injection path in Dovecot 2.3's LMTP).
+"""
+from __future__ import annotations
+
+import asyncio
+import re
+from dataclasses import dataclass
+
+from mailgate import metrics
+from mailgate.config import parse_hostport
+
+LINE_END = re.compile(rb"\r\n|\r|\n")
+LEADING_DOT = re.compile(rb"^\.", re.MULTILINE)
+
+
+class LMTPError(Exception):
+    """The conversation with Dovecot broke (connection, protocol or timeout)."""
+
+
+@dataclass(frozen=True, slots=True)
+class LMTPReply:
+    code: int
+    text: str       # the text after the code, enhanced status included
+    unknown: bool = False  # no reply after DATA went out: Dovecot may have the message
+
+    def __str__(self) -> str:
+        return f"{self.code} {self.text}"
+
+    @property
+    def status(self) -> str:
+        first = self.text.split(" ", 1)[0]
+        return first if first[:1] in "245" and first.count(".") == 2 else f"{self.code // 100}.0.0"
+
+
+def encode_data(data: bytes) -> bytes:
+    """CRLF everywhere, dot-stuffed, terminated: the bytes that follow a 354."""
+    if b"\r" in data.replace(b"\r\n", b"") or b"\n" in data.replace(b"\r\n", b""):
+        data = LINE_END.sub(b"\r\n", data)
+    data = LEADING_DOT.sub(b"..", data)
+    if not data.endswith(b"\r\n"):
+        data += b"\r\n"
+    return data + b".\r\n"
+
+
+class Connection:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, timeout: float):
+        self.reader, self.writer, self.timeout = reader, writer, timeout
+        self.data_sent = False
+        self.deadline = float("inf")  # loop time by which the whole transaction must end
+
+    @classmethod
+    async def open(cls, target: str, hostname: str, timeout: float) -> Connection:
+        try:
+            async with asyncio.timeout(timeout):
+                if target.startswith("unix:"):
+                    reader, writer = await asyncio.open_unix_connection(target[5:])
+                else:
+                    reader, writer = await asyncio.open_connection(*parse_hostport(target))
+        except (OSError, TimeoutError) as e:
+            raise LMTPError(f"connect to {target}: {e or 'timeout'}") from None
+        conn = cls(reader, writer, timeout)
+        try:
+            conn.expect(await conn.read_reply(), 220)
+            conn.writer.write(f"LHLO {hostname}\r\n".encode())
+            conn.expect(await conn.read_reply(), 250)
+        except LMTPError:
+            conn.close()
+            raise
+        return conn
+
+    async def read_reply(self) -> LMTPReply:
+        lines = []
+        try:
+            loop_now = asyncio.get_running_loop().time()
+            async with asyncio.timeout_at(min(loop_now + self.timeout, self.deadline)):
+                while True:
+                    line = await self.reader.readline()
+                    if not line.endswith(b"\n") or len(line) < 4 or not line[:3].isdigit():
+                        raise LMTPError(f"bad reply from Dovecot: {line[:80]!r}")
+                    lines.append(line[4:].rstrip(b"\r\n").decode("utf-8", "replace"))
+                    if line[3:4] != b"-":
+                        return LMTPReply(int(line[:3]), lines[-1])
+        except TimeoutError:
+            raise LMTPError(f"no reply from Dovecot in time ({self.timeout} s or message budget)") from None
+        except (OSError, ValueError) as e:  # ValueError: a line over the stream limit
+            raise LMTPError(f"reading from Dovecot: {e}") from None
+
+    @staticmethod
+    def expect(reply: LMTPReply, code: int) -> None:
+        if reply.code != code:
+            raise LMTPError(f"unexpected reply from Dovecot: {reply}")
+
+    async def transaction(self, sender: str, recipients: list[str], data: bytes,
+                          body_8bit: bool, results: list[LMTPReply | None]) -> None:
+        """One pipelined MAIL/RCPT/DATA, filling `results` with the reply per recipient."""
+        body = " BODY=8BITMIME" if body_8bit else ""
+        commands = [f"MAIL FROM:<{_clean(sender)}>{body}\r\n"]
+        commands += [f"RCPT TO:<{_clean(r)}>\r\n" for r in recipients]
+        self.writer.write("".join(commands).encode("utf-8") + b"DATA\r\n")
+        mail = await self.read_reply()
+        accepted = []
+        for i in range(len(recipients)):
+            reply = await self.read_reply()
+            if reply.code == 250 and mail.code == 250:
+                accepted.append(i)
+            else:
+                results[i] = reply if mail.code == 250 else mail
+        go_ahead = await self.read_reply()
+        if go_ahead.code != 354:
+            self.expect(go_ahead, 354 if accepted else go_ahead.code)
+            self.writer.write(b"RSET\r\n")
+            self.expect(await self.read_reply(), 250)
+            return
+        self.data_sent = True
+        self.writer.write(data)
+        for i in accepted:
+            results[i] = await self.read_reply()
+
+    async def probe(self, recipient: str) -> LMTPReply:
+        """Ask Dovecot's userdb about one address (MAIL, RCPT, RSET; nothing delivered)."""
+        self.writer.write(f"MAIL FROM:<>\r\nRCPT TO:<{_clean(recipient)}>\r\nRSET\r\n"
+                          .encode("utf-8"))
+        mail = await self.read_reply()
+        rcpt = await self.read_reply()
+        self.expect(await self.read_reply(), 250)
+        return rcpt if mail.code == 250 else mail
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def _clean(address: str) -> str:
+    return address.replace("\r", "").replace("\n", "")
+
+
+class Pool:
+    """A small pool of LMTP connections; its size bounds the deliveries in flight."""
+
+    def __init__(self, target: str, hostname: str, size: int, timeout: float):
+        self.target, self.hostname, self.timeout = target, hostname, timeout
+        self.idle: list[Connection] = []
+        self.slots = asyncio.Semaphore(size)
+
+    @property
+    def relay(self) -> str:
+        return f"dovecot[{self.target}]"
+
+    async def deliver(self, sender: str, recipients: list[str], raw: bytes, body_8bit: bool,
+                      deadline: float) -> tuple[list[LMTPReply | None], str]:
+        """Replies per recipient and an error text. None: Dovecot never took that recipient."""
+        data = encode_data(raw)
+        results: list[LMTPReply | None] = [None] * len(recipients)
+
+        async def send(conn: Connection) -> None:
+            conn.deadline = deadline
+            try:
+                await conn.transaction(sender, recipients, data, body_8bit, results)
+            finally:
+                conn.deadline = float("inf")
+        return results, await self._with_connection(send, results)
+
+    async def probe(self, recipient: str) -> LMTPReply | None:
+        """Dovecot's RCPT answer for `recipient`, or None when Dovecot cannot be asked."""
+        answer: list[LMTPReply | None] = [None]
+
+        async def ask(conn: Connection) -> None:
+            answer[0] = await conn.probe(recipient)
+        await self._with_connection(ask, [])
+        return answer[0]
+
+    async def _with_connection(self, work, results: list[LMTPReply | None]) -> str:
+        """Run `work` on a pooled connection; a stale idle connection is replaced once."""
+        async with self.slots:
+            metrics.LMTP_IN_USE.inc()
+            try:
+                for attempt in range(2):
+                    reused = attempt == 0 and bool(self.idle)
+                    conn = self.idle.pop() if reused else None
+                    try:
+                        conn = conn or await Connection.open(self.target, self.hostname, self.timeout)
+                        await work(conn)
+                    except (LMTPError, OSError) as e:
+                        if conn is not None:
+                            conn.close()
+                        if reused and not conn.data_sent and not any(results):
+                            continue  # XXX Dovecot closed an idle connection: try a fresh one
+                        return self._unknown_after_data(conn, results, e)
+                    except BaseException:  # cancelled: the connection is in an unknown state
+                        if conn is not None:
+                            conn.close()
+                        raise
+                    self.idle.append(conn)
+                    return ""
+                raise AssertionError("unreachable: the second attempt always returns")
+            finally:
+                metrics.LMTP_IN_USE.dec()
+
+    @staticmethod
+    def _unknown_after_data(conn: Connection | None, results: list, error: Exception) -> str:
+        """After DATA went out a missing reply is unknown, not "not delivered": defer it."""
+        if conn is not None and conn.data_sent:
+            unknown = LMTPReply(451, f"4.4.2 outcome unknown: {error}", unknown=True)
+            results[:] = [r or unknown for r in results]
+        return str(error) or type(error).__name__
+
+    async def close(self) -> None:
+        while self.idle:
+            self.idle.pop().close()

@@ -1,0 +1,144 @@
+"""The fallback writer: a message straight into a user's existing maildir when Dovecot can't take it.
+
+Paths are built only from a recipient that passed a strict check, and walked one component at a
+time from the configured root with O_NOFOLLOW, so no symlink, `..` or odd byte can lead outside.
+A write is durable before we say so: tmp/ -> fsync -> rename into new/ -> fsync new/. Any failure
+raises MaildirError and the caller defers; nothing is ever created for a name from the wire.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import re
+import socket
+import time
+from dataclasses import dataclass
+
+# Stricter than RFC 5321 on purpose: these names become directory names.
+LOCAL_PART = re.compile(r"[a-z0-9_+=-]+(?:\.[a-z0-9_+=-]+)*\Z")
+LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\Z")
+_counter = itertools.count(1)
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+class MaildirError(Exception):
+    """The message could not be written durably; the recipient is deferred."""
+
+
+class UnsafeAddress(MaildirError):
+    """The address cannot name a maildir (refused before any file system access)."""
+
+
+@dataclass(frozen=True)
+class Target:
+    root: str                  # the part of the template before any placeholder
+    parts: tuple[str, ...]     # components below root, validated
+
+
+def split_address(address: str, domains: tuple[str, ...]) -> tuple[str, str]:
+    """(user, domain) lower-cased as Dovecot's default auth_username_format %Lu does."""
+    user, at, domain = address.rpartition("@")
+    user, domain = user.lower(), domain.lower()
+    if not at or len(user) > 64 or not LOCAL_PART.match(user):
+        raise UnsafeAddress(f"local part not usable as a maildir name: {address!r}")
+    if domain not in domains or not all(LABEL.match(label) for label in domain.split(".")):
+        raise UnsafeAddress(f"domain not served: {address!r}")
+    return user, domain
+
+
+def target(template: str, address: str, domains: tuple[str, ...]) -> Target:
+    user, domain = split_address(address, domains)
+    root = template[:template.index("{")].rstrip("/") or "/"
+    below = template[len(root):].format(user=user, domain=domain)
+    parts = tuple(p for p in below.split("/") if p)
+    if any(p in (".", "..") for p in parts) or "\0" in below:
+        raise UnsafeAddress(f"unsafe maildir path for {address!r}")
+    return Target(root, parts)
+
+
+def _open_dirs(t: Target) -> int:
+    """Walk from the root to the maildir without following links; the maildir's fd."""
+    fd = os.open(t.root, _DIR_FLAGS)
+    try:
+        for part in t.parts:
+            nxt = os.open(part, _DIR_FLAGS, dir_fd=fd)
+            os.close(fd)
+            fd = nxt
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def exists(template: str, address: str, domains: tuple[str, ...]) -> bool:
+    try:
+        fd = _open_dirs(target(template, address, domains))
+    except (OSError, UnsafeAddress):
+        return False
+    try:
+        for sub in ("cur", "new", "tmp"):
+            os.close(os.open(sub, _DIR_FLAGS, dir_fd=fd))
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def unique_name(size: int) -> str:
+    """Dovecot-style maildir name: <secs>.M<usecs>P<pid>Q<n>.<host>,S=<size>."""
+    now = time.time()
+    host = socket.gethostname().replace("/", r"\057").replace(":", r"\072")
+    return f"{int(now)}.M{int(now % 1 * 1e6)}P{os.getpid()}Q{next(_counter)}.{host},S={size}"
+
+
+def deliver(template: str, address: str, domains: tuple[str, ...], data: bytes) -> str:
+    """Write `data` (CRLF form) into new/ of the recipient's maildir; the file's name."""
+    t = target(template, address, domains)
+    body = data.replace(b"\r\n", b"\n")  # Dovecot's maildir form (mail_save_crlf = no)
+    name = unique_name(len(body))
+    try:
+        fd = _open_dirs(t)
+    except OSError as e:
+        raise MaildirError(f"no maildir for {address}: {e.strerror}") from None
+    try:
+        return _write(fd, name, body)
+    except OSError as e:
+        raise MaildirError(f"maildir write for {address} failed: {e.strerror}") from None
+    finally:
+        os.close(fd)
+
+
+def _write(maildir_fd: int, name: str, body: bytes) -> str:
+    tmp_fd = os.open("tmp", _DIR_FLAGS, dir_fd=maildir_fd)
+    new_fd = os.open("new", _DIR_FLAGS, dir_fd=maildir_fd)
+    try:
+        owner = os.fstat(maildir_fd)
+        fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o600, dir_fd=tmp_fd)
+        try:
+            if os.geteuid() == 0:  # files belong to the mail owner, as Dovecot writes them
+                os.fchown(fd, owner.st_uid, owner.st_gid)
+            view = memoryview(body)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        except BaseException:
+            os.unlink(name, dir_fd=tmp_fd)
+            raise
+        finally:
+            os.close(fd)
+        os.rename(name, name, src_dir_fd=tmp_fd, dst_dir_fd=new_fd)
+        os.fsync(new_fd)
+        return name
+    finally:
+        os.close(tmp_fd)
+        os.close(new_fd)
+
+
+def create(template: str, address: str, domains: tuple[str, ...]) -> None:
+    """Create a maildir named in the config (never one named over the wire)."""
+    t = target(template, address, domains)
+    path = os.path.join(t.root, *t.parts)
+    for sub in ("cur", "new", "tmp"):
+        os.makedirs(os.path.join(path, sub), mode=0o700, exist_ok=True)

@@ -1,0 +1,61 @@
+"""Log lines an operator can grep like Postfix's: queue id first, then key=value fields.
+
+    4F2A1C9B07: client=localhost[127.0.0.1]
+    4F2A1C9B07: from=<a@x.test>, size=2048, nrcpt=2
+    4F2A1C9B07: from=<a@x.test>, to=<b@example.test>, relay=dovecot[127.0.0.1:24],
+        delay=0.02, dsn=2.0.0, status=sent (250 2.0.0 <b@example.test> xyz Saved)
+    NOQUEUE: reject: RCPT from localhost[127.0.0.1]: 550 5.1.1 <x@example.test>: ...
+"""
+from __future__ import annotations
+
+import logging
+import logging.handlers
+import sys
+
+from mailgate.config import Log
+
+log = logging.getLogger("mailgate")
+
+
+class _Format(logging.Formatter):
+    """Postfix's "warning:" / "error:" prefixes; plain lines for info."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        prefix = "" if record.levelno <= logging.INFO else f"{record.levelname.lower()}: "
+        record.message = prefix + record.getMessage()
+        text = self._fmt % {**record.__dict__, "asctime": self.formatTime(record)}
+        if record.exc_info:
+            text += "\n" + self.formatException(record.exc_info)
+        return text
+
+
+def setup(settings: Log) -> None:
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    stderr = logging.StreamHandler(sys.stderr)
+    stderr.setFormatter(_Format("%(asctime)s mailgate[%(process)d]: %(message)s"))
+    root.addHandler(stderr)
+    if settings.syslog:
+        syslog = logging.handlers.SysLogHandler(
+            "/dev/log", facility=logging.handlers.SysLogHandler.LOG_MAIL)
+        syslog.setFormatter(_Format("mailgate[%(process)d]: %(message)s"))
+        root.addHandler(syslog)
+    root.setLevel(settings.level.upper())
+    logging.getLogger("mail.log").setLevel(logging.WARNING)  # aiosmtpd's per-command chatter
+
+
+def client_text(name: str, addr: str) -> str:
+    return f"{name}[{addr}]"
+
+
+def delivery(queue_id: str, sender: str, recipient: str, relay: str, delay: float,
+             dsn: str, status: str, detail: str) -> None:
+    log.info("%s: from=<%s>, to=<%s>, relay=%s, delay=%.3g, dsn=%s, status=%s (%s)",
+             queue_id, sender, recipient, relay, delay, dsn, status, detail)
+
+
+def reject(stage: str, client: str, reply: object, sender: str | None, recipient: str,
+           proto: str, helo: str) -> None:
+    log.info("NOQUEUE: reject: %s from %s: %s; from=<%s> to=<%s> proto=%s helo=<%s>",
+             stage, client, reply, sender or "", recipient, proto, helo)

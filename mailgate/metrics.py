@@ -1,0 +1,51 @@
+"""Prometheus metrics (prometheus-client), named per Prometheus conventions, with units.
+
+Every filter is measured by the pipeline itself (verdicts and duration by filter name), so a
+filter added later needs no wiring here. Exposition runs in prometheus-client's own thread.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+if TYPE_CHECKING:
+    from mailgate.pipeline import FilterResult
+
+SIZE_BUCKETS = (1 << 10, 4 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20)
+
+SESSIONS = Counter("mailgate_sessions_total", "Client sessions by listener and outcome",
+                   ["listener", "result"])
+SESSIONS_ACTIVE = Gauge("mailgate_sessions_active", "Client sessions open now", ["listener"])
+MESSAGES = Counter("mailgate_messages_total", "Messages after DATA by outcome "
+                   "(delivered, partial, deferred, rejected)", ["listener", "result"])
+RECIPIENTS = Counter("mailgate_recipients_total", "Recipients by outcome (sent, deferred, "
+                     "bounced, discarded; rejected = refused at RCPT)", ["result"])
+MESSAGE_BYTES = Histogram("mailgate_message_size_bytes", "Size of received messages",
+                          buckets=SIZE_BUCKETS)
+MESSAGE_SECONDS = Histogram("mailgate_message_processing_seconds",
+                            "From end of DATA to the reply (filters and delivery)")
+DELIVERY_SECONDS = Histogram("mailgate_delivery_duration_seconds",
+                             "Time spent handing a message to Dovecot or the maildir", ["relay"])
+LMTP_IN_USE = Gauge("mailgate_lmtp_connections_in_use", "LMTP pool connections in use")
+LMTP_POOL_SIZE = Gauge("mailgate_lmtp_connections_max", "LMTP pool size")
+FALLBACK = Counter("mailgate_fallback_deliveries_total", "Maildir fallback attempts by result",
+                   ["result"])
+FILTER_VERDICTS = Counter("mailgate_filter_verdicts_total", "Per-recipient verdicts by filter",
+                          ["filter", "action"])
+FILTER_SECONDS = Histogram("mailgate_filter_duration_seconds", "Time each filter took", ["filter"])
+PARSE_FAILURES = Counter("mailgate_parse_failures_total", "Messages delivered unparsed")
+ERRORS = Counter("mailgate_errors_total", "Internal errors turned into 451", ["where"])
+
+
+def observe_filter(name: str, result: FilterResult, seconds: float) -> None:
+    FILTER_SECONDS.labels(name).observe(seconds)
+    for verdict in result.verdicts.values():
+        FILTER_VERDICTS.labels(name, verdict.action.name.lower()).inc()
+
+
+def serve(address: str) -> None:
+    """Start the exposition server in a daemon thread ("" = off)."""
+    if address:
+        host, _, port = address.rpartition(":")
+        start_http_server(int(port), addr=host.strip("[]"))

@@ -1,0 +1,51 @@
+"""Who we take mail for, decided at RCPT time so that no bounce is generated later.
+
+Domain not served: 550 5.7.1. Unknown user: 550 5.1.1, as Dovecot's userdb says (asked over the
+LMTP pool with MAIL/RCPT/RSET, answers cached briefly). When Dovecot cannot be asked, a
+recipient whose maildir exists is accepted (the fallback will take it); anyone else gets 451 4.4.3.
+"""
+from __future__ import annotations
+
+import time
+
+from mailgate import maildir
+from mailgate.config import Config
+from mailgate.lmtp import Pool
+from mailgate.verdict import RCPT_OK, RELAY_DENIED, UNKNOWN_USER, USERDB_UNAVAILABLE, Reply
+
+
+class Recipients:
+    def __init__(self, config: Config, pool: Pool | None):
+        self.pool = pool
+        self.domains = config.domains
+        self.template = config.maildir_template()
+        self.ttl = config.delivery.recipient_cache
+        self.cache: dict[str, tuple[float, Reply]] = {}
+
+    async def check(self, address: str) -> Reply:
+        domain = address.rpartition("@")[2].lower()
+        if domain not in self.domains:
+            return RELAY_DENIED
+        key = address.lower()
+        hit = self.cache.get(key)
+        if hit is not None and hit[0] > time.monotonic():
+            return hit[1]
+        reply = await self._ask(address)
+        if reply is not USERDB_UNAVAILABLE:
+            if len(self.cache) > 50_000:
+                self.cache.clear()
+            self.cache[key] = (time.monotonic() + self.ttl, reply)
+        return reply
+
+    async def _ask(self, address: str) -> Reply:
+        if self.pool is None:  # maildir only: the maildirs are the user database
+            return RCPT_OK if self._has_maildir(address) else UNKNOWN_USER
+        answer = await self.pool.probe(address)
+        if answer is not None and answer.code == 250:
+            return RCPT_OK
+        if answer is not None and answer.code >= 500:
+            return UNKNOWN_USER
+        return RCPT_OK if self._has_maildir(address) else USERDB_UNAVAILABLE
+
+    def _has_maildir(self, address: str) -> bool:
+        return bool(self.template) and maildir.exists(self.template, address, self.domains)

@@ -1,0 +1,295 @@
+"""SMTP and LMTP listeners: aiosmtpd's protocol, with what a Postfix neighbour needs added.
+
+Added or changed here, because aiosmtpd 1.4.6 lacks or gets them wrong for us: XFORWARD from
+trusted networks; the null sender <>; DSN parameters (NOTIFY, ORCPT, ENVID, RET) accepted instead
+of 555; enhanced status codes on every reply; a session cap (421 4.3.2); an idle deadline that
+counts from the last byte received and never fires while a message is being processed.
+"""
+from __future__ import annotations
+
+import ipaddress
+import logging
+from typing import TYPE_CHECKING
+
+from aiosmtpd.smtp import SMTP
+
+from mailgate import metrics
+from mailgate.message import Client
+from mailgate.verdict import (BAD_ARGUMENTS, BAD_PARAMETER, BAD_RECIPIENT, BAD_SENDER,
+                              BAD_SYNTAX,
+                              BAD_SEQUENCE, IDLE_TIMEOUT, RCPT_OK, SENDER_OK, SHUTTING_DOWN,
+                              TOO_BIG, TOO_MANY_RECIPIENTS, TOO_MANY_SESSIONS, XFORWARD_DENIED,
+                              XFORWARD_OK, Reply, enhance)
+
+if TYPE_CHECKING:
+    from mailgate.gateway import Gateway
+
+log = logging.getLogger("mailgate.server")
+
+XFORWARD_ATTRS = ("NAME", "ADDR", "PORT", "PROTO", "HELO", "IDENT", "SOURCE")
+IGNORED_MAIL_PARAMS = {"RET", "ENVID", "AUTH"}       # DSN and AUTH: Postfix may pass them on
+IGNORED_RCPT_PARAMS = {"NOTIFY", "ORCPT"}
+
+
+def xtext_decode(value: str) -> str:
+    """RFC 3461 xtext: +XX hex escapes."""
+    out, i = [], 0
+    while i < len(value):
+        if value[i] == "+" and _is_hex(value[i + 1:i + 3]):
+            out.append(chr(int(value[i + 1:i + 3], 16)))
+            i += 3
+        else:
+            out.append(value[i])
+            i += 1
+    return "".join(out)
+
+
+def _is_hex(text: str) -> bool:
+    return len(text) == 2 and all(c in "0123456789ABCDEFabcdef" for c in text)
+
+
+def is_trusted(peer: object, networks: tuple[str, ...]) -> bool:
+    if not isinstance(peer, tuple):  # unix socket: only local processes can connect
+        return True
+    try:
+        addr = ipaddress.ip_address(peer[0])
+    except ValueError:
+        return False
+    return any(addr in ipaddress.ip_network(n, strict=False) for n in networks)
+
+
+class SMTPServer(SMTP):
+    """One client session. The mail decisions live in the Gateway (aiosmtpd's handler)."""
+
+    protocol_name = "SMTP"
+
+    def __init__(self, gateway: Gateway, listener: str):
+        config = gateway.config
+        self.gateway, self.listener = gateway, listener
+        self.xforward: dict[str, str] = {}
+        self.busy = False        # between DATA and our reply: shutdown and idle timer wait
+        self.in_ehlo = False
+        self.trusted = False
+        self.last_activity = 0.0
+        super().__init__(gateway, hostname=config.hostname, ident="mailgate",
+                         data_size_limit=config.limits.message_size, enable_SMTPUTF8=True,
+                         decode_data=False, timeout=config.listen.command_timeout,
+                         auth_require_tls=True)
+
+    # -- connection life ------------------------------------------------------------------
+    def connection_made(self, transport) -> None:
+        self.last_activity = self.loop.time()
+        if self.transport is None:  # not the STARTTLS re-entry
+            self.trusted = is_trusted(transport.get_extra_info("peername"),
+                                      self.gateway.config.listen.trusted_networks)
+            self.gateway.session_opened(self)
+        super().connection_made(transport)
+
+    def connection_lost(self, error) -> None:
+        self.gateway.session_closed(self)
+        super().connection_lost(error)
+
+    def data_received(self, data: bytes) -> None:
+        self.last_activity = self.loop.time()
+        super().data_received(data)
+
+    def _timeout_cb(self) -> None:
+        if self.busy:  # processing a message: bounded by limits.message_timeout instead
+            self._reset_timeout()
+            return
+        idle = self.loop.time() - self.last_activity
+        if idle < self._timeout_duration:  # bytes arrived (e.g. during DATA): not idle
+            self._reset_timeout(self._timeout_duration - idle)
+            return
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(f"{IDLE_TIMEOUT}\r\n".encode())
+        super()._timeout_cb()
+
+    async def _handle_client(self) -> None:
+        if self.gateway.closing:
+            await self.push(str(SHUTTING_DOWN))
+            self.transport.close()
+            return
+        if self.gateway.over_session_limit(self):
+            metrics.SESSIONS.labels(self.listener, "refused").inc()
+            await self.push(str(TOO_MANY_SESSIONS))
+            self.transport.close()
+            return
+        metrics.SESSIONS.labels(self.listener, "accepted").inc()
+        await super()._handle_client()
+
+    def _create_envelope(self):
+        envelope = super()._create_envelope()
+        envelope.body_8bit = False
+        return envelope
+
+    def _set_post_data_state(self) -> None:
+        super()._set_post_data_state()
+        self.xforward = {}  # XFORWARD describes one transaction (Postfix XFORWARD_README)
+
+    async def push(self, status) -> None:
+        if isinstance(status, str) and not self.in_ehlo:
+            status = enhance(status)
+        await super().push(status)
+
+    async def reply(self, reply: Reply, subject: str = "") -> None:
+        await self.push(f"{reply.code} {reply.status} {subject}{reply.text}")
+
+    def close_after_transaction(self) -> bool:
+        return self.gateway.closing and self.transport is not None
+
+    def close_idle(self) -> None:
+        """Tell the client we are going away (421) and close."""
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(f"{SHUTTING_DOWN}\r\n".encode())
+            self.transport.close()
+
+    async def handle_exception(self, error: Exception) -> str:
+        self._set_post_data_state()  # a failed transaction must not leak into the next one
+        return await super().handle_exception(error)
+
+    # -- who the client is --------------------------------------------------------------
+    def client(self) -> Client:
+        peer = self.session.peer
+        addr = peer[0] if isinstance(peer, tuple) else "127.0.0.1"
+        name = "localhost" if addr in ("127.0.0.1", "::1") else "unknown"
+        fwd = self.xforward
+        return Client(addr=fwd.get("ADDR", addr), name=fwd.get("NAME", name if "ADDR" not in fwd else "unknown"),
+                      helo=fwd.get("HELO", self.session.host_name or ""),
+                      proto=fwd.get("PROTO", "ESMTP" if self.session.extended_smtp else "SMTP"))
+
+    # -- verbs ----------------------------------------------------------------------------
+    async def smtp_EHLO(self, hostname: str) -> None:
+        await self._ehlo(hostname)
+
+    async def _ehlo(self, hostname: str) -> None:
+        self.in_ehlo = True  # EHLO lines carry no enhanced status code (RFC 2034 §3)
+        try:
+            await super().smtp_EHLO(hostname)
+        finally:
+            self.in_ehlo = False
+
+    async def smtp_XFORWARD(self, arg: str | None) -> None:
+        if not self.trusted:
+            await self.reply(XFORWARD_DENIED)
+            return
+        if await self.check_helo_needed("EHLO"):
+            return
+        if self.envelope.mail_from is not None:
+            await self.reply(BAD_SEQUENCE)
+            return
+        attrs = {}
+        for item in (arg or "").split():
+            name, eq, value = item.partition("=")
+            if not eq or name.upper() not in XFORWARD_ATTRS:
+                await self.reply(BAD_ARGUMENTS, f"Bad XFORWARD attribute {name!r}: ")
+                return
+            if value not in ("[UNAVAILABLE]", "[TEMPUNAVAIL]"):
+                attrs[name.upper()] = xtext_decode(value)
+        if not attrs and not arg:
+            await self.reply(BAD_ARGUMENTS)
+            return
+        self.xforward.update(attrs)
+        await self.reply(XFORWARD_OK)
+
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        if await self.check_helo_needed():
+            return
+        if self.envelope.mail_from is not None:
+            await self.reply(BAD_SEQUENCE, "Error: nested MAIL command; ")
+            return
+        parsed = self._path(arg, "FROM:")
+        if parsed is None:
+            await self.reply(BAD_SENDER)
+            return
+        address, params = parsed
+        problem = self._mail_params(params)
+        if problem is not None:
+            await self.reply(problem)
+            return
+        self.envelope.mail_from = address
+        self.envelope.mail_options.extend(params)
+        await self.reply(SENDER_OK)
+
+    def _mail_params(self, params: list[str]) -> Reply | None:
+        for param in params:
+            name, _, value = param.partition("=")
+            name = name.upper()
+            if name == "SIZE":
+                if not value.isdigit():
+                    return BAD_ARGUMENTS
+                if int(value) > self.data_size_limit:
+                    return TOO_BIG
+            elif name == "BODY":
+                if value.upper() not in ("7BIT", "8BITMIME"):
+                    return BAD_ARGUMENTS
+                self.envelope.body_8bit = value.upper() == "8BITMIME"
+            elif name == "SMTPUTF8":
+                self.envelope.smtp_utf8 = True
+            elif name not in IGNORED_MAIL_PARAMS:
+                return BAD_PARAMETER
+        return None
+
+    async def smtp_RCPT(self, arg: str | None) -> None:
+        if await self.check_helo_needed():
+            return
+        if self.envelope.mail_from is None:
+            await self.reply(BAD_SEQUENCE, "Error: need MAIL command; ")
+            return
+        parsed = self._path(arg, "TO:")
+        if parsed is None or "@" not in parsed[0]:
+            await self.reply(BAD_RECIPIENT)
+            return
+        address, params = parsed
+        if any(p.partition("=")[0].upper() not in IGNORED_RCPT_PARAMS for p in params):
+            await self.reply(BAD_PARAMETER)
+            return
+        if len(self.envelope.rcpt_tos) >= self.gateway.config.limits.max_recipients:
+            await self.reply(TOO_MANY_RECIPIENTS)
+            return
+        reply = await self.gateway.check_recipient(self, address)
+        if reply is RCPT_OK:
+            self.envelope.rcpt_tos.append(address)
+        await self.reply(reply, f"<{address}>: " if not reply.ok else "")
+
+    def _path(self, arg: str | None, keyword: str) -> tuple[str, list[str]] | None:
+        """(address, parameters) from "FROM:<a@b> X=Y"; "" for the null path <>."""
+        if arg is None:
+            return None
+        arg = self._strip_command_keyword(keyword, arg)
+        if arg is None:
+            return None
+        if arg.startswith("<>"):
+            return "", arg[2:].split()
+        address, rest = self._getaddr(arg)
+        if not address or rest is None or (rest and not rest.startswith(" ")):
+            return None
+        if not address.isascii() and not self.envelope.smtp_utf8:
+            return None
+        return address, rest.split()
+
+    async def smtp_DATA(self, arg: str | None) -> None:
+        self.busy = True
+        try:
+            await super().smtp_DATA(arg)
+        finally:
+            self.busy = False
+            self.gateway.transaction_ended()
+        if self.close_after_transaction():
+            await self.push(str(SHUTTING_DOWN))
+            self.transport.close()
+
+
+class LMTPServer(SMTPServer):
+    """LMTP (RFC 2033): LHLO instead of HELO/EHLO; the Gateway answers per recipient."""
+
+    protocol_name = "LMTP"
+
+    async def smtp_LHLO(self, hostname: str) -> None:
+        await self._ehlo(hostname)
+
+    async def smtp_HELO(self, hostname: str) -> None:
+        await self.reply(BAD_SYNTAX.with_text('Error: command "HELO" not recognized'))
+
+    async def smtp_EHLO(self, hostname: str) -> None:
+        await self.reply(BAD_SYNTAX.with_text('Error: command "EHLO" not recognized'))
