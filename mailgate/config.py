@@ -27,6 +27,10 @@ class ConfigError(ValueError):
     """A config problem, with the dotted key it concerns."""
 
 
+class EnvValue(str):
+    """A value from the environment: text to convert, where TOML values must already be typed."""
+
+
 def default_data_dir() -> str:
     """systemd's StateDirectory, else /var/lib/mailgate for root, else the user's data dir."""
     if os.environ.get("STATE_DIRECTORY"):
@@ -162,10 +166,10 @@ def apply_environment(raw: dict[str, Any], environ: Mapping[str, str]) -> None:
             current = raw.get(section, {}).get(key) or getattr(getattr(Config(), section), key)
             host, _, port = current.rpartition(":")
             value = f"{environ[name]}:{port}" if part == "host" else f"{host}:{environ[name]}"
-            raw.setdefault(section, {})[key] = value
+            raw.setdefault(section, {})[key] = EnvValue(value)
     for name, value in environ.items():
         if name.startswith("MAILGATE_") and name != "MAILGATE_CONFIG":
-            set_dotted(raw, name[len("MAILGATE_"):].lower(), value)
+            set_dotted(raw, name[len("MAILGATE_"):].lower(), EnvValue(value))
 
 
 def set_dotted(raw: dict[str, Any], name: str, value: str) -> None:
@@ -197,22 +201,22 @@ def coerce(value: Any, ftype: str, key: str) -> Any:
     """TOML values as they are; environment strings converted to the field's type."""
     try:
         if ftype == "bool":
-            if isinstance(value, str):
+            if isinstance(value, EnvValue):
                 if value.lower() not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
                     raise ValueError(value)
                 return value.lower() in ("1", "true", "yes", "on")
             return _typed(value, bool)
         if ftype == "int":
-            return int(value) if isinstance(value, str) else _typed(value, int)
+            return int(value) if isinstance(value, EnvValue) else _typed(value, int)
         if ftype == "float":
-            return float(value) if isinstance(value, str) else float(_typed(value, (int, float)))
+            return float(value) if isinstance(value, EnvValue) else float(_typed(value, (int, float)))
         if ftype.startswith("tuple"):
-            if isinstance(value, str):
+            if isinstance(value, EnvValue):
                 return tuple(v.strip() for v in value.split(",") if v.strip())
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                 raise ValueError(value)
             return tuple(value)
-        return _typed(value, str)
+        return str(_typed(value, str))
     except (TypeError, ValueError):
         raise ConfigError(f"{key}: expected {ftype.replace('tuple[str, ...]', 'a list of strings')}, "
                           f"got {value!r}") from None

@@ -1,0 +1,108 @@
+"""Config: file, environment overrides, validation naming the key; check-config's exit codes."""
+import subprocess
+import sys
+
+import pytest
+
+from mailgate import config
+from mailgate.config import ConfigError
+
+GOOD = """
+hostname = "mx.example.test"
+domains = ["example.test"]
+[listen]
+smtp = "127.0.0.1:10025"
+lmtp = "127.0.0.1:10024"
+[delivery]
+lmtp = "127.0.0.1:24"
+maildir = "/var/vmail/{domain}/{user}"
+"""
+
+
+def write(tmp_path, text):
+    path = tmp_path / "mailgate.toml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_contract_keys_load(tmp_path):
+    cfg = config.load(write(tmp_path, GOOD), {})
+    assert cfg.hostname == "mx.example.test"
+    assert cfg.domains == ("example.test",)
+    assert cfg.listen.smtp == "127.0.0.1:10025" and cfg.listen.lmtp == "127.0.0.1:10024"
+    assert cfg.delivery.lmtp == "127.0.0.1:24"
+    assert cfg.delivery.maildir == "/var/vmail/{domain}/{user}"
+    assert cfg.delivery.create_maildirs == ()  # a file gets no maildirs created for it
+
+
+def test_embedded_defaults_deliver_somewhere_local():
+    cfg = config.load(None, {"MAILGATE_DATA_DIR": "/srv/mg"})
+    assert cfg.domains == ("localhost",)
+    assert cfg.maildir_template() == "/srv/mg/mail/{domain}/{user}"
+    assert cfg.delivery.create_maildirs == ("postmaster@localhost",)
+
+
+@pytest.mark.parametrize("env, key, value", [
+    ({"MAILGATE_LIMITS_MAX_RECIPIENTS": "5"}, ("limits", "max_recipients"), 5),
+    ({"MAILGATE_DELIVERY_LMTP": "unix:/run/dovecot/lmtp"}, ("delivery", "lmtp"), "unix:/run/dovecot/lmtp"),
+    ({"MAILGATE_LOG_SYSLOG": "yes"}, ("log", "syslog"), True),
+    ({"LMTP_HOST": "10.0.0.5", "LMTP_PORT": "2424"}, ("delivery", "lmtp"), "10.0.0.5:2424"),
+    ({"INTERNAL_SMTP_PORT": "2525"}, ("listen", "smtp"), "127.0.0.1:2525"),
+    ({"METRICS_PORT": "9100"}, ("metrics", "listen"), "127.0.0.1:9100"),
+    ({"HEALTH_PORT": "9101"}, ("health", "listen"), "127.0.0.1:9101"),
+    ({"SMTP_PORT": "587"}, ("relay", "smtp"), "127.0.0.1:587"),
+])
+def test_environment_overrides_one_key(tmp_path, env, key, value):
+    cfg = config.load(write(tmp_path, GOOD), env)
+    assert getattr(getattr(cfg, key[0]), key[1]) == value
+
+
+def test_list_from_environment(tmp_path):
+    cfg = config.load(write(tmp_path, GOOD), {"MAILGATE_DOMAINS": "a.test, b.test"})
+    assert cfg.domains == ("a.test", "b.test")
+
+
+@pytest.mark.parametrize("text, key", [
+    (GOOD + "[listen.extra]\n", "listen.extra"),
+    (GOOD.replace("[listen]", "[listen]\nsmpt = \"x:1\""), "listen.smpt"),
+    (GOOD + "colour = 1\n", "colour"),
+    (GOOD.replace('domains = ["example.test"]', 'domains = "example.test"'), "domains"),
+    (GOOD.replace('lmtp = "127.0.0.1:24"', 'lmtp = "127.0.0.1"'), "delivery.lmtp"),
+    (GOOD.replace('{domain}/{user}', 'fixed'), "delivery.maildir"),
+    (GOOD + "[limits]\nmax_recipients = 0\n", "limits.max_recipients"),
+    (GOOD + "[limits]\nmessage_timeout = 600\n", "limits.message_timeout"),
+    (GOOD + "[pipeline]\nfilters = [\"nosuchfilter\"]\n", "pipeline.filters"),
+    (GOOD + "[listen]\n", "not valid TOML"),
+])
+def test_bad_config_names_the_key(tmp_path, text, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        config.load(write(tmp_path, text), {})
+
+
+def test_bad_environment_value_names_the_key(tmp_path):
+    with pytest.raises(ConfigError, match=r"limits\.max_recipients"):
+        config.load(write(tmp_path, GOOD), {"MAILGATE_LIMITS_MAX_RECIPIENTS": "many"})
+
+
+def check_config(*args):
+    return subprocess.run([sys.executable, "-m", "mailgate", "check-config", *args],
+                          capture_output=True, text=True, timeout=30)
+
+
+def test_check_config_cli(tmp_path):
+    good = check_config("-c", write(tmp_path, GOOD))
+    assert good.returncode == 0, good.stderr
+    (tmp_path / "bad.toml").write_text(GOOD + "[delivery]\n")
+    bad = check_config("-c", str(tmp_path / "bad.toml"))
+    assert bad.returncode == 2
+    (tmp_path / "typo.toml").write_text(GOOD.replace("hostname", "hostnmae"))
+    typo = check_config("-c", str(tmp_path / "typo.toml"))
+    assert typo.returncode == 2 and "hostnmae: unknown key" in typo.stderr
+
+
+def test_cli_usage_and_version():
+    usage = subprocess.run([sys.executable, "-m", "mailgate"], capture_output=True, timeout=30)
+    assert usage.returncode == 2
+    version = subprocess.run([sys.executable, "-m", "mailgate", "--version"],
+                             capture_output=True, text=True, timeout=30)
+    assert version.returncode == 0 and version.stdout.startswith("mailgate ")
