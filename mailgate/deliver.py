@@ -102,9 +102,13 @@ class DeliveryRecord:
         self.entries: OrderedDict[bytes, float] = OrderedDict()
 
     @staticmethod
-    def key(envelope: Envelope, recipient: str, raw: bytes) -> bytes:
-        return hashlib.sha256(b"\0".join(
-            (envelope.sender.encode(), recipient.lower().encode(), raw))).digest()
+    def digest(envelope: Envelope, raw: bytes) -> bytes:
+        """One hash of the message per transaction (not per recipient: messages can be large)."""
+        return hashlib.sha256(envelope.sender.encode() + b"\0" + raw).digest()
+
+    @staticmethod
+    def key(digest: bytes, recipient: str) -> bytes:
+        return digest + recipient.lower().encode()
 
     def remember(self, key: bytes) -> None:
         self.entries[key] = time.monotonic() + self.ttl

@@ -130,9 +130,10 @@ class Gateway:
         lost = server.transport is None or server.transport.is_closing()
         told_per_recipient = server.protocol_name == "LMTP" and not lost
         if (not told_per_recipient and not all(r.ok for r in results)) or lost:
+            digest = self.record.digest(env, raw)
             for result in results:
                 if result.ok:
-                    self.record.remember(self.record.key(env, result.recipient, raw))
+                    self.record.remember(self.record.key(digest, result.recipient))
         self._log(env, len(raw), results, server.listener)
         return results
 
@@ -141,9 +142,10 @@ class Gateway:
         outcome = await self._run_chain(env, raw, deadline)
         done: dict[str, Result] = {}
         targets: list[str] = []
+        digest = self.record.digest(env, raw) if self.record.entries else b""
         for rcpt in env.recipients:
             verdict = outcome.verdicts.get(rcpt, Verdict(Action.CONTINUE))
-            if self.record.seen(self.record.key(env, rcpt, raw)):
+            if digest and self.record.seen(self.record.key(digest, rcpt)):
                 done[rcpt] = Result(rcpt, self._delivered(env), "none", "sent",
                                     "already delivered (retry after a partial failure)")
             elif verdict.action >= Action.DISCARD:

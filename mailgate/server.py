@@ -145,8 +145,11 @@ class SMTPServer(SMTP):
             self.transport.close()
 
     async def handle_exception(self, error: Exception) -> str:
+        in_data = self.envelope.content is not None
+        replies = len(self.envelope.rcpt_tos) if in_data and self.protocol_name == "LMTP" else 1
         self._set_post_data_state()  # a failed transaction must not leak into the next one
-        return await super().handle_exception(error)
+        status = enhance(await super().handle_exception(error))
+        return "\r\n".join([status] * max(replies, 1))  # LMTP: one reply per recipient
 
     # -- who the client is --------------------------------------------------------------
     def client(self) -> Client:
@@ -284,6 +287,22 @@ class LMTPServer(SMTPServer):
     """LMTP (RFC 2033): LHLO instead of HELO/EHLO; the Gateway answers per recipient."""
 
     protocol_name = "LMTP"
+
+    replies_due = 0  # recipients awaiting a reply after DATA
+
+    async def smtp_DATA(self, arg: str | None) -> None:
+        self.replies_due = 0 if arg else len(self.envelope.rcpt_tos)
+        try:
+            await super().smtp_DATA(arg)
+        finally:
+            self.replies_due = 0
+
+    async def push(self, status) -> None:
+        """aiosmtpd's own DATA errors (552, line too long) are one line: LMTP needs one each."""
+        if self.replies_due > 1 and isinstance(status, str) and "\r\n" not in status \
+                and status[:1] in "45":
+            status = "\r\n".join([enhance(status)] * self.replies_due)
+        await super().push(status)
 
     async def smtp_LHLO(self, hostname: str) -> None:
         await self._ehlo(hostname)
