@@ -18,7 +18,7 @@ from mailgate import maildir, metrics
 from mailgate.config import Config
 from mailgate.lmtp import LMTPReply, Pool
 from mailgate.message import Envelope
-from mailgate.verdict import DELIVERED, DELIVERY_DEFERRED, Reply
+from mailgate.verdict import DELIVERED, DELIVERY_DEFERRED, OUTCOME_UNKNOWN, Reply
 
 log = logging.getLogger("mailgate.deliver")
 
@@ -64,7 +64,9 @@ class Deliverer:
 
     async def _one(self, envelope: Envelope, rcpt: str, reply: LMTPReply | None, data: bytes,
                    error: str) -> Result:
-        if reply is not None and (reply.code < 400 or reply.code >= 500 or reply.unknown):
+        if reply is not None and reply.unknown:  # Dovecot may hold it: defer, no fallback
+            return Result(rcpt, OUTCOME_UNKNOWN, self.pool.relay, "deferred", reply.text)
+        if reply is not None and (reply.code < 400 or reply.code >= 500):
             return from_lmtp(rcpt, reply, self.pool.relay if self.pool else "none")
         why = str(reply) if reply is not None else error
         if not self.template:

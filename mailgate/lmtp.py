@@ -98,6 +98,9 @@ class Connection:
     async def transaction(self, sender: str, recipients: list[str], data: bytes,
                           body_8bit: bool, results: list[LMTPReply | None]) -> None:
         """One pipelined MAIL/RCPT/DATA, filling `results` with the reply per recipient."""
+        # Per transaction: a pooled connection's earlier DATA must not make a stale reuse
+        # look like "outcome unknown" (451, no retry, no fallback).
+        self.data_sent = False
         body = " BODY=8BITMIME" if body_8bit else ""
         commands = [f"MAIL FROM:<{_clean(sender)}>{body}\r\n"]
         commands += [f"RCPT TO:<{_clean(r)}>\r\n" for r in recipients]
@@ -204,7 +207,7 @@ class Pool:
     def _unknown_after_data(conn: Connection | None, results: list, error: Exception) -> str:
         """After DATA went out a missing reply is unknown, not "not delivered": defer it."""
         if conn is not None and conn.data_sent:
-            unknown = LMTPReply(451, f"4.4.2 outcome unknown: {error}", unknown=True)
+            unknown = LMTPReply(0, f"outcome unknown: {error}", unknown=True)
             results[:] = [r or unknown for r in results]
         return str(error) or type(error).__name__
 

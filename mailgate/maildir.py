@@ -123,13 +123,18 @@ def _write(maildir_fd: int, name: str, body: bytes) -> str:
             while view:
                 view = view[os.write(fd, view):]
             os.fsync(fd)
+            # Inside the try: a failed rename (new/ not writable) must not leave the file in tmp/.
+            os.rename(name, name, src_dir_fd=tmp_fd, dst_dir_fd=new_fd)
         except BaseException:
             os.unlink(name, dir_fd=tmp_fd)
             raise
         finally:
             os.close(fd)
-        os.rename(name, name, src_dir_fd=tmp_fd, dst_dir_fd=new_fd)
-        os.fsync(new_fd)
+        try:
+            os.fsync(new_fd)
+        except OSError:  # not durable, so we will say 4xx: the retry must not find a copy here
+            os.unlink(name, dir_fd=new_fd)
+            raise
         return name
     finally:
         os.close(tmp_fd)

@@ -107,17 +107,19 @@ MailgateFactory = Callable[..., Mailgate]
 @pytest.fixture
 def mailgate_factory(peer_root: Path, dovecot: Dovecot,
                      request: pytest.FixtureRequest) -> Iterator[MailgateFactory]:
-    """`factory(overrides=None, *, env=None, start=True) -> Mailgate`, on the dovecot fixture.
+    """`factory(overrides=None, *, env=None, start=True, user=None) -> Mailgate`, on the dovecot
+    fixture. `user="vmail"` runs it as that user (from a copy of the source; see peers.Mailgate).
 
     Each call gets its own directory, data_dir and free ports; all are stopped at teardown.
     """
     started: list[Mailgate] = []
 
     def factory(overrides: Mapping[str, Any] | None = None, *, env: Mapping[str, str] | None = None,
-                start: bool = True) -> Mailgate:
+                start: bool = True, user: str | None = None) -> Mailgate:
         root = peer_root / f"mailgate-{len(started)}"
         root.mkdir()
-        gate = Mailgate(root, merge(base_config(root, dovecot), overrides or {}), env=env)
+        gate = Mailgate(root, merge(base_config(root, dovecot), overrides or {}), env=env,
+                        user=user)
         started.append(gate)
         register(request, root.name, gate)
         return gate.start() if start else gate

@@ -10,7 +10,9 @@ from __future__ import annotations
 import imaplib
 import json
 import os
+import pwd
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -20,6 +22,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, TypeVar
 
 REPO = Path(__file__).resolve().parent.parent
+# An interpreter a non-root user can execute, with mailgate's deps (made by .ci/install).
+UNPRIVILEGED_PYTHON = Path("/opt/mailgate-vmail-venv/bin/python")
 VMAIL_UID = VMAIL_GID = 5000
 PASSWORD = "secret"
 START_TIMEOUT = 15.0
@@ -738,7 +742,8 @@ class Mailgate:
     """`python -m mailgate serve -c ROOT/mailgate.toml` as a subprocess; log: ROOT/mailgate.log."""
 
     def __init__(self, root: Path, config: Mapping[str, Any],
-                 env: Mapping[str, str] | None = None, args: Iterable[str] = ()):
+                 env: Mapping[str, str] | None = None, args: Iterable[str] = (),
+                 user: str | None = None):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.config = config
@@ -747,7 +752,26 @@ class Mailgate:
         self.config_path.write_text(toml_dumps(config))
         self.env = dict(env or {})
         self.args = list(args)
+        self.user = user  # None: run as we are (root); else e.g. "vmail"
         self.proc: subprocess.Popen | None = None
+        if user is not None:
+            self._prepare_for(user)
+
+    def _prepare_for(self, user: str) -> None:
+        """Running as `user`: a world-readable copy of the current source (the repo may not be
+        readable by them, and a copy tests this tree, not an installed one), and the root dir,
+        data dir and log theirs. Root ignores permissions; only such a process meets them."""
+        pw = pwd.getpwnam(user)
+        src = self.root / "src"
+        shutil.copytree(REPO / "mailgate", src / "mailgate", dirs_exist_ok=True,
+                        ignore=shutil.ignore_patterns("__pycache__"))
+        for path in [src, *src.rglob("*")]:
+            os.chmod(path, 0o755 if path.is_dir() else 0o644)
+        data_dir = Path(self.config.get("data_dir", self.root / "data"))
+        data_dir.mkdir(parents=True, exist_ok=True)
+        self.log_path.touch()
+        for path in (self.root, data_dir, self.log_path):
+            os.chown(path, pw.pw_uid, pw.pw_gid)
 
     def address(self, section: str, key: str) -> tuple[str, int] | None:
         """(host, port) of a host:port setting such as listen.smtp, or None when it is off."""
@@ -778,6 +802,9 @@ class Mailgate:
         environ = {k: v for k, v in os.environ.items()
                    if not k.startswith("MAILGATE_") and k not in _CONFIG_ENV}
         paths = [self.env.get("PYTHONPATH", ""), str(REPO), environ.get("PYTHONPATH", "")]
+        if self.user is not None:  # the copy only: nothing of root's (unreadable) installs
+            paths = [self.env.get("PYTHONPATH", ""), str(self.root / "src")]
+            environ["HOME"] = str(self.root)
         environ.update(self.env)
         environ["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
         environ["PYTHONUNBUFFERED"] = "1"
@@ -785,13 +812,18 @@ class Mailgate:
 
     def start(self, timeout: float = START_TIMEOUT) -> "Mailgate":
         """Run it; return once every configured address accepts connections, else PeerError."""
-        cmd = [sys.executable, "-m", "mailgate", "serve", "-c", str(self.config_path), *self.args]
+        python = sys.executable if self.user is None else str(UNPRIVILEGED_PYTHON)
+        cmd = [python, "-m", "mailgate", "serve", "-c", str(self.config_path), *self.args]
+        # As `runuser -u USER` does, minus its watching parent: that one turns the child's exit
+        # code into 143 and SIGKILLs 2 s after SIGTERM, and a stop must see mailgate's own exit.
+        as_user = {} if self.user is None else {"user": self.user, "group": pwd.getpwnam(
+            self.user).pw_gid, "extra_groups": []}
         with open(self.log_path, "ab") as log:
             # Its own session: a kill reaches anything it spawned, and ^C in the terminal
             # reaches only pytest, whose finalizers then stop it with the signal a test chose.
             self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                          env=self._environ(), cwd=self.root,
-                                         start_new_session=True)
+                                         start_new_session=True, **as_user)
         addresses = self.tcp_listeners
         try:
             wait_until(lambda: self._exited() or all(port_open(p, h) for h, p in addresses),

@@ -1,0 +1,557 @@
+"""Delivery end to end: Dovecot over LMTP, the maildir fallback, and no duplicate on a retry.
+
+Real Dovecot, real `mailgate serve`; replies are checked against the named verdict constants,
+mail is read back from the maildir and over IMAP, and the per-recipient log lines are matched.
+A test about file permissions runs mailgate as vmail: root ignores permissions.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import smtplib
+import socketserver
+import stat
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from peers import VMAIL_UID, Dovecot, Mailgate, lmtp_send, make_maildir
+from mailgate.verdict import (DELIVERED, DELIVERY_DEFERRED, OUTCOME_UNKNOWN, RCPT_OK, UNKNOWN_USER,
+                              USERDB_UNAVAILABLE, Reply)
+
+ALICE, BOB, CAROL = "alice@example.test", "bob@example.test", "carol@example.test"
+DAVE = "dave@example.test"  # never a Dovecot user, never a maildir
+SENDER = "sender@remote.test"
+REPLY_BOUND = 15.0  # seconds any reply may take here, hung peers included
+
+
+# ---------------------------------------------------------------- helpers
+
+def message(mark: str, to: str = ALICE) -> bytes:
+    """A message in wire form (CRLF), with a line that needs dot-stuffing."""
+    return (f"From: <{SENDER}>\r\nTo: <{to}>\r\nSubject: delivery {mark}\r\n"
+            f"Message-ID: <{mark}@remote.test>\r\n\r\nbody {mark}\r\n"
+            f".a line that starts with a dot\r\n").encode()
+
+
+def mark() -> str:
+    return uuid.uuid4().hex
+
+
+def expect(reply: tuple[int, str | bytes], want: Reply, text: bool = True) -> None:
+    """`reply` is `want`: same code and enhanced status, and (unless text=False) its words."""
+    code, words = reply
+    words = words.decode("utf-8", "replace") if isinstance(words, bytes) else words
+    assert (code, words.split(" ", 1)[0]) == (want.code, want.status), reply
+    if text:
+        assert want.text.split("{")[0] in words, reply
+
+
+class SMTPResult:
+    def __init__(self) -> None:
+        self.rcpt: dict[str, tuple[int, bytes]] = {}
+        self.data: tuple[int, bytes] | None = None
+
+
+def smtp_send(gate: Mailgate, rcpts: list[str], data: bytes, sender: str = SENDER,
+              raw_rcpt: bool = False) -> SMTPResult:
+    """One SMTP transaction; DATA only when a RCPT was accepted. raw_rcpt: send the text as is."""
+    out = SMTPResult()
+    with smtplib.SMTP(*gate.smtp, local_hostname="client.test", timeout=REPLY_BOUND) as s:
+        s.ehlo()
+        assert s.mail(sender)[0] == 250
+        for rcpt in rcpts:
+            out.rcpt[rcpt] = s.docmd("RCPT", f"TO:<{rcpt}>") if raw_rcpt else s.rcpt(rcpt)
+        if any(code == 250 for code, _ in out.rcpt.values()):
+            out.data = s.data(data)
+    return out
+
+
+def files(maildir: Path, *subs: str) -> list[Path]:
+    return [f for sub in subs or ("new", "cur", "tmp") if (maildir / sub).is_dir()
+            for f in sorted((maildir / sub).iterdir())]
+
+
+def tree(root: Path, skip: tuple[str, ...] = ()) -> set[Path]:
+    """Every non-directory below `root` (links not followed), except top-level names in `skip`."""
+    found = set()
+    for top, dirs, names in os.walk(root):
+        if Path(top) == root:
+            dirs[:] = [d for d in dirs if d not in skip]
+        found.update(Path(top) / n for n in names)
+        found.update(Path(top) / d for d in dirs if (Path(top) / d).is_symlink())
+    return found
+
+
+def delivery_line(gate: Mailgate, rcpt: str, relay: str, status: str) -> str:
+    """The log line for one recipient (waited for, bounded)."""
+    return gate.wait_log(rf"to=<{re.escape(rcpt)}>, relay={relay}, .*status={status} .*$").group(0)
+
+
+def added_headers(delivered: bytes, original: bytes) -> list[str]:
+    """Names of the header fields in front of `original` inside `delivered` (CRLF forms)."""
+    assert delivered.endswith(original), "the delivered bytes do not end with what was sent"
+    prefix = delivered[:len(delivered) - len(original)].decode()
+    assert prefix == "" or prefix.endswith("\r\n")
+    return [line.split(":", 1)[0] for line in prefix.splitlines() if line[:1] not in (" ", "\t")]
+
+
+def assert_like_dovecot(path: Path) -> None:
+    """A fallback file: 0600 and owned by the maildir's owner (vmail), as Dovecot writes them."""
+    info = path.stat()
+    assert stat.S_IMODE(info.st_mode) == 0o600, oct(info.st_mode)
+    assert (info.st_uid, info.st_gid) == (VMAIL_UID, VMAIL_UID)
+
+
+def as_vmail(mailgate_factory, overrides=None) -> Mailgate:
+    """A mailgate running as vmail (checked: its real and effective uid are vmail's)."""
+    gate = mailgate_factory(overrides, user="vmail")
+    uids = Path(f"/proc/{gate.pid}/status").read_text().split("Uid:")[1].split("\n")[0].split()
+    assert {int(u) for u in uids} == {VMAIL_UID}, uids
+    return gate
+
+
+@pytest.fixture
+def unwritable(dovecot: Dovecot):
+    """chmod(mode) a maildir subdirectory for the test; restored afterwards."""
+    changed: list[Path] = []
+
+    def chmod(addr: str, sub: str, mode: int) -> Path:
+        path = dovecot.maildir(addr) / sub
+        path.chmod(mode)
+        changed.append(path)
+        return path
+    yield chmod
+    for path in changed:
+        if path.exists():
+            path.chmod(0o700)
+
+
+# ---------------------------------------------------------------- a fake Dovecot that hangs
+
+class _HangingHandler(socketserver.StreamRequestHandler):
+    def handle(self) -> None:
+        server: HangingLMTP = self.server  # type: ignore[assignment]
+        if server.mode == "silent":  # accepts the connection, never greets
+            self.rfile.read()
+            return
+        self.wfile.write(b"220 fake.test LMTP ready\r\n")
+        in_data, rcpts = False, []
+        for line in self.rfile:
+            if in_data:
+                if line == b".\r\n":
+                    if not self.end_of_data(server, rcpts):
+                        self.rfile.read()  # hangs: waits until mailgate gives up and closes
+                        return
+                    in_data = False
+                continue
+            verb = line[:4].upper()
+            if verb == b"LHLO":
+                self.wfile.write(b"250-fake.test\r\n250-ENHANCEDSTATUSCODES\r\n250 PIPELINING\r\n")
+            elif verb == b"DATA":
+                self.wfile.write(b"354 go ahead\r\n")
+                in_data = True
+            elif verb == b"QUIT":
+                self.wfile.write(b"221 2.0.0 Bye\r\n")
+                return
+            else:  # MAIL, RCPT, RSET: every user exists here
+                if verb == b"MAIL":
+                    rcpts = []
+                elif verb == b"RCPT":
+                    rcpts.append(line[9:].strip().strip(b"<>").decode())
+                self.wfile.write(b"250 2.1.5 OK\r\n")
+
+    def end_of_data(self, server: HangingLMTP, rcpts: list[str]) -> bool:
+        """Answer what the mode says after DATA; False: hang from here on."""
+        server.transactions.append(rcpts)
+        server.got_data.set()
+        if server.mode == "after-data":
+            return False
+        answered = rcpts[:1] if len(server.transactions) == 1 else rcpts  # "first-then-hang"
+        for rcpt in answered:
+            self.wfile.write(f"250 2.0.0 <{rcpt}> fake Saved\r\n".encode())
+        return answered == rcpts
+
+
+class HangingLMTP(socketserver.ThreadingTCPServer):
+    """An "LMTP server" on loopback that greets and then never answers after DATA ("after-data"),
+    never even greets ("silent"), or in its first transaction answers for the first recipient
+    only and then hangs, answering every later one in full ("first-then-hang")."""
+    daemon_threads = True
+    block_on_close = False
+
+    def __init__(self, mode: str):
+        self.mode = mode
+        self.got_data = threading.Event()
+        self.transactions: list[list[str]] = []  # recipients of each DATA that reached us
+        super().__init__(("127.0.0.1", 0), _HangingHandler)
+        self.thread = threading.Thread(target=self.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.server_address[1]}"
+
+    def close(self) -> None:
+        self.shutdown()
+        self.server_close()
+
+
+# ---------------------------------------------------------------- per-recipient LMTP replies
+
+def lmtp_three(gate: Mailgate, mark_: str) -> list[tuple[int, str]]:
+    rcpt_replies, data_replies = lmtp_send(*gate.lmtp, SENDER, [ALICE, BOB, CAROL],
+                                           message(mark_), timeout=REPLY_BOUND)
+    for rcpt in (ALICE, BOB, CAROL):
+        expect(rcpt_replies[rcpt], RCPT_OK)
+    return data_replies
+
+
+def test_lmtp_one_recipient_failing_at_dovecot_no_fallback(dovecot, mailgate_factory,
+                                                          unwritable) -> None:
+    gate = mailgate_factory({"delivery": {"maildir": ""}})
+    unwritable(BOB, "tmp", 0o000)
+    replies = lmtp_three(gate, mark())
+
+    assert [code for code, _ in replies] == [DELIVERED.code, DELIVERY_DEFERRED.code, DELIVERED.code]
+    expect(replies[1], DELIVERY_DEFERRED)
+    assert f"<{BOB}>" in replies[1][1]
+    assert len(dovecot.maildir_messages(ALICE)) == len(dovecot.maildir_messages(CAROL)) == 1
+    assert files(dovecot.maildir(BOB)) == []
+    assert "451 4.2.0" in delivery_line(gate, BOB, re.escape(f"dovecot[{gate.config['delivery']['lmtp']}]"),
+                                        "deferred")
+
+
+def test_lmtp_fallback_as_root_writes_the_failed_recipient(dovecot, mailgate_factory,
+                                                          unwritable) -> None:
+    gate = mailgate_factory()
+    unwritable(BOB, "tmp", 0o000)
+    m = mark()
+    replies = lmtp_three(gate, m)
+
+    assert [code for code, _ in replies] == [DELIVERED.code] * 3
+    expect(replies[1], DELIVERED)  # ours (the fallback), not Dovecot's "Saved"
+    [written] = files(dovecot.maildir(BOB))
+    assert written.parent.name == "new"
+    assert_like_dovecot(written)
+    assert f"body {m}".encode() in written.read_bytes()
+    assert "delivered to maildir" in delivery_line(gate, BOB, "maildir", "sent")
+    unwritable(BOB, "tmp", 0o700)
+    [over_imap] = dovecot.fetch_imap(BOB)  # Dovecot reads what the fallback wrote
+    assert over_imap.endswith(message(m))
+
+
+def test_lmtp_fallback_as_vmail_cannot_write_either(dovecot, mailgate_factory,
+                                                   unwritable) -> None:
+    gate = as_vmail(mailgate_factory)
+    unwritable(BOB, "tmp", 0o000)
+    replies = lmtp_three(gate, mark())
+
+    assert [code for code, _ in replies] == [DELIVERED.code, DELIVERY_DEFERRED.code, DELIVERED.code]
+    expect(replies[1], DELIVERY_DEFERRED)
+    assert files(dovecot.maildir(BOB)) == []
+    line = delivery_line(gate, BOB, "maildir", "deferred")
+    assert "Permission denied" in line
+    assert len(dovecot.maildir_messages(ALICE)) == 1
+
+
+# ---------------------------------------------------------------- Dovecot stopped: the fallback
+
+def test_dovecot_stopped_fallback_then_visible_over_imap(dovecot, mailgate_factory) -> None:
+    dovecot.stop()
+    gate = mailgate_factory()
+    m = mark()
+    sent = smtp_send(gate, [ALICE], message(m))
+
+    expect(sent.rcpt[ALICE], RCPT_OK)  # Dovecot cannot be asked; alice's maildir exists
+    expect(sent.data, DELIVERED)
+    [written] = files(dovecot.maildir(ALICE))
+    assert written.parent.name == "new"
+    assert_like_dovecot(written)
+    assert "delivered to maildir" in delivery_line(gate, ALICE, "maildir", "sent")
+    dovecot.start()
+    [over_imap] = dovecot.fetch_imap(ALICE)
+    assert set(added_headers(over_imap, message(m))) <= {"Return-Path", "Delivered-To", "Received"}
+    assert "Received" in added_headers(over_imap, message(m))
+
+
+def test_dovecot_stopped_recipient_without_maildir_is_deferred_at_rcpt(dovecot,
+                                                                       mailgate_factory) -> None:
+    dovecot.stop()
+    gate = mailgate_factory()
+    sent = smtp_send(gate, [DAVE], message(mark()))
+
+    expect(sent.rcpt[DAVE], USERDB_UNAVAILABLE)
+    assert sent.data is None
+    gate.wait_log(rf"NOQUEUE: reject: RCPT .*451 4\.4\.3 <{re.escape(DAVE)}>")
+
+
+@pytest.mark.parametrize("sub", ["tmp", "new"])
+def test_dovecot_stopped_unwritable_maildir_defers_and_writes_nothing(dovecot, mailgate_factory,
+                                                                      unwritable, sub) -> None:
+    dovecot.stop()
+    gate = as_vmail(mailgate_factory)
+    unwritable(ALICE, sub, 0o500)
+    before = tree(dovecot.root, skip=("dovecot", "mailgate-0"))
+    sent = smtp_send(gate, [ALICE], message(mark()))
+
+    expect(sent.rcpt[ALICE], RCPT_OK)
+    expect(sent.data, DELIVERY_DEFERRED)
+    assert files(dovecot.maildir(ALICE)) == []  # no half-written file left in tmp/ either
+    assert tree(dovecot.root, skip=("dovecot", "mailgate-0")) == before
+    assert "Permission denied" in delivery_line(gate, ALICE, "maildir", "deferred")
+
+
+def test_fallback_never_creates_a_maildir(dovecot, mailgate_factory) -> None:
+    dovecot.stop()
+    gate = mailgate_factory()
+    carol_dir = dovecot.maildir(CAROL)
+    shutil.rmtree(carol_dir)  # a Dovecot user whose maildir does not exist (yet)
+
+    sent = smtp_send(gate, [CAROL, DAVE], message(mark()))
+    expect(sent.rcpt[CAROL], USERDB_UNAVAILABLE)
+    expect(sent.rcpt[DAVE], USERDB_UNAVAILABLE)
+    assert not carol_dir.exists() and not dovecot.maildir(DAVE).exists()
+
+    # The maildir vanishes between RCPT (accepted: it existed) and DATA: still nothing created.
+    with smtplib.SMTP(*gate.smtp, local_hostname="client.test", timeout=REPLY_BOUND) as s:
+        s.ehlo()
+        s.mail(SENDER)
+        expect(s.rcpt(BOB), RCPT_OK)
+        shutil.rmtree(dovecot.maildir(BOB))
+        expect(s.data(message(mark())), DELIVERY_DEFERRED)
+    assert not dovecot.maildir(BOB).exists()
+    assert "no maildir" in delivery_line(gate, BOB, "maildir", "deferred")
+    assert sorted(p.name for p in dovecot.maildir(ALICE).parent.iterdir()) == ["alice"]
+
+
+# ---------------------------------------------------------------- a retry is not a duplicate
+
+def test_retry_after_partial_failure_is_not_delivered_twice(dovecot, mailgate_factory,
+                                                           unwritable) -> None:
+    gate = mailgate_factory({"delivery": {"maildir": ""}})
+    tmp = unwritable(BOB, "tmp", 0o000)
+    data = message(mark())
+
+    first = smtp_send(gate, [ALICE, BOB], data)
+    expect(first.data, DELIVERY_DEFERRED)
+    assert len(dovecot.maildir_messages(ALICE)) == 1 and files(dovecot.maildir(BOB)) == []
+
+    tmp.chmod(0o700)
+    second = smtp_send(gate, [ALICE, BOB], data)
+    expect(second.data, DELIVERED)
+    assert len(dovecot.maildir_messages(ALICE)) == 1
+    assert len(dovecot.maildir_messages(BOB)) == 1
+    assert dovecot.maildir_messages(ALICE)[0].endswith(data.replace(b"\r\n", b"\n"))
+    line = delivery_line(gate, ALICE, "none", "sent")
+    assert "already delivered (retry after a partial failure)" in line
+
+
+# ---------------------------------------------------------------- delivery modes
+
+def test_lmtp_over_dovecot_unix_socket(dovecot, mailgate_factory) -> None:
+    target = f"unix:{dovecot.lmtp_socket}"
+    gate = mailgate_factory({"delivery": {"lmtp": target}})
+    m = mark()
+    sent = smtp_send(gate, [ALICE, DAVE], message(m))
+
+    expect(sent.rcpt[ALICE], RCPT_OK)
+    expect(sent.rcpt[DAVE], UNKNOWN_USER)  # asked over the socket too
+    expect(sent.data, DELIVERED)
+    assert "Saved" in delivery_line(gate, ALICE, re.escape(f"dovecot[{target}]"), "sent")
+    [over_imap] = dovecot.fetch_imap(ALICE)
+    assert over_imap.endswith(message(m))
+
+
+def test_maildir_only_mode(dovecot, mailgate_factory) -> None:
+    gate = mailgate_factory({"delivery": {"lmtp": ""}})
+    m = mark()
+    sent = smtp_send(gate, [ALICE, DAVE], message(m))
+
+    expect(sent.rcpt[ALICE], RCPT_OK)  # the maildirs are the user database
+    expect(sent.rcpt[DAVE], UNKNOWN_USER)
+    expect(sent.data, DELIVERED)
+    [written] = files(dovecot.maildir(ALICE))
+    assert written.parent.name == "new"
+    assert_like_dovecot(written)
+    delivery_line(gate, ALICE, "maildir", "sent")
+    assert not dovecot.maildir(DAVE).exists()
+    [over_imap] = dovecot.fetch_imap(ALICE)
+    assert over_imap.endswith(message(m))
+
+
+# ---------------------------------------------------------------- path safety
+
+HOSTILE = ['"../../etc"@example.test', "a/b@example.test", "..@example.test",
+           '"..%2f..%2fetc"@example.test', '"alice/../bob"@example.test', ".@example.test",
+           "alice@example.test/../..", '"alice\\/x"@example.test']
+
+
+@pytest.mark.parametrize("dovecot_up", [False, True], ids=["fallback", "dovecot"])
+def test_hostile_local_parts_are_never_written_outside_the_mail_root(dovecot, mailgate_factory,
+                                                                     dovecot_up) -> None:
+    if not dovecot_up:
+        dovecot.stop()
+    root = dovecot.root
+    # Decoys: where a naive path join would land, a maildir exists and would be "found".
+    decoys = [make_maildir(root / "etc"), make_maildir(dovecot.maildir("a@example.test") / "b"),
+              make_maildir(dovecot.mail_root), make_maildir(dovecot.maildir(ALICE) / "x")]
+    gate = mailgate_factory()
+    before = tree(root, skip=("dovecot", "mailgate-0"))
+
+    sent = smtp_send(gate, [*HOSTILE, ALICE], message(mark()), raw_rcpt=True)
+    for rcpt in HOSTILE:
+        assert sent.rcpt[rcpt][0] >= 400, (rcpt, sent.rcpt[rcpt])
+    expect(sent.rcpt[ALICE], RCPT_OK)
+    expect(sent.data, DELIVERED)
+
+    new = tree(root, skip=("dovecot", "mailgate-0")) - before
+    assert all(dovecot.maildir(ALICE) in path.parents for path in new), new  # Dovecot's indexes
+    [written] = files(dovecot.maildir(ALICE), "new")
+    assert written in new
+    for decoy in decoys:
+        assert files(decoy) == [], decoy
+
+
+@pytest.mark.parametrize("level", ["user", "domain"])
+def test_symlinked_maildir_is_not_written_through(dovecot, mailgate_factory, level) -> None:
+    dovecot.stop()
+    outside = dovecot.root / "outside"
+    link = dovecot.maildir(ALICE) if level == "user" else dovecot.maildir(ALICE).parent
+    real = link.with_name(link.name + ".real")
+    make_maildir(outside if level == "user" else outside / "alice")
+
+    def to_link() -> None:
+        link.rename(real)
+        link.symlink_to(outside)
+
+    def to_real() -> None:
+        link.unlink()
+        real.rename(link)
+
+    gate = mailgate_factory()
+    to_link()
+    sent = smtp_send(gate, [ALICE], message(mark()))
+    expect(sent.rcpt[ALICE], USERDB_UNAVAILABLE)
+    to_real()
+
+    # Accepted while it was a directory, a link by the time DATA comes: still not followed.
+    with smtplib.SMTP(*gate.smtp, local_hostname="client.test", timeout=REPLY_BOUND) as s:
+        s.ehlo()
+        s.mail(SENDER)
+        expect(s.rcpt(ALICE), RCPT_OK)
+        to_link()
+        expect(s.data(message(mark())), DELIVERY_DEFERRED)
+    delivery_line(gate, ALICE, "maildir", "deferred")
+    assert tree(outside) == set()
+    to_real()
+    assert files(dovecot.maildir(ALICE)) == []
+
+
+# ---------------------------------------------------------------- Dovecot slow or hung
+
+@pytest.fixture
+def hanging_lmtp(request):
+    server = HangingLMTP(request.param)
+    yield server
+    server.close()
+
+
+@pytest.mark.parametrize("hanging_lmtp", ["after-data"], indirect=True)
+def test_no_reply_after_data_defers_and_never_falls_back(dovecot, mailgate_factory,
+                                                         hanging_lmtp) -> None:
+    gate = mailgate_factory({"delivery": {"lmtp": hanging_lmtp.target, "lmtp_timeout": 1}})
+    started = time.monotonic()
+    sent = smtp_send(gate, [ALICE, BOB], message(mark()))
+
+    expect(sent.rcpt[ALICE], RCPT_OK)
+    expect(sent.data, OUTCOME_UNKNOWN)
+    assert time.monotonic() - started < 10
+    assert hanging_lmtp.got_data.is_set()  # DATA went out: Dovecot may hold the message
+    line = delivery_line(gate, ALICE, re.escape(f"dovecot[{hanging_lmtp.target}]"), "deferred")
+    assert "outcome unknown" in line and "no reply from Dovecot in time" in line
+    # No fallback copy: a duplicate is worse than a retry.
+    assert files(dovecot.maildir(ALICE)) == [] and files(dovecot.maildir(BOB)) == []
+    assert "relay=maildir" not in gate.log_text()
+
+    _, lmtp_replies = lmtp_send(*gate.lmtp, SENDER, [ALICE, BOB], message(mark()),
+                                timeout=REPLY_BOUND)
+    for reply in lmtp_replies:
+        expect(reply, OUTCOME_UNKNOWN)
+    assert len(lmtp_replies) == 2
+    assert files(dovecot.maildir(ALICE)) == []
+
+
+@pytest.mark.parametrize("hanging_lmtp", ["first-then-hang"], indirect=True)
+def test_retry_after_a_reply_lost_midway_skips_who_already_has_it(dovecot, mailgate_factory,
+                                                                 hanging_lmtp) -> None:
+    gate = mailgate_factory({"delivery": {"lmtp": hanging_lmtp.target, "lmtp_timeout": 1}})
+    data = message(mark())
+    relay = re.escape(f"dovecot[{hanging_lmtp.target}]")
+
+    first = smtp_send(gate, [ALICE, BOB], data)
+    expect(first.data, OUTCOME_UNKNOWN)
+    assert f"<{BOB}>".encode() in first.data[1]
+    delivery_line(gate, ALICE, relay, "sent")
+    assert "outcome unknown" in delivery_line(gate, BOB, relay, "deferred")
+
+    second = smtp_send(gate, [ALICE, BOB], data)
+    expect(second.data, DELIVERED)
+    assert hanging_lmtp.transactions == [[ALICE, BOB], [BOB]]  # alice was not sent again
+    assert "already delivered" in delivery_line(gate, ALICE, "none", "sent")
+    assert files(dovecot.maildir(ALICE)) == [] and files(dovecot.maildir(BOB)) == []
+
+
+@pytest.mark.parametrize("hanging_lmtp", ["silent"], indirect=True)
+def test_no_greeting_falls_back_to_the_maildir(dovecot, mailgate_factory, hanging_lmtp) -> None:
+    gate = mailgate_factory({"delivery": {"lmtp": hanging_lmtp.target, "lmtp_timeout": 1}})
+    started = time.monotonic()
+    sent = smtp_send(gate, [ALICE], message(mark()))
+
+    expect(sent.rcpt[ALICE], RCPT_OK)  # Dovecot cannot be asked in time; the maildir exists
+    expect(sent.data, DELIVERED)       # nothing reached "Dovecot": the fallback is safe
+    assert time.monotonic() - started < 10
+    assert not hanging_lmtp.got_data.is_set()
+    delivery_line(gate, ALICE, "maildir", "sent")
+    gate.wait_log(rf"Dovecot did not take {re.escape(ALICE)} \(.*no reply from Dovecot in time")
+    [written] = files(dovecot.maildir(ALICE))
+    assert written.parent.name == "new"
+
+
+# ---------------------------------------------------------------- concurrency
+
+@pytest.mark.parametrize("dovecot_up", [True, False], ids=["dovecot", "fallback"])
+def test_concurrent_sessions_deliver_each_message_once(dovecot, mailgate_factory,
+                                                       dovecot_up) -> None:
+    if not dovecot_up:
+        dovecot.stop()
+    gate = mailgate_factory()
+    marks = [mark() for _ in range(20)]
+
+    def session(batch: list[str]) -> list[tuple[int, bytes]]:
+        out = []
+        with smtplib.SMTP(*gate.smtp, local_hostname="client.test", timeout=REPLY_BOUND) as s:
+            s.ehlo()
+            for m in batch:
+                s.mail(SENDER)
+                s.rcpt(ALICE)
+                s.rcpt(BOB)
+                out.append(s.data(message(m)))
+        return out
+
+    with ThreadPoolExecutor(4) as pool:
+        replies = [r for batch in pool.map(session, [marks[i::4] for i in range(4)]) for r in batch]
+
+    for reply in replies:
+        expect(reply, DELIVERED)
+    for addr in (ALICE, BOB):
+        stored = dovecot.maildir_messages(addr)
+        assert len(stored) == 20
+        for m in marks:
+            assert sum(f"body {m}".encode() in body for body in stored) == 1
+        assert files(dovecot.maildir(addr), "tmp") == []
