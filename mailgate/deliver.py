@@ -58,7 +58,8 @@ class Deliverer:
             started = time.perf_counter()
             replies, error = await self.pool.deliver(envelope.sender, recipients, data,
                                                      envelope.body_8bit, deadline)
-            metrics.DELIVERY_SECONDS.labels("lmtp").observe(time.perf_counter() - started)
+            if not error:  # a refused connection is not a delivery time
+                metrics.DELIVERY_SECONDS.labels("lmtp").observe(time.perf_counter() - started)
         jobs = [self._one(envelope, rcpt, reply, data, error) for rcpt, reply in zip(recipients, replies)]
         return list(await asyncio.gather(*jobs))
 
@@ -68,11 +69,11 @@ class Deliverer:
             return Result(rcpt, OUTCOME_UNKNOWN, self.pool.relay, "deferred", reply.text)
         if reply is not None and (reply.code < 400 or reply.code >= 500):
             return from_lmtp(rcpt, reply, self.pool.relay if self.pool else "none")
-        why = str(reply) if reply is not None else error
-        if not self.template:
-            return Result(rcpt, DELIVERY_DEFERRED, self.pool.relay if self.pool else "none",
-                          "deferred", why)
-        return await self._to_maildir(envelope, rcpt, data, why)
+        if not self.template:  # no fallback: the client hears Dovecot's own words, if any
+            if reply is not None:
+                return from_lmtp(rcpt, reply, self.pool.relay)
+            return Result(rcpt, DELIVERY_DEFERRED, self.pool.relay, "deferred", error)
+        return await self._to_maildir(envelope, rcpt, data, str(reply) if reply else error)
 
     async def _to_maildir(self, envelope: Envelope, rcpt: str, data: bytes, why: str) -> Result:
         trace = (f"Return-Path: <{envelope.sender}>\r\nDelivered-To: {rcpt}\r\n").encode()

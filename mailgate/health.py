@@ -1,7 +1,7 @@
 """GET /health and GET /domains for monitoring, on their own small HTTP server thread.
 
-/health answers 200 when mailgate is live and Dovecot's LMTP greets within 2 s, and 503 with
-the same JSON when Dovecot does not answer (mail then goes to the maildir fallback, if any), so
+/health answers 200 when mailgate is live and Dovecot's LMTP greets within 2 s (or delivery is
+maildir-only), and 503 with the same JSON when Dovecot does not answer (mail then goes to the maildir fallback, if any), so
 `curl -f` fails exactly when an operator should look.
 """
 from __future__ import annotations
@@ -39,8 +39,9 @@ def dovecot_answers(target: str, timeout: float = PROBE_TIMEOUT) -> tuple[bool, 
 
 def report(config: Config, started: float) -> dict:
     ok, detail = dovecot_answers(config.delivery.lmtp)
+    healthy = ok or not config.delivery.lmtp  # maildir-only mode has no Dovecot to ask
     return {
-        "status": "ok" if ok else "degraded",
+        "status": "ok" if healthy else "degraded",
         "version": __version__,
         "uptime_seconds": round(time.monotonic() - started, 3),
         "listeners": {"smtp": config.listen.smtp, "lmtp": config.listen.lmtp},

@@ -1,0 +1,47 @@
+"""Small filters the listener tests load as "filters_for_tests:Class" (tests/ on PYTHONPATH).
+
+Each is the thing under test's neighbour, not test synchronisation: Slow is slow on purpose,
+Boom is a filter bug, Tag shows whether the message was parsed.
+"""
+from __future__ import annotations
+
+import asyncio
+
+from mailgate.message import Message
+from mailgate.pipeline import FilterResult
+
+SLOW_SECONDS = 1.5
+
+
+class _Filter:
+    name = "test"
+    needs_headers = False
+
+    def __init__(self, config: object):
+        self.config = config
+
+
+class Slow(_Filter):
+    """Takes longer than a 1 s command_timeout, shorter than the default filter_timeout."""
+    name = "slow"
+
+    async def check(self, message: Message) -> FilterResult:
+        await asyncio.sleep(SLOW_SECONDS)
+        return FilterResult()
+
+
+class Boom(_Filter):
+    name = "boom"
+
+    async def check(self, message: Message) -> FilterResult:
+        raise RuntimeError("boom: a filter bug, on purpose")
+
+
+class Tag(_Filter):
+    """Needs the parsed headers; says so in a header it adds."""
+    name = "tag"
+    needs_headers = True
+
+    async def check(self, message: Message) -> FilterResult:
+        subject = str(message.headers.get("Subject", ""))
+        return FilterResult(headers=(f"X-Test-Tag: parsed {subject}\r\n".encode(),))
