@@ -156,7 +156,7 @@ class Gateway:
                 targets.append(rcpt)
         if targets:
             header = trace.received(env.client, self.config.hostname,
-                                    "LMTP" if proto == "LMTP" else env.client.proto,
+                                    trace.protocol_word(proto, env.client.proto, env.smtputf8),
                                     env.queue_id, env.recipients)
             data = header + b"".join(outcome.headers) + raw
             for result in await self.deliverer.deliver(env, targets, data, deadline):

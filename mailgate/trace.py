@@ -18,6 +18,12 @@ def queue_id() -> str:
     return f"{int(time.time()) & 0xFFFFF:05X}{os.getpid() & 0xFFF:03X}{next(_sequence) & 0xFFFFF:05X}"
 
 
+def protocol_word(listener: str, client_proto: str, smtputf8: bool) -> str:
+    """The Received "with" word: LMTP, or the client's (E)SMTP; UTF8 forms per RFC 6531 §3.7.3."""
+    word = "LMTP" if listener == "LMTP" else client_proto
+    return f"UTF8{word.removeprefix('E')}" if smtputf8 and word in ("ESMTP", "LMTP") else word
+
+
 def _clean(text: str, limit: int = 255) -> str:
     return _UNPRINTABLE.sub("?", text)[:limit]
 

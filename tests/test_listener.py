@@ -385,6 +385,7 @@ def test_smtputf8_sender_is_delivered(gate: GateFactory, dove: Dovecot) -> None:
         qid = queue_id(assert_reply(client.data(data), verdict.DELIVERED))
     [got] = stored(dove, ALICE, mark)
     assert after_received(got) == data
+    assert f"with UTF8SMTP id {qid}".encode() in got  # RFC 6531 §3.7.3
     [line] = wait_delivery_lines(mg, qid, 1)
     assert f"from=<{sender}>, to=<{ALICE}>" in line and "status=sent" in line, line
     # XXX Dovecot 2.3's LMTP has no SMTPUTF8: it takes the UTF-8 sender and stores

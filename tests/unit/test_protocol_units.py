@@ -65,3 +65,12 @@ def test_received_header_form():
                              "\tby mx.example.test (mailgate) with ESMTP id ABC123\r\n"
                              "\tfor <a@example.test>; ")
     assert header.endswith("\r\n") and header.count("\r\n") == 3
+
+
+@pytest.mark.parametrize("listener, proto, utf8, word", [
+    ("SMTP", "ESMTP", False, "ESMTP"), ("SMTP", "SMTP", False, "SMTP"), ("LMTP", "ESMTP", False, "LMTP"),
+    ("SMTP", "ESMTP", True, "UTF8SMTP"), ("LMTP", "ESMTP", True, "UTF8LMTP"),
+])
+def test_received_protocol_word(listener, proto, utf8, word):
+    from mailgate.trace import protocol_word
+    assert protocol_word(listener, proto, utf8) == word
