@@ -59,7 +59,7 @@ class Deliverer:
             replies, error = await self.pool.deliver(envelope.sender, recipients, data,
                                                      envelope.body_8bit, deadline)
             if not error:  # a refused connection is not a delivery time
-                metrics.DELIVERY_SECONDS.labels("lmtp").observe(time.perf_counter() - started)
+                metrics.child(metrics.DELIVERY_SECONDS, "lmtp").observe(time.perf_counter() - started)
         jobs = [self._one(envelope, rcpt, reply, data, error) for rcpt, reply in zip(recipients, replies)]
         return list(await asyncio.gather(*jobs))
 
@@ -83,10 +83,10 @@ class Deliverer:
                                            trace + data)
         except maildir.MaildirError as e:
             log.warning("%s: maildir fallback for %s failed: %s", envelope.queue_id, rcpt, e)
-            metrics.FALLBACK.labels("failed").inc()
+            metrics.child(metrics.FALLBACK, "failed").inc()
             return Result(rcpt, DELIVERY_DEFERRED, "maildir", "deferred", f"{why}; {e}")
-        metrics.DELIVERY_SECONDS.labels("maildir").observe(time.perf_counter() - started)
-        metrics.FALLBACK.labels("delivered").inc()
+        metrics.child(metrics.DELIVERY_SECONDS, "maildir").observe(time.perf_counter() - started)
+        metrics.child(metrics.FALLBACK, "delivered").inc()
         log.info("%s: Dovecot did not take %s (%s): written to maildir", envelope.queue_id, rcpt, why)
         reply = DELIVERED.with_text(DELIVERED.text.format(queue_id=envelope.queue_id))
         return Result(rcpt, reply, "maildir", "sent", f"delivered to maildir as {name}")

@@ -43,12 +43,12 @@ class Gateway:
     # -- sessions -------------------------------------------------------------------------
     def session_opened(self, server: SMTPServer) -> None:
         self.sessions.add(server)
-        metrics.SESSIONS_ACTIVE.labels(server.listener).inc()
+        metrics.child(metrics.SESSIONS_ACTIVE, server.listener).inc()
 
     def session_closed(self, server: SMTPServer) -> None:
         if server in self.sessions:
             self.sessions.discard(server)
-            metrics.SESSIONS_ACTIVE.labels(server.listener).dec()
+            metrics.child(metrics.SESSIONS_ACTIVE, server.listener).dec()
 
     def transaction_ended(self) -> None:
         if not any(s.busy for s in self.sessions):
@@ -88,7 +88,7 @@ class Gateway:
 
     async def handle_exception(self, error: Exception) -> str:
         log.error("internal error, answered %s", TEMP_FAILURE, exc_info=error)
-        metrics.ERRORS.labels("session").inc()
+        metrics.child(metrics.ERRORS, "session").inc()
         return str(TEMP_FAILURE)
 
     async def check_recipient(self, server: SMTPServer, address: str) -> Reply:
@@ -98,7 +98,7 @@ class Gateway:
             maillog.reject("RCPT", maillog.client_text(client.name, client.addr),
                            f"{reply.code} {reply.status} <{address}>: {reply.text}",
                            server.envelope.mail_from, address, client.proto, client.helo)
-            metrics.RECIPIENTS.labels("rejected").inc()
+            metrics.child(metrics.RECIPIENTS, "rejected").inc()
         return reply
 
     async def handle_DATA(self, server: SMTPServer, session, envelope) -> str:
@@ -124,7 +124,7 @@ class Gateway:
         # XXX our bug must become a retry (451), never a bounce nor a silent loss.
         except Exception:  # noqa: BLE001
             log.exception("%s: internal error while processing", env.queue_id)
-            metrics.ERRORS.labels("message").inc()
+            metrics.child(metrics.ERRORS, "message").inc()
             results = [Result(r, TEMP_FAILURE, "none", "deferred", "internal error")
                        for r in env.recipients]
         lost = server.transport is None or server.transport.is_closing()
@@ -209,10 +209,10 @@ class Gateway:
         for r in results:
             maillog.delivery(qid, env.sender, r.recipient, r.relay, delay, r.reply.status,
                              r.status, r.detail or str(r.reply))
-            metrics.RECIPIENTS.labels(r.status).inc()
+            metrics.child(metrics.RECIPIENTS, r.status).inc()
         metrics.MESSAGE_BYTES.observe(size)
         metrics.MESSAGE_SECONDS.observe(delay)
         ok = sum(r.ok for r in results)
         outcome = ("delivered" if ok == len(results) else "partial" if ok else
                    "rejected" if all(r.reply.permanent for r in results) else "deferred")
-        metrics.MESSAGES.labels(listener, outcome).inc()
+        metrics.child(metrics.MESSAGES, listener, outcome).inc()

@@ -15,6 +15,7 @@ from mailgate import metrics
 from mailgate.config import parse_hostport
 
 LINE_END = re.compile(rb"\r\n|\r|\n")
+TIMED_OUT = "no reply from Dovecot in time (delivery.lmtp_timeout or the message budget)"
 LEADING_DOT = re.compile(rb"^\.", re.MULTILINE)
 
 
@@ -39,9 +40,11 @@ class LMTPReply:
 
 def encode_data(data: bytes) -> bytes:
     """CRLF everywhere, dot-stuffed, terminated: the bytes that follow a 354."""
-    if b"\r" in data.replace(b"\r\n", b"") or b"\n" in data.replace(b"\r\n", b""):
+    pairs = data.count(b"\r\n")  # counting copies nothing; the listener refuses most of these
+    if data.count(b"\r") != pairs or data.count(b"\n") != pairs:
         data = LINE_END.sub(b"\r\n", data)
-    data = LEADING_DOT.sub(b"..", data)
+    if data.startswith(b".") or b"\n." in data:
+        data = LEADING_DOT.sub(b"..", data)
     if not data.endswith(b"\r\n"):
         data += b"\r\n"
     return data + b".\r\n"
@@ -65,28 +68,30 @@ class Connection:
             raise LMTPError(f"connect to {target}: {e or 'timeout'}") from None
         conn = cls(reader, writer, timeout)
         try:
-            conn.expect(await conn.read_reply(), 220)
-            conn.writer.write(f"LHLO {hostname}\r\n".encode())
-            conn.expect(await conn.read_reply(), 250)
-        except LMTPError:
+            async with asyncio.timeout_at(conn.limit()):
+                conn.expect(await conn.read_reply(), 220)
+                conn.writer.write(f"LHLO {hostname}\r\n".encode())
+                conn.expect(await conn.read_reply(), 250)
+        except (LMTPError, TimeoutError) as e:
             conn.close()
-            raise
+            raise LMTPError(f"greeting from {target}: {e or TIMED_OUT}") from None
         return conn
 
+    def limit(self) -> float:
+        """When the next reply is due: lmtp_timeout from now, never past the message budget."""
+        return min(asyncio.get_running_loop().time() + self.timeout, self.deadline)
+
     async def read_reply(self) -> LMTPReply:
+        """One (possibly multi-line) reply; the caller holds the timeout (one per phase)."""
         lines = []
         try:
-            loop_now = asyncio.get_running_loop().time()
-            async with asyncio.timeout_at(min(loop_now + self.timeout, self.deadline)):
-                while True:
-                    line = await self.reader.readline()
-                    if not line.endswith(b"\n") or len(line) < 4 or not line[:3].isdigit():
-                        raise LMTPError(f"bad reply from Dovecot: {line[:80]!r}")
-                    lines.append(line[4:].rstrip(b"\r\n").decode("utf-8", "replace"))
-                    if line[3:4] != b"-":
-                        return LMTPReply(int(line[:3]), lines[-1])
-        except TimeoutError:
-            raise LMTPError(f"no reply from Dovecot in time ({self.timeout} s or message budget)") from None
+            while True:
+                line = await self.reader.readline()
+                if not line.endswith(b"\n") or len(line) < 4 or not line[:3].isdigit():
+                    raise LMTPError(f"bad reply from Dovecot: {line[:80]!r}")
+                lines.append(line[4:].rstrip(b"\r\n").decode("utf-8", "replace"))
+                if line[3:4] != b"-":
+                    return LMTPReply(int(line[:3]), lines[-1])
         except (OSError, ValueError) as e:  # ValueError: a line over the stream limit
             raise LMTPError(f"reading from Dovecot: {e}") from None
 
@@ -105,32 +110,48 @@ class Connection:
         commands = [f"MAIL FROM:<{_clean(sender)}>{body}\r\n"]
         commands += [f"RCPT TO:<{_clean(r)}>\r\n" for r in recipients]
         self.writer.write("".join(commands).encode("utf-8") + b"DATA\r\n")
+        try:
+            async with asyncio.timeout_at(self.limit()) as limit:
+                accepted = await self._envelope_replies(len(recipients), results)
+                if accepted is None:
+                    return
+                self.data_sent = True
+                self.writer.write(data)
+                for i in accepted:  # Dovecot delivers one by one: each gets lmtp_timeout
+                    limit.reschedule(self.limit())
+                    results[i] = await self.read_reply()
+        except TimeoutError:
+            raise LMTPError(TIMED_OUT) from None
+
+    async def _envelope_replies(self, count: int, results: list[LMTPReply | None]) -> list[int] | None:
+        """Replies to the pipelined MAIL, RCPTs and DATA; the accepted indexes, None: no DATA."""
         mail = await self.read_reply()
         accepted = []
-        for i in range(len(recipients)):
+        for i in range(count):
             reply = await self.read_reply()
             if reply.code == 250 and mail.code == 250:
                 accepted.append(i)
             else:
                 results[i] = reply if mail.code == 250 else mail
         go_ahead = await self.read_reply()
-        if go_ahead.code != 354:
-            self.expect(go_ahead, 354 if accepted else go_ahead.code)
-            self.writer.write(b"RSET\r\n")
-            self.expect(await self.read_reply(), 250)
-            return
-        self.data_sent = True
-        self.writer.write(data)
-        for i in accepted:
-            results[i] = await self.read_reply()
+        if go_ahead.code == 354:
+            return accepted
+        self.expect(go_ahead, 354 if accepted else go_ahead.code)
+        self.writer.write(b"RSET\r\n")
+        self.expect(await self.read_reply(), 250)
+        return None
 
     async def probe(self, recipient: str) -> LMTPReply:
         """Ask Dovecot's userdb about one address (MAIL, RCPT, RSET; nothing delivered)."""
         self.writer.write(f"MAIL FROM:<>\r\nRCPT TO:<{_clean(recipient)}>\r\nRSET\r\n"
                           .encode("utf-8"))
-        mail = await self.read_reply()
-        rcpt = await self.read_reply()
-        self.expect(await self.read_reply(), 250)
+        try:
+            async with asyncio.timeout_at(self.limit()):
+                mail = await self.read_reply()
+                rcpt = await self.read_reply()
+                self.expect(await self.read_reply(), 250)
+        except TimeoutError:
+            raise LMTPError(TIMED_OUT) from None
         return rcpt if mail.code == 250 else mail
 
     def close(self) -> None:

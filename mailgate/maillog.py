@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import logging.handlers
 import sys
+import time
 
 from mailgate.config import Log
 
@@ -18,15 +19,27 @@ log = logging.getLogger("mailgate")
 
 
 class _Format(logging.Formatter):
-    """Postfix's "warning:" / "error:" prefixes; plain lines for info."""
+    """Postfix's "warning:" / "error:" prefixes; the time text is made once per second."""
+
+    def __init__(self, with_time: bool):
+        super().__init__()
+        self.with_time = with_time
+        self._second, self._stamp = -1, ""
 
     def format(self, record: logging.LogRecord) -> str:
-        prefix = "" if record.levelno <= logging.INFO else f"{record.levelname.lower()}: "
-        record.message = prefix + record.getMessage()
-        text = self._fmt % {**record.__dict__, "asctime": self.formatTime(record)}
+        text = record.getMessage()
+        if record.levelno > logging.INFO:
+            text = f"{record.levelname.lower()}: {text}"
         if record.exc_info:
             text += "\n" + self.formatException(record.exc_info)
-        return text
+        text = f"mailgate[{record.process}]: {text}"
+        return f"{self._time(record.created)} {text}" if self.with_time else text
+
+    def _time(self, created: float) -> str:
+        second = int(created)
+        if second != self._second:
+            self._second, self._stamp = second, time.strftime("%b %d %H:%M:%S", time.localtime(second))
+        return self._stamp
 
 
 def setup(settings: Log) -> None:
@@ -34,12 +47,12 @@ def setup(settings: Log) -> None:
     for handler in list(root.handlers):
         root.removeHandler(handler)
     stderr = logging.StreamHandler(sys.stderr)
-    stderr.setFormatter(_Format("%(asctime)s mailgate[%(process)d]: %(message)s"))
+    stderr.setFormatter(_Format(with_time=True))
     root.addHandler(stderr)
     if settings.syslog:
         syslog = logging.handlers.SysLogHandler(
             "/dev/log", facility=logging.handlers.SysLogHandler.LOG_MAIL)
-        syslog.setFormatter(_Format("mailgate[%(process)d]: %(message)s"))
+        syslog.setFormatter(_Format(with_time=False))  # syslog stamps its own time
         root.addHandler(syslog)
     root.setLevel(settings.level.upper())
     logging.getLogger("mail.log").setLevel(logging.WARNING)  # aiosmtpd's per-command chatter

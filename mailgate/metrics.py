@@ -5,6 +5,7 @@ filter added later needs no wiring here. Exposition runs in prometheus-client's 
 """
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
@@ -38,10 +39,16 @@ PARSE_FAILURES = Counter("mailgate_parse_failures_total", "Messages delivered un
 ERRORS = Counter("mailgate_errors_total", "Internal errors turned into 451", ["where"])
 
 
+@functools.lru_cache(maxsize=512)
+def child(metric, *labels: str):
+    """metric.labels(*labels), looked up once: labels() showed in the benchmark's profile."""
+    return metric.labels(*labels)
+
+
 def observe_filter(name: str, result: FilterResult, seconds: float) -> None:
-    FILTER_SECONDS.labels(name).observe(seconds)
+    child(FILTER_SECONDS, name).observe(seconds)
     for verdict in result.verdicts.values():
-        FILTER_VERDICTS.labels(name, verdict.action.name.lower()).inc()
+        child(FILTER_VERDICTS, name, verdict.action.name.lower()).inc()
 
 
 def serve(address: str) -> None:

@@ -73,8 +73,7 @@ def _networks(networks: tuple[str, ...]) -> list[ipaddress.IPv4Network | ipaddre
 
 
 FAST_INIT_VERSION = "1.4.6"
-_hook_names: dict[type, list[str]] = {}
-_verb_names: dict[type, list[str]] = {}
+_attribute_names: dict[tuple[type, str], list[str]] = {}
 
 
 def fast_init(server: SMTP, handler, *, hostname: str, ident: str, data_size_limit: int,
@@ -102,12 +101,19 @@ def fast_init(server: SMTP, handler, *, hostname: str, ident: str, data_size_lim
     server._auth_require_tls, server._proxy_timeout = auth_require_tls, None
     server._authenticator, server._auth_callback = None, login_always_fail
     server._auth_required, server._auth_methods = False, {}
-    hooks = _hook_names.setdefault(type(handler), [m for m in dir(handler) if m.startswith("handle_")])
-    server._handle_hooks = {m[7:]: getattr(handler, m) for m in hooks}
+    server._handle_hooks = {m[7:]: getattr(handler, m) for m in _names(handler, "handle_")}
     server._ehlo_hook_ver = "new" if "EHLO" in server._handle_hooks else None
-    verbs = _verb_names.setdefault(type(server), [m for m in dir(server) if m.startswith("smtp_")])
-    server._smtp_methods = {m[5:]: getattr(server, m) for m in verbs}
+    server._smtp_methods = {m[5:]: getattr(server, m) for m in _names(server, "smtp_")}
     server._enforce_call_limit = False
+
+
+def _names(obj: object, prefix: str) -> list[str]:
+    """Attribute names with `prefix` on obj's class, looked up once per class."""
+    key = (type(obj), prefix)
+    names = _attribute_names.get(key)
+    if names is None:
+        names = _attribute_names[key] = [m for m in dir(obj) if m.startswith(prefix)]
+    return names
 
 
 class SMTPServer(SMTP):
@@ -186,11 +192,11 @@ class SMTPServer(SMTP):
             self.transport.close()
             return
         if self.gateway.over_session_limit(self):
-            metrics.SESSIONS.labels(self.listener, "refused").inc()
+            metrics.child(metrics.SESSIONS, self.listener, "refused").inc()
             await self.push(str(TOO_MANY_SESSIONS))
             self.transport.close()
             return
-        metrics.SESSIONS.labels(self.listener, "accepted").inc()
+        metrics.child(metrics.SESSIONS, self.listener, "accepted").inc()
         await super()._handle_client()
 
     def _create_envelope(self):
@@ -319,7 +325,7 @@ class SMTPServer(SMTP):
             await self.reply(BAD_RECIPIENT)
             return
         address, params = parsed
-        if any(p.partition("=")[0].upper() not in IGNORED_RCPT_PARAMS for p in params):
+        if params and any(p.partition("=")[0].upper() not in IGNORED_RCPT_PARAMS for p in params):
             await self.reply(BAD_PARAMETER)
             return
         if len(self.envelope.rcpt_tos) >= self.gateway.config.limits.max_recipients:

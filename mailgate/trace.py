@@ -35,4 +35,15 @@ def received(client: Client, hostname: str, proto: str, queue_id: str,
             f"\tby {hostname} (mailgate) with {proto} id {queue_id}")
     if len(recipients) == 1:
         line += f"\r\n\tfor <{_clean(recipients[0], 320)}>"
-    return f"{line}; {email.utils.formatdate(localtime=True)}\r\n".encode()
+    return f"{line}; {_date()}\r\n".encode()
+
+
+_date_cache: list = [-1, ""]
+
+
+def _date() -> str:
+    """RFC 5322 date of now, formatted once per second (it showed in the profile)."""
+    second = int(time.time())
+    if second != _date_cache[0]:
+        _date_cache[:] = [second, email.utils.formatdate(second, localtime=True)]
+    return _date_cache[1]

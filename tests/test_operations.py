@@ -430,7 +430,7 @@ def test_log_lines_read_like_postfix(dovecot: Dovecot, mailgate_factory) -> None
     assert code == 250 and reply_is(answers[NOBODY], UNKNOWN_USER)
     queue_id = re.fullmatch(r"2\.0\.0 Ok: queued as (\w+)", text.decode()).group(1)
 
-    prefix = rf"^\d{{4}}-\d\d-\d\d [\d:,]+ mailgate\[{gate.pid}\]: "
+    prefix = rf"^[A-Z][a-z]{{2}} [ \d]\d \d\d:\d\d:\d\d mailgate\[{gate.pid}\]: "  # as Postfix's maillog
     gate.wait_log(prefix + rf"NOQUEUE: reject: RCPT from localhost\[127\.0\.0\.1\]: 550 5\.1\.1 "
                   rf"<{NOBODY}>: Recipient address rejected: User unknown; from=<{SENDER}> "
                   rf"to=<{NOBODY}> proto=ESMTP helo=<{HELO}>$")
