@@ -96,7 +96,8 @@ class Health:
 @dataclass(frozen=True)
 class Log:
     level: str = "info"
-    syslog: bool = False               # also to /dev/log, facility mail, next to Postfix's lines
+    syslog: bool = False               # also to syslog, facility mail, next to Postfix's lines
+    syslog_socket: str = "/dev/log"
 
 
 @dataclass(frozen=True)

@@ -51,7 +51,7 @@ def setup(settings: Log) -> None:
     root.addHandler(stderr)
     if settings.syslog:
         syslog = logging.handlers.SysLogHandler(
-            "/dev/log", facility=logging.handlers.SysLogHandler.LOG_MAIL)
+            settings.syslog_socket, facility=logging.handlers.SysLogHandler.LOG_MAIL)
         syslog.setFormatter(_Format(with_time=False))  # syslog stamps its own time
         root.addHandler(syslog)
     root.setLevel(settings.level.upper())

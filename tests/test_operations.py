@@ -444,3 +444,24 @@ def test_log_lines_read_like_postfix(dovecot: Dovecot, mailgate_factory) -> None
         rf"status=sent \(250 2\.0\.0 <{ALICE}> \S+ Saved\)$")
     assert float(line.group(1)) >= 0
     assert gate.log_text().count(f"{queue_id}: from=<{SENDER}>, to=") == 1
+
+
+def test_syslog_lines_go_to_facility_mail(dovecot: Dovecot, mailgate_factory, peer_root) -> None:
+    """With log.syslog on, the same lines reach the syslog socket as mail.info (<22>)."""
+    path = peer_root / "syslog.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as syslog:
+        syslog.bind(str(path))
+        syslog.settimeout(10)
+        gate = mailgate_factory({"log": {"syslog": True, "syslog_socket": str(path)}})
+        mark = uuid.uuid4().hex
+        _, (code, text) = send(gate, [ALICE], message(mark))
+        assert code == 250
+        queue_id = text.decode().rsplit(" ", 1)[1]
+        wanted = f"<22>mailgate[{gate.pid}]: {queue_id}: from=<{SENDER}>, to=<{ALICE}>, relay=dovecot"
+        for _ in range(50):  # bounded: the ready line, client=, from= come first
+            datagram = syslog.recv(65536).decode().rstrip("\0")
+            if datagram.startswith(wanted):
+                assert "status=sent" in datagram
+                break
+        else:
+            pytest.fail(f"no syslog line starting {wanted!r}")
