@@ -141,7 +141,7 @@ class Gateway:
         deadline = env.received_at + self.config.limits.message_timeout
         outcome = await self._run_chain(env, raw, deadline)
         done: dict[str, Result] = {}
-        targets: list[str] = []
+        targets: dict[str, str] = {}  # recipient -> the mailbox that gets its copy
         digest = self.record.digest(env, raw) if self.record.entries else b""
         for rcpt in env.recipients:
             verdict = outcome.verdicts.get(rcpt, Verdict(Action.CONTINUE))
@@ -152,15 +152,17 @@ class Gateway:
                 status = {Action.DISCARD: "discarded", Action.DEFER: "deferred"}.get(
                     verdict.action, "bounced")
                 done[rcpt] = Result(rcpt, verdict.default_reply(), "none", status, verdict.reason)
+            elif verdict.action is Action.REDIRECT and verdict.redirect_to:
+                targets[rcpt] = verdict.redirect_to  # XXX local mailboxes only: no relay yet
             else:
-                targets.append(rcpt)
+                targets[rcpt] = rcpt
         if targets:
             header = trace.received(env.client, self.config.hostname,
                                     trace.protocol_word(proto, env.client.proto, env.smtputf8),
                                     env.queue_id, env.recipients)
             data = header + b"".join(outcome.headers) + raw
-            for result in await self.deliverer.deliver(env, targets, data, deadline):
-                done[result.recipient] = result
+            results = await self.deliverer.deliver(env, list(targets.values()), data, deadline)
+            done.update(zip(targets, results))
         return [done[r] for r in env.recipients]
 
     async def _run_chain(self, env: Envelope, raw: bytes, deadline: float) -> Outcome:

@@ -9,6 +9,7 @@ import asyncio
 
 from mailgate.message import Message
 from mailgate.pipeline import FilterResult
+from mailgate.verdict import Action, Verdict
 
 SLOW_SECONDS = 1.5
 
@@ -45,3 +46,12 @@ class Tag(_Filter):
     async def check(self, message: Message) -> FilterResult:
         subject = str(message.headers.get("Subject", ""))
         return FilterResult(headers=(f"X-Test-Tag: parsed {subject}\r\n".encode(),))
+
+
+class RedirectCarolToBob(_Filter):
+    """A forwarding rule in miniature: carol's copy goes to bob's mailbox instead."""
+    name = "redirect"
+
+    async def check(self, message: Message) -> FilterResult:
+        return FilterResult({r: Verdict(Action.REDIRECT, "carol is away", redirect_to="bob@example.test")
+                             for r in message.envelope.recipients if r == "carol@example.test"})

@@ -633,6 +633,20 @@ def test_filter_that_raises_defers_smtp(gate: GateFactory, dove: Dovecot) -> Non
         assert f"dsn={verdict.TEMP_FAILURE.status}, status=deferred" in line, line
 
 
+def test_redirect_verdict_delivers_to_the_new_mailbox(gate: GateFactory, dove: Dovecot) -> None:
+    mg = gate({"pipeline": {"filters": ["filters_for_tests:RedirectCarolToBob"]}})
+    mark = marker()
+    with smtp(mg) as client:
+        client.mail("sender@remote.test")
+        assert_reply(client.rcpt(ALICE), verdict.RCPT_OK)
+        assert_reply(client.rcpt(CAROL), verdict.RCPT_OK)
+        qid = queue_id(assert_reply(client.data(message(mark)), verdict.DELIVERED))
+    assert len(stored(dove, ALICE, mark)) == 1 and len(stored(dove, BOB, mark)) == 1
+    assert on_disk(dove, CAROL, mark) == []
+    lines = wait_delivery_lines(mg, qid, 2)
+    assert any(f"to=<{BOB}>" in line and "status=sent" in line for line in lines), lines
+
+
 def test_filter_that_raises_defers_each_lmtp_recipient(gate: GateFactory, dove: Dovecot) -> None:
     mg = gate({"pipeline": {"filters": ["filters_for_tests:Boom"]}})
     mark = marker()
