@@ -74,7 +74,7 @@ class Connection:
                 conn.expect(await conn.read_reply(), 250)
         except (LMTPError, TimeoutError) as e:
             conn.close()
-            raise LMTPError(f"greeting from {target}: {e or TIMED_OUT}") from None
+            raise LMTPError(f"greeting from {target}: {str(e) or TIMED_OUT}") from None
         return conn
 
     def limit(self) -> float:
