@@ -7,114 +7,22 @@ counts from the last byte received and never fires while a message is being proc
 """
 from __future__ import annotations
 
-import asyncio
-import functools
-import ipaddress
-import logging
-import re
 from typing import TYPE_CHECKING
 
-from aiosmtpd import __version__ as aiosmtpd_version
-from aiosmtpd.smtp import SMTP, login_always_fail
+from aiosmtpd.smtp import SMTP
 
 from mailgate import metrics
+from mailgate.aiosmtpd_setup import FAST_INIT, fast_init
+from mailgate.commands import (IGNORED_MAIL_PARAMS, IGNORED_RCPT_PARAMS,
+                               XFORWARD_ATTRS, is_trusted, parse_path, xtext_decode)
 from mailgate.message import Client
 from mailgate.verdict import (BAD_ARGUMENTS, BAD_PARAMETER, BAD_RECIPIENT, BAD_SENDER,
-                              BAD_SYNTAX,
-                              BAD_SEQUENCE, IDLE_TIMEOUT, RCPT_OK, SENDER_OK, SHUTTING_DOWN,
+                              BAD_SEQUENCE, BAD_SYNTAX, IDLE_TIMEOUT, RCPT_OK, SENDER_OK, SHUTTING_DOWN,
                               TOO_BIG, TOO_MANY_RECIPIENTS, TOO_MANY_SESSIONS, XFORWARD_DENIED,
                               XFORWARD_OK, Reply, enhance)
 
 if TYPE_CHECKING:
     from mailgate.gateway import Gateway
-
-log = logging.getLogger("mailgate.server")
-
-XFORWARD_ATTRS = ("NAME", "ADDR", "PORT", "PROTO", "HELO", "IDENT", "SOURCE")
-# The common path, <dot-atom@domain> and parameters, parsed without aiosmtpd's RFC 5322
-# parser (which builds a class per call); anything else still goes through that parser.
-_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
-SIMPLE_PATH = re.compile(rf"<({_ATEXT}(?:\.{_ATEXT})*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*)>"
-                         r"((?: +[A-Za-z0-9][A-Za-z0-9-]*(?:=[!-~]+)?)*) *\Z")
-IGNORED_MAIL_PARAMS = {"RET", "ENVID", "AUTH"}       # DSN and AUTH: Postfix may pass them on
-IGNORED_RCPT_PARAMS = {"NOTIFY", "ORCPT"}
-
-
-def xtext_decode(value: str) -> str:
-    """RFC 3461 xtext: +XX hex escapes."""
-    out, i = [], 0
-    while i < len(value):
-        if value[i] == "+" and _is_hex(value[i + 1:i + 3]):
-            out.append(chr(int(value[i + 1:i + 3], 16)))
-            i += 3
-        else:
-            out.append(value[i])
-            i += 1
-    return "".join(out)
-
-
-def _is_hex(text: str) -> bool:
-    return len(text) == 2 and all(c in "0123456789ABCDEFabcdef" for c in text)
-
-
-def is_trusted(peer: object, networks: tuple[str, ...]) -> bool:
-    if not isinstance(peer, tuple):  # unix socket: only local processes can connect
-        return True
-    try:
-        addr = ipaddress.ip_address(peer[0])
-    except ValueError:
-        return False
-    return any(addr in network for network in _networks(networks))
-
-
-@functools.lru_cache(maxsize=8)
-def _networks(networks: tuple[str, ...]) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
-    return [ipaddress.ip_network(n, strict=False) for n in networks]
-
-
-FAST_INIT_VERSION = "1.4.6"
-_attribute_names: dict[tuple[type, str], list[str]] = {}
-
-
-def fast_init(server: SMTP, handler, *, hostname: str, ident: str, data_size_limit: int,
-              enable_SMTPUTF8: bool, decode_data: bool, timeout: float,
-              auth_require_tls: bool) -> None:
-    """aiosmtpd 1.4.6's SMTP.__init__ for our fixed settings, minus its per-connection
-    introspection (inspect.getmembers over protocol and handler, about 0.2 ms a connection).
-
-    XXX tied to aiosmtpd's internals: used only for the version it was written against
-    (tests/unit compare the attributes with the real __init__); other versions take super().
-    No AUTH mechanisms: we never offer AUTH (no TLS here), so none are collected.
-    """
-    loop = asyncio.get_running_loop()
-    asyncio.StreamReaderProtocol.__init__(
-        server, asyncio.StreamReader(loop=loop, limit=server.line_length_limit),
-        client_connected_cb=server._cb_client_connected, loop=loop)
-    server.__ident__, server.loop, server.event_handler = ident, loop, handler
-    server.data_size_limit, server.enable_SMTPUTF8 = data_size_limit, enable_SMTPUTF8
-    server._decode_data, server.hostname = decode_data, hostname
-    server.command_size_limits.clear()
-    server.tls_context, server.require_starttls = None, None
-    server._timeout_duration, server._timeout_handle = timeout, None
-    server._tls_handshake_okay, server._tls_protocol, server._original_transport = True, None, None
-    server.session = server.envelope = server.transport = server._handler_coroutine = None
-    server._auth_require_tls, server._proxy_timeout = auth_require_tls, None
-    server._authenticator, server._auth_callback = None, login_always_fail
-    server._auth_required, server._auth_methods = False, {}
-    server._handle_hooks = {m[7:]: getattr(handler, m) for m in _names(handler, "handle_")}
-    server._ehlo_hook_ver = "new" if "EHLO" in server._handle_hooks else None
-    server._smtp_methods = {m[5:]: getattr(server, m) for m in _names(server, "smtp_")}
-    server._enforce_call_limit = False
-
-
-def _names(obj: object, prefix: str) -> list[str]:
-    """Attribute names with `prefix` on obj's class, looked up once per class."""
-    key = (type(obj), prefix)
-    names = _attribute_names.get(key)
-    if names is None:
-        names = _attribute_names[key] = [m for m in dir(obj) if m.startswith(prefix)]
-    return names
-
 
 class SMTPServer(SMTP):
     """One client session. The mail decisions live in the Gateway (aiosmtpd's handler)."""
@@ -134,7 +42,7 @@ class SMTPServer(SMTP):
                         data_size_limit=config.limits.message_size, enable_SMTPUTF8=True,
                         decode_data=False, timeout=config.listen.command_timeout,
                         auth_require_tls=True)
-        if aiosmtpd_version == FAST_INIT_VERSION:
+        if FAST_INIT:
             fast_init(self, gateway, **settings)
         else:
             super().__init__(gateway, **settings)
@@ -238,7 +146,9 @@ class SMTPServer(SMTP):
         addr = peer[0] if isinstance(peer, tuple) else "127.0.0.1"
         name = "localhost" if addr in ("127.0.0.1", "::1") else "unknown"
         fwd = self.xforward
-        return Client(addr=fwd.get("ADDR", addr), name=fwd.get("NAME", name if "ADDR" not in fwd else "unknown"),
+        if "ADDR" in fwd:  # the original client's name is only what XFORWARD says
+            name = "unknown"
+        return Client(addr=fwd.get("ADDR", addr), name=fwd.get("NAME", name),
                       helo=fwd.get("HELO", self.session.host_name or ""),
                       proto=fwd.get("PROTO", "ESMTP" if self.session.extended_smtp else "SMTP"))
 
@@ -337,34 +247,8 @@ class SMTPServer(SMTP):
         await self.reply(reply, f"<{address}>: " if not reply.ok else "")
 
     def _path(self, arg: str | None, keyword: str) -> tuple[str, list[str]] | None:
-        """(address, parameters) from "FROM:<a@b> X=Y"; "" for the null path <>."""
-        if arg is None:
-            return None
-        arg = self._strip_command_keyword(keyword, arg)
-        if arg is None:
-            return None
-        if arg.startswith("<>"):
-            return "", arg[2:].split()
-        simple = SIMPLE_PATH.match(arg)
-        if simple:
-            return simple.group(1), simple.group(2).split()
-        address, rest = self._getaddr(arg)
-        # XXX the parser eats the space before parameters ("<a@b> SIZE=1" leaves "SIZE=1"):
-        # look at what preceded them in the command, or every parameter would get 501.
-        before = arg[:len(arg) - len(rest or "")]
-        if not address or rest is None or (rest and not before[-1:].isspace()):
-            return None
-        # XXX the parser also takes RFC 5322 forms no SMTP path has and rewrites them
-        # ("<foo bar@x>" becomes '"foo bar"@x', "<a (c)@x>" becomes "a@x"): refuse those.
-        path = before.strip().removeprefix("<").removesuffix(">")
-        path = path.partition(":")[2] if path.startswith("@") else path  # source route
-        if path != address and not path.startswith('"'):
-            return None
-        # SMTPUTF8 may come as a parameter of this very MAIL command.
-        utf8 = self.envelope.smtp_utf8 or "SMTPUTF8" in rest.upper().split()
-        if not address.isascii() and not utf8:
-            return None
-        return address, rest.split()
+        arg = None if arg is None else self._strip_command_keyword(keyword, arg)
+        return None if arg is None else parse_path(arg, self._getaddr, self.envelope.smtp_utf8)
 
     async def smtp_DATA(self, arg: str | None) -> None:
         self.busy = True

@@ -1,7 +1,6 @@
 """The fixtures themselves against the real peers: if these fail, no other result means much."""
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import tomllib
@@ -11,7 +10,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given, strategies as st
 
-from peers import (Dovecot, Mailgate, PeerError, Postfix, descendants, free_port, lmtp_rcpt,
+from peers import (Dovecot, PeerError, Postfix, descendants, free_port, lmtp_rcpt,
                    lmtp_send, pid_alive, port_open, swaks, toml_dumps, wait_until)
 
 ALICE, BOB, CAROL = "alice@example.test", "bob@example.test", "carol@example.test"

@@ -3,7 +3,7 @@ import pytest
 
 from mailgate.gateway import has_bare_newline
 from mailgate.lmtp import encode_data
-from mailgate.server import is_trusted, xtext_decode
+from mailgate.commands import is_trusted, xtext_decode
 from mailgate.trace import received
 from mailgate.message import Client
 from mailgate import verdict

@@ -5,8 +5,9 @@ import asyncio
 import pytest
 from aiosmtpd.smtp import SMTP
 
-from mailgate import config, server
-from mailgate.server import SIMPLE_PATH, SMTPServer, LMTPServer
+from mailgate import aiosmtpd_setup, config
+from mailgate.commands import SIMPLE_PATH
+from mailgate.server import LMTPServer, SMTPServer
 from mailgate.service import make_gateway
 
 
@@ -25,7 +26,7 @@ def sessions(cls):
     return asyncio.run(build())
 
 
-@pytest.mark.skipif(server.aiosmtpd_version != server.FAST_INIT_VERSION,
+@pytest.mark.skipif(not aiosmtpd_setup.FAST_INIT,
                     reason="fast set-up is only used with the aiosmtpd it was written for")
 @pytest.mark.parametrize("cls", [SMTPServer, LMTPServer])
 def test_fast_init_matches_aiosmtpd(cls):

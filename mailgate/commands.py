@@ -1,0 +1,80 @@
+"""What the envelope commands carry: paths, parameters, XFORWARD attributes, trusted peers.
+
+Pure functions, so the protocol class stays about the conversation. Anything these cannot read
+is refused by the caller with a precise 501/555, never guessed at.
+"""
+from __future__ import annotations
+
+import functools
+import ipaddress
+import re
+
+XFORWARD_ATTRS = ("NAME", "ADDR", "PORT", "PROTO", "HELO", "IDENT", "SOURCE")
+# The common path, <dot-atom@domain> and parameters, parsed without aiosmtpd's RFC 5322
+# parser (which builds a class per call); anything else still goes through that parser.
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+SIMPLE_PATH = re.compile(rf"<({_ATEXT}(?:\.{_ATEXT})*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*)>"
+                         r"((?: +[A-Za-z0-9][A-Za-z0-9-]*(?:=[!-~]+)?)*) *\Z")
+IGNORED_MAIL_PARAMS = {"RET", "ENVID", "AUTH"}       # DSN and AUTH: Postfix may pass them on
+IGNORED_RCPT_PARAMS = {"NOTIFY", "ORCPT"}
+
+
+def xtext_decode(value: str) -> str:
+    """RFC 3461 xtext: +XX hex escapes."""
+    out, i = [], 0
+    while i < len(value):
+        if value[i] == "+" and _is_hex(value[i + 1:i + 3]):
+            out.append(chr(int(value[i + 1:i + 3], 16)))
+            i += 3
+        else:
+            out.append(value[i])
+            i += 1
+    return "".join(out)
+
+
+def _is_hex(text: str) -> bool:
+    return len(text) == 2 and all(c in "0123456789ABCDEFabcdef" for c in text)
+
+
+def is_trusted(peer: object, networks: tuple[str, ...]) -> bool:
+    if not isinstance(peer, tuple):  # unix socket: only local processes can connect
+        return True
+    try:
+        addr = ipaddress.ip_address(peer[0])
+    except ValueError:
+        return False
+    return any(addr in network for network in _networks(networks))
+
+
+@functools.lru_cache(maxsize=8)
+def _networks(networks: tuple[str, ...]) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+    return [ipaddress.ip_network(n, strict=False) for n in networks]
+
+
+def parse_path(arg: str, getaddr, smtputf8: bool) -> tuple[str, list[str]] | None:
+    """(address, parameters) from "<a@b> X=Y" (FROM:/TO: stripped); "" for the null path <>.
+
+    `getaddr` is aiosmtpd's address parser, for what the simple pattern does not cover.
+    """
+    if arg.startswith("<>"):
+        return "", arg[2:].split()
+    simple = SIMPLE_PATH.match(arg)
+    if simple:
+        return simple.group(1), simple.group(2).split()
+    address, rest = getaddr(arg)
+    # XXX the parser eats the space before parameters ("<a@b> SIZE=1" leaves "SIZE=1"):
+    # look at what preceded them in the command, or every parameter would get 501.
+    before = arg[:len(arg) - len(rest or "")]
+    if not address or rest is None or (rest and not before[-1:].isspace()):
+        return None
+    # XXX the parser also takes RFC 5322 forms no SMTP path has and rewrites them
+    # ("<foo bar@x>" becomes '"foo bar"@x', "<a (c)@x>" becomes "a@x"): refuse those.
+    path = before.strip().removeprefix("<").removesuffix(">")
+    path = path.partition(":")[2] if path.startswith("@") else path  # source route
+    if path != address and not path.startswith('"'):
+        return None
+    # SMTPUTF8 may come as a parameter of this very MAIL command.
+    utf8 = smtputf8 or "SMTPUTF8" in rest.upper().split()
+    if not address.isascii() and not utf8:
+        return None
+    return address, rest.split()
