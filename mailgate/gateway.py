@@ -131,9 +131,9 @@ class Gateway:
         told_per_recipient = server.protocol_name == "LMTP" and not lost
         if (not told_per_recipient and not all(r.ok for r in results)) or lost:
             digest = self.record.digest(env, raw)
-            for result in results:
-                if result.ok:
-                    self.record.remember(self.record.key(digest, result.recipient))
+            for rcpt, result in zip(env.recipients, results):
+                if result.ok:  # keyed by the envelope recipient: that is what a retry names
+                    self.record.remember(self.record.key(digest, rcpt))
         self._log(env, len(raw), results, server.listener)
         return results
 
@@ -187,21 +187,25 @@ class Gateway:
     # -- replies and logs -----------------------------------------------------------------
     def answer(self, env: Envelope, results: list[Result], lmtp: bool) -> str:
         """LMTP: one line per recipient, in order. SMTP: one line for the message."""
+        pairs = list(zip(env.recipients, results))
         if lmtp:
-            return "\r\n".join(self._line(r) for r in results)
+            return "\r\n".join(self._line(rcpt, r) for rcpt, r in pairs)
         if all(r.ok for r in results):
             return str(self._delivered(env))
         if not any(r.ok for r in results) and all(r.reply.permanent for r in results):
-            return self._line(results[0])
-        temporary = next((r for r in results if r.reply.temporary), None)
-        return self._line(temporary) if temporary else str(DELIVERY_DEFERRED)
+            return self._line(*pairs[0])
+        # XXX mixed outcomes: one SMTP reply cannot say "some got it"; 451, and the delivery
+        # record keeps the retry from delivering twice (a permanent failure among them is
+        # retried until the sender's queue lifetime ends, then bounced by the sender).
+        temporary = next(((rcpt, r) for rcpt, r in pairs if r.reply.temporary), None)
+        return self._line(*temporary) if temporary else str(DELIVERY_DEFERRED)
 
     @staticmethod
-    def _line(result: Result) -> str:
+    def _line(recipient: str, result: Result) -> str:
         reply = result.reply
         if reply.ok:
             return str(reply)
-        return f"{reply.code} {reply.status} <{result.recipient}>: {reply.text}"
+        return f"{reply.code} {reply.status} <{recipient}>: {reply.text}"
 
     def _log(self, env: Envelope, size: int, results: list[Result], listener: str) -> None:
         qid = env.queue_id
