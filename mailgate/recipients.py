@@ -6,6 +6,7 @@ recipient whose maildir exists is accepted (the fallback will take it); anyone e
 """
 from __future__ import annotations
 
+import asyncio
 import time
 
 from mailgate import maildir
@@ -39,13 +40,15 @@ class Recipients:
 
     async def _ask(self, address: str) -> Reply:
         if self.pool is None:  # maildir only: the maildirs are the user database
-            return RCPT_OK if self._has_maildir(address) else UNKNOWN_USER
+            return RCPT_OK if await self._has_maildir(address) else UNKNOWN_USER
         answer = await self.pool.probe(address)
         if answer is not None and answer.code == 250:
             return RCPT_OK
         if answer is not None and answer.code >= 500:
             return UNKNOWN_USER
-        return RCPT_OK if self._has_maildir(address) else USERDB_UNAVAILABLE
+        return RCPT_OK if await self._has_maildir(address) else USERDB_UNAVAILABLE
 
-    def _has_maildir(self, address: str) -> bool:
-        return bool(self.template) and maildir.exists(self.template, address, self.domains)
+    async def _has_maildir(self, address: str) -> bool:
+        """Off the event loop: a slow or hung file system must not stall every session."""
+        return bool(self.template) and await asyncio.to_thread(
+            maildir.exists, self.template, address, self.domains)
