@@ -578,6 +578,10 @@ def test_client_stalling_inside_data_gets_421(gate: GateFactory, dove: Dovecot) 
     assert on_disk(dove, ALICE, mark) == []
 
 
+# A client trickling DATA: gaps under the 1 s command_timeout, longer than 2 s in all.
+TRICKLE_GAP = 0.5
+
+
 def test_slow_upload_then_slow_pipeline_is_delivered(gate: GateFactory, dove: Dovecot) -> None:
     """command_timeout = 1 s, a filter that takes 1.5 s: neither the upload nor the processing
     is idleness, and after our reply the client has its full second again."""
@@ -594,9 +598,7 @@ def test_slow_upload_then_slow_pipeline_is_delivered(gate: GateFactory, dove: Do
         assert s.command("DATA")[0] == 354
         started = time.monotonic()
         for i in range(0, len(data), size):
-            # Pacing the client, not waiting for a result: a trickle with gaps under the
-            # 1 s command_timeout, longer than 2 s in all.
-            time.sleep(0.5)
+            time.sleep(TRICKLE_GAP)  # the slow client under test, not a wait for a result
             s.send(data[i:i + size])
         assert time.monotonic() - started > 2
         assert_reply(s.reply(), verdict.DELIVERED)
