@@ -12,7 +12,6 @@ import email.parser
 import email.policy
 import re
 from dataclasses import dataclass, field
-from typing import Mapping
 
 from mailgate.config import Limits
 
@@ -77,13 +76,3 @@ async def parse(envelope: Envelope, raw: bytes, limits: Limits) -> Message:
 
 def unparsed(envelope: Envelope, raw: bytes) -> Message:
     return Message(envelope, raw)
-
-
-def header_values(message: Message, name: str) -> list[str]:
-    if message.headers is None:
-        return []
-    return [str(v) for v in message.headers.get_all(name, [])]
-
-
-def summary(message: Message) -> Mapping[str, str]:
-    return {"message-id": ", ".join(header_values(message, "Message-ID"))}

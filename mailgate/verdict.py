@@ -66,7 +66,6 @@ XFORWARD_DENIED = Reply(550, "5.7.0", "Error: insufficient authorization")
 BARE_NEWLINE = Reply(550, "5.5.2", "Error: bare <CR> or <LF> received")
 FILTER_REJECTED = Reply(550, "5.7.1", "Message rejected")
 TOO_BIG = Reply(552, "5.3.4", "Error: message file too big")
-LINE_TOO_LONG = Reply(500, "5.5.2", "Error: line too long")
 BAD_PARAMETER = Reply(555, "5.5.4", "Unsupported option")
 
 # aiosmtpd sends some replies of its own without enhanced status codes; this gives them one.
