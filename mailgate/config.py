@@ -164,7 +164,7 @@ def load(path: str | None = None, environ: Mapping[str, str] | None = None) -> C
 def apply_environment(raw: dict[str, Any], environ: Mapping[str, str]) -> None:
     for name, (section, key, part) in LEGACY_ENV.items():
         if environ.get(name):
-            current = raw.get(section, {}).get(key) or getattr(getattr(Config(), section), key)
+            current = raw.get(section, {}).get(key) or getattr(SECTIONS[section](), key)
             host, _, port = current.rpartition(":")
             value = f"{environ[name]}:{port}" if part == "host" else f"{host}:{environ[name]}"
             raw.setdefault(section, {})[key] = EnvValue(value)
