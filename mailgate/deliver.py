@@ -37,9 +37,7 @@ class Result:
 
 
 def from_lmtp(recipient: str, reply: LMTPReply, relay: str) -> Result:
-    status, _, text = reply.text.partition(" ")
-    if not (status[:1] in "245" and status.count(".") == 2):
-        status, text = f"{reply.code // 100}.0.0", reply.text
+    status, text = reply.split()
     kind = "sent" if reply.code < 400 else "deferred" if reply.code < 500 else "bounced"
     return Result(recipient, Reply(reply.code, status, text), relay, kind, str(reply))
 

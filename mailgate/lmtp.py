@@ -1,7 +1,8 @@
 """Asyncio LMTP client to Dovecot: pipelined transactions, one reply per recipient, pooled.
 
-A connection that errs or times out is closed, never reused, and every recipient whose reply
-was not read gets `None` (unknown outcome: the caller treats it as temporary). Data goes out
+A connection that errs or times out is closed, never reused. A recipient Dovecot never took
+gets `None` (the maildir fallback is safe); one whose reply was lost after DATA went out gets a
+reply marked `unknown` (Dovecot may hold the message: defer, never fall back). Data goes out
 with CRLF line endings and dot-stuffing done on the CRLF form, so a bare-LF dot can never end
 DATA early at Dovecot (an injection path in Dovecot 2.3's LMTP).
 """
@@ -32,10 +33,12 @@ class LMTPReply:
     def __str__(self) -> str:
         return f"{self.code} {self.text}"
 
-    @property
-    def status(self) -> str:
-        first = self.text.split(" ", 1)[0]
-        return first if first[:1] in "245" and first.count(".") == 2 else f"{self.code // 100}.0.0"
+    def split(self) -> tuple[str, str]:
+        """(enhanced status, text); the status is derived from the code if Dovecot gave none."""
+        status, _, text = self.text.partition(" ")
+        if status[:1] in "245" and status.count(".") == 2:
+            return status, text
+        return f"{self.code // 100}.0.0", self.text
 
 
 def encode_data(data: bytes) -> bytes:
