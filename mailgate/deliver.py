@@ -58,20 +58,28 @@ class Deliverer:
                                                      envelope.body_8bit, deadline)
             if not error:  # a refused connection is not a delivery time
                 metrics.child(metrics.DELIVERY_SECONDS, "lmtp").observe(time.perf_counter() - started)
-        jobs = [self._one(envelope, rcpt, reply, data, error) for rcpt, reply in zip(recipients, replies)]
-        return list(await asyncio.gather(*jobs))
+        results = [self._settled(rcpt, reply, error) for rcpt, reply in zip(recipients, replies)]
+        retry = [i for i, result in enumerate(results) if result is None]
+        if retry:  # only the fallback runs concurrently; Dovecot's answers need no task
+            written = await asyncio.gather(*(
+                self._to_maildir(envelope, recipients[i], data, str(replies[i] or error))
+                for i in retry))
+            for i, result in zip(retry, written):
+                results[i] = result
+        return results
 
-    async def _one(self, envelope: Envelope, rcpt: str, reply: LMTPReply | None, data: bytes,
-                   error: str) -> Result:
+    def _settled(self, rcpt: str, reply: LMTPReply | None, error: str) -> Result | None:
+        """The outcome Dovecot's reply decides, or None where the maildir fallback should try."""
+        relay = self.pool.relay if self.pool else "none"
         if reply is not None and reply.unknown:  # Dovecot may hold it: defer, no fallback
-            return Result(rcpt, OUTCOME_UNKNOWN, self.pool.relay, "deferred", reply.text)
+            return Result(rcpt, OUTCOME_UNKNOWN, relay, "deferred", reply.text)
         if reply is not None and (reply.code < 400 or reply.code >= 500):
-            return from_lmtp(rcpt, reply, self.pool.relay if self.pool else "none")
-        if not self.template:  # no fallback: the client hears Dovecot's own words, if any
-            if reply is not None:
-                return from_lmtp(rcpt, reply, self.pool.relay)
-            return Result(rcpt, DELIVERY_DEFERRED, self.pool.relay, "deferred", error)
-        return await self._to_maildir(envelope, rcpt, data, str(reply) if reply else error)
+            return from_lmtp(rcpt, reply, relay)
+        if self.template:
+            return None
+        # no fallback: the client hears Dovecot's own words, if any
+        return from_lmtp(rcpt, reply, relay) if reply else Result(
+            rcpt, DELIVERY_DEFERRED, relay, "deferred", error)
 
     async def _to_maildir(self, envelope: Envelope, rcpt: str, data: bytes, why: str) -> Result:
         trace = (f"Return-Path: <{envelope.sender}>\r\nDelivered-To: {rcpt}\r\n").encode()
