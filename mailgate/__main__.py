@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import urllib.error
 import urllib.request
@@ -29,7 +30,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mailgate: config error: {e}", file=sys.stderr)
         return 2
     if args.command == "check-config":
-        import os
         print(f"{find_file(args.config, os.environ) or 'embedded defaults'}: ok")
         return 0
     if args.command == "status":

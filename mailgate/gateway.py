@@ -31,14 +31,19 @@ def has_bare_newline(raw: bytes) -> bool:
 
 class Gateway:
     def __init__(self, config: Config, pool: Pool | None, chain: Chain):
-        self.config, self.pool, self.chain = config, pool, chain
-        self.recipients = Recipients(config, pool)
-        self.deliverer = Deliverer(config, pool)
+        self.pool = pool
+        self.configure(config, chain)
         self.record = DeliveryRecord(config.delivery.delivery_record)
         self.sessions: set[SMTPServer] = set()
         self.inflight: set[asyncio.Task] = set()
         self.closing = False
         self.quiet = asyncio.Event()  # set when no session is inside a transaction
+
+    def configure(self, config: Config, chain: Chain) -> None:
+        """Take a config for the transactions that start from now (at start, and on SIGHUP)."""
+        self.config, self.chain = config, chain
+        self.recipients = Recipients(config, self.pool)
+        self.deliverer = Deliverer(config, self.pool)
 
     # -- sessions -------------------------------------------------------------------------
     def session_opened(self, server: SMTPServer) -> None:

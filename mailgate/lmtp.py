@@ -16,6 +16,7 @@ from mailgate import metrics
 from mailgate.config import parse_hostport
 
 LINE_END = re.compile(rb"\r\n|\r|\n")
+STALE = object()  # a pooled connection failed before anything was exchanged on it
 TIMED_OUT = "no reply from Dovecot in time (delivery.lmtp_timeout or the message budget)"
 LEADING_DOT = re.compile(rb"^\.", re.MULTILINE)
 
@@ -201,31 +202,35 @@ class Pool:
         return answer[0]
 
     async def _with_connection(self, work, results: list[LMTPReply | None]) -> str:
-        """Run `work` on a pooled connection; a stale idle connection is replaced once."""
+        """Run `work` on a pooled connection; "" or the error. A stale idle one is replaced once."""
         async with self.slots:
             metrics.LMTP_IN_USE.inc()
             try:
-                for attempt in range(2):
-                    reused = attempt == 0 and bool(self.idle)
-                    conn = self.idle.pop() if reused else None
-                    try:
-                        conn = conn or await Connection.open(self.target, self.hostname, self.timeout)
-                        await work(conn)
-                    except (LMTPError, OSError) as e:
-                        if conn is not None:
-                            conn.close()
-                        if reused and not conn.data_sent and not any(results):
-                            continue  # XXX Dovecot closed an idle connection: try a fresh one
-                        return self._unknown_after_data(conn, results, e)
-                    except BaseException:  # cancelled: the connection is in an unknown state
-                        if conn is not None:
-                            conn.close()
-                        raise
-                    self.idle.append(conn)
-                    return ""
-                raise AssertionError("unreachable: the second attempt always returns")
+                if self.idle:
+                    error = await self._attempt(work, results, self.idle.pop())
+                    if error is not STALE:
+                        return error
+                return await self._attempt(work, results, None)
             finally:
                 metrics.LMTP_IN_USE.dec()
+
+    async def _attempt(self, work, results: list[LMTPReply | None], conn: Connection | None):
+        reused = conn is not None
+        try:
+            conn = conn or await Connection.open(self.target, self.hostname, self.timeout)
+            await work(conn)
+        except (LMTPError, OSError) as e:
+            if conn is not None:
+                conn.close()
+            if reused and not conn.data_sent and not any(results):
+                return STALE  # XXX Dovecot closed an idle connection: the caller opens a fresh one
+            return self._unknown_after_data(conn, results, e)
+        except BaseException:  # cancelled: the connection is in an unknown state
+            if conn is not None:
+                conn.close()
+            raise
+        self.idle.append(conn)
+        return ""
 
     @staticmethod
     def _unknown_after_data(conn: Connection | None, results: list, error: Exception) -> str:

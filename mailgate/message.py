@@ -11,7 +11,7 @@ import email.message
 import email.parser
 import email.policy
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from mailgate.config import Limits
 
@@ -42,7 +42,6 @@ class Message:
     raw: bytes                  # as received, CRLF line endings, dot-unstuffed
     headers: email.message.Message | None = None  # None: not parsed (see parse_error)
     parse_error: str = ""
-    annotations: tuple[bytes, ...] = field(default=())  # header lines filters want prepended
 
 
 # A multipart nested deeper than this many boundaries is not handed to the stdlib parser,

@@ -67,14 +67,11 @@ class Chain:
     def __init__(self, filters: list[Filter], settings: Pipeline):
         self.filters = filters
         self.timeout = settings.filter_timeout
+        self.needs_parse = any(getattr(f, "needs_headers", True) for f in filters)
 
     @classmethod
     def from_config(cls, config: Config) -> Chain:
         return cls([f(config) for f in resolve_filters(config.pipeline.filters)], config.pipeline)
-
-    @property
-    def needs_parse(self) -> bool:
-        return any(getattr(f, "needs_headers", True) for f in self.filters)
 
     async def run(self, message: Message) -> Outcome:
         verdicts = {r: Verdict(Action.CONTINUE) for r in message.envelope.recipients}

@@ -19,7 +19,8 @@ from mailgate.pipeline import Chain
 from mailgate.server import LMTPServer, SMTPServer
 
 log = logging.getLogger("mailgate.service")
-RESTART_KEYS = ("listen", "metrics", "health")
+RESTART_KEYS = ("listen", "metrics", "health")   # bound sockets
+POOL_KEYS = ("lmtp", "lmtp_connections", "lmtp_timeout")  # the LMTP pool is built once
 
 
 def make_gateway(config: Config) -> Gateway:
@@ -56,11 +57,9 @@ def reload(gateway: Gateway, path: str | None, httpd) -> None:
         return
     old = gateway.config
     stale = [k for k in RESTART_KEYS if getattr(old, k) != getattr(new, k)]
-    if old.delivery.lmtp != new.delivery.lmtp:
-        stale.append("delivery.lmtp")
-    fresh = Gateway(new, gateway.pool, Chain.from_config(new))
-    gateway.config, gateway.chain = new, fresh.chain
-    gateway.recipients, gateway.deliverer = fresh.recipients, fresh.deliverer
+    stale += [f"delivery.{k}" for k in POOL_KEYS
+              if getattr(old.delivery, k) != getattr(new.delivery, k)]
+    gateway.configure(new, Chain.from_config(new))
     maillog.setup(new.log)
     if httpd is not None:
         httpd.RequestHandlerClass.config = new

@@ -354,6 +354,21 @@ def test_retry_after_partial_failure_is_not_delivered_twice(dovecot, mailgate_fa
 
 # ---------------------------------------------------------------- delivery modes
 
+def test_pooled_connection_dropped_by_dovecot_is_replaced(dovecot, mailgate_factory) -> None:
+    """Dovecot restarts under an idle pooled connection: the next message still goes to
+    Dovecot over a fresh connection, neither to the fallback nor deferred."""
+    gate = mailgate_factory()
+    expect(smtp_send(gate, [ALICE], message(mark())).data, DELIVERED)
+    dovecot.restart()
+    second = mark()
+    expect(smtp_send(gate, [ALICE], message(second)).data, DELIVERED)
+    relay = re.escape(f"dovecot[{gate.config['delivery']['lmtp']}]")
+    assert gate.log_text().count(f"to=<{ALICE}>, relay=dovecot[") == 2
+    delivery_line(gate, ALICE, relay, "sent")
+    assert "relay=maildir" not in gate.log_text()
+    assert [m for m in dovecot.fetch_imap(ALICE) if second.encode() in m]
+
+
 def test_lmtp_over_dovecot_unix_socket(dovecot, mailgate_factory) -> None:
     target = f"unix:{dovecot.lmtp_socket}"
     gate = mailgate_factory({"delivery": {"lmtp": target}})
