@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from mailgate import maildir
+
 SECONDS = 1.0
 MINUTES = 60 * SECONDS
 HOURS = 60 * MINUTES
@@ -235,7 +237,7 @@ def validate(cfg: Config) -> Config:
     if not cfg.domains:
         raise ConfigError("domains: at least one domain is needed")
     for domain in cfg.domains:
-        if domain != domain.lower() or not _is_domain(domain):
+        if not maildir.is_domain(domain):
             raise ConfigError(f"domains: {domain!r} is not a lower-case domain name")
     for key in ("listen.smtp", "listen.lmtp", "metrics.listen", "health.listen", "relay.smtp"):
         value = _get(cfg, key)
@@ -253,9 +255,7 @@ def validate(cfg: Config) -> Config:
             ipaddress.ip_network(network, strict=False)
         except ValueError:
             raise ConfigError(f"listen.trusted_networks: {network!r} is not a network") from None
-    for address in cfg.delivery.create_maildirs:
-        if address.rpartition("@")[2] not in cfg.domains:
-            raise ConfigError(f"delivery.create_maildirs: {address!r} is not in a served domain")
+    _check_create_maildirs(cfg)
     _check_positive(cfg)
     if cfg.limits.message_timeout >= 600:
         raise ConfigError("limits.message_timeout: must stay under Postfix's 600 s data_done timeout")
@@ -264,6 +264,16 @@ def validate(cfg: Config) -> Config:
     from mailgate.pipeline import resolve_filters  # late: the pipeline imports this module
     resolve_filters(cfg.pipeline.filters)
     return cfg
+
+
+def _check_create_maildirs(cfg: Config) -> None:
+    if cfg.delivery.create_maildirs and not cfg.delivery.maildir:
+        raise ConfigError("delivery.create_maildirs: needs delivery.maildir (where to create them)")
+    for address in cfg.delivery.create_maildirs:
+        try:
+            maildir.split_address(address, cfg.domains)
+        except maildir.UnsafeAddress as e:
+            raise ConfigError(f"delivery.create_maildirs: {e}") from None
 
 
 def _check_positive(cfg: Config) -> None:
@@ -299,10 +309,3 @@ def parse_hostport(value: str, key: str = "address") -> tuple[str, int]:
         raise ConfigError(f"{key}: {value!r} is not host:port")
     return host, int(port)
 
-
-def _is_domain(name: str) -> bool:
-    labels = name.split(".")
-    return len(name) <= 253 and all(
-        0 < len(label) <= 63 and label.replace("-", "").isalnum() and label.isascii()
-        and not label.startswith("-") and not label.endswith("-")
-        for label in labels)

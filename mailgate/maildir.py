@@ -35,13 +35,18 @@ class Target:
     parts: tuple[str, ...]     # components below root, validated
 
 
+def is_domain(name: str) -> bool:
+    """A lower-case LDH domain name: safe as a directory name, and what `domains` must hold."""
+    return 0 < len(name) <= 253 and all(LABEL.match(label) for label in name.split("."))
+
+
 def split_address(address: str, domains: tuple[str, ...]) -> tuple[str, str]:
     """(user, domain) lower-cased as Dovecot's default auth_username_format %Lu does."""
     user, at, domain = address.rpartition("@")
     user, domain = user.lower(), domain.lower()
     if not at or len(user) > 64 or not LOCAL_PART.match(user):
         raise UnsafeAddress(f"local part not usable as a maildir name: {address!r}")
-    if domain not in domains or not all(LABEL.match(label) for label in domain.split(".")):
+    if domain not in domains or not is_domain(domain):
         raise UnsafeAddress(f"domain not served: {address!r}")
     return user, domain
 
