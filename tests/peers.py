@@ -111,6 +111,15 @@ def descendants(pid: int) -> set[int]:
     return found
 
 
+def await_greeting(peer, port: int, name: str) -> None:
+    """Wait for `peer`'s 220 on `port`; if it never comes, stop the peer and raise with its log."""
+    try:
+        wait_until(lambda: greeting(port).startswith("220 "), START_TIMEOUT, what=f"{name} greeting")
+    except TimeoutError as e:
+        peer.stop()
+        raise PeerError(f"{e}\n--- {name} log ---\n{peer.log_text()}") from None
+
+
 def read_pid(path: Path) -> int | None:
     try:
         return int(path.read_text().split()[0])
@@ -458,12 +467,7 @@ class Dovecot:
         proc = run_daemon(["dovecot", "-c", str(self.conf)], self.dir / "log" / "start.out")
         if proc.returncode != 0:
             raise PeerError(f"dovecot exited {proc.returncode}: {proc.stdout}\n{self.log_text()}")
-        try:
-            wait_until(lambda: greeting(self.lmtp_port).startswith("220 "), START_TIMEOUT,
-                       what="dovecot LMTP greeting")
-        except TimeoutError as e:
-            self.stop()
-            raise PeerError(f"{e}\n--- dovecot log ---\n{self.log_text()}") from None
+        await_greeting(self, self.lmtp_port, "dovecot LMTP")
         self.master_pid = read_pid(self.dir / "run" / "master.pid")
 
     def stop(self) -> None:
@@ -687,12 +691,7 @@ class Postfix:
         if proc.returncode != 0:
             raise PeerError(f"postfix start exited {proc.returncode}: {proc.stdout}"
                             f"\n{self.log_text()}")
-        try:
-            wait_until(lambda: greeting(self.smtpd_port).startswith("220 "), START_TIMEOUT,
-                       what="postfix smtpd greeting")
-        except TimeoutError as e:
-            self.stop()
-            raise PeerError(f"{e}\n--- postfix log ---\n{self.log_text()}") from None
+        await_greeting(self, self.smtpd_port, "postfix smtpd")
 
     def stop(self) -> None:
         """`postfix stop`, then wait until the master and every child are gone and ports closed."""

@@ -151,6 +151,15 @@ class Session:
         self.send(line + "\r\n")
         return self.reply()
 
+    def lmtp_to_data(self, *rcpts: str) -> None:
+        """Greeting, LHLO, MAIL and an accepted RCPT for each of `rcpts`, up to DATA's 354."""
+        assert self.reply()[0] == 220
+        assert self.command("LHLO client.test")[0] == 250
+        assert_reply(self.command("MAIL FROM:<sender@remote.test>"), verdict.SENDER_OK)
+        for rcpt in rcpts:
+            assert_reply(self.command(f"RCPT TO:<{rcpt}>"), verdict.RCPT_OK)
+        assert self.command("DATA")[0] == 354
+
     def closed(self) -> bool:
         """True once the server closed the connection (EOF within the socket timeout)."""
         return self.file.read(1) == b""
@@ -277,12 +286,7 @@ def test_lmtp_refusal_after_data_is_one_line_per_recipient(gate: GateFactory, do
                                                            tail: bytes, expected: Reply) -> None:
     mark = marker()
     with Session(gate({"limits": {"message_size": 10000}}).lmtp) as s:
-        s.reply()
-        s.command("LHLO client.test")
-        s.command("MAIL FROM:<sender@remote.test>")
-        assert_reply(s.command(f"RCPT TO:<{ALICE}>"), verdict.RCPT_OK)
-        assert_reply(s.command(f"RCPT TO:<{BOB}>"), verdict.RCPT_OK)
-        assert s.command("DATA")[0] == 354
+        s.lmtp_to_data(ALICE, BOB)
         s.send(message(mark) + tail + b".\r\n")
         assert_reply(s.reply(), expected)
         assert_reply(s.reply(), expected)
@@ -653,12 +657,7 @@ def test_filter_that_raises_defers_each_lmtp_recipient(gate: GateFactory, dove: 
     mg = gate({"pipeline": {"filters": ["filters_for_tests:Boom"]}})
     mark = marker()
     with Session(mg.lmtp) as s:
-        s.reply()
-        s.command("LHLO client.test")
-        s.command("MAIL FROM:<sender@remote.test>")
-        assert_reply(s.command(f"RCPT TO:<{ALICE}>"), verdict.RCPT_OK)
-        assert_reply(s.command(f"RCPT TO:<{BOB}>"), verdict.RCPT_OK)
-        assert s.command("DATA")[0] == 354
+        s.lmtp_to_data(ALICE, BOB)
         s.send(dot_stuff(message(mark)))
         replies = [s.reply(), s.reply()]
         assert_reply(s.command("QUIT"), verdict.CLOSING)
