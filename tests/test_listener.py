@@ -151,11 +151,12 @@ class Session:
         self.send(line + "\r\n")
         return self.reply()
 
-    def lmtp_to_data(self, *rcpts: str) -> None:
-        """Greeting, LHLO, MAIL and an accepted RCPT for each of `rcpts`, up to DATA's 354."""
+    def to_data(self, *rcpts: str, hello: str = "EHLO client.test",
+                mail: str = "MAIL FROM:<sender@remote.test>") -> None:
+        """Greeting, hello, MAIL and an accepted RCPT for each of `rcpts`, up to DATA's 354."""
         assert self.reply()[0] == 220
-        assert self.command("LHLO client.test")[0] == 250
-        assert_reply(self.command("MAIL FROM:<sender@remote.test>"), verdict.SENDER_OK)
+        assert self.command(hello)[0] == 250
+        assert_reply(self.command(mail), verdict.SENDER_OK)
         for rcpt in rcpts:
             assert_reply(self.command(f"RCPT TO:<{rcpt}>"), verdict.RCPT_OK)
         assert self.command("DATA")[0] == 354
@@ -286,7 +287,7 @@ def test_lmtp_refusal_after_data_is_one_line_per_recipient(gate: GateFactory, do
                                                            tail: bytes, expected: Reply) -> None:
     mark = marker()
     with Session(gate({"limits": {"message_size": 10000}}).lmtp) as s:
-        s.lmtp_to_data(ALICE, BOB)
+        s.to_data(ALICE, BOB, hello="LHLO client.test")
         s.send(message(mark) + tail + b".\r\n")
         assert_reply(s.reply(), expected)
         assert_reply(s.reply(), expected)
@@ -367,11 +368,7 @@ def test_unknown_parameters_are_refused(gate: GateFactory) -> None:
 def test_null_sender_is_delivered(gate: GateFactory, dove: Dovecot) -> None:
     mark = marker()
     with Session(gate().smtp) as s:
-        s.reply()
-        s.command("EHLO client.test")
-        assert_reply(s.command("MAIL FROM:<>"), verdict.SENDER_OK)
-        assert_reply(s.command(f"RCPT TO:<{ALICE}>"), verdict.RCPT_OK)
-        assert s.command("DATA")[0] == 354
+        s.to_data(ALICE, mail="MAIL FROM:<>")
         s.send(dot_stuff(message(mark, sender="MAILER-DAEMON@remote.test")))
         assert_reply(s.reply(), verdict.DELIVERED)
     [data] = stored(dove, ALICE, mark)
@@ -421,11 +418,7 @@ def test_dot_stuffing_folding_and_8bit_arrive_byte_identical(gate: GateFactory,
         b"\r\n"
         b"last line\r\n")
     with Session(gate().smtp) as s:
-        s.reply()
-        s.command("EHLO client.test")
-        assert_reply(s.command("MAIL FROM:<sender@remote.test> BODY=8BITMIME"), verdict.SENDER_OK)
-        assert_reply(s.command(f"RCPT TO:<{ALICE}>"), verdict.RCPT_OK)
-        assert s.command("DATA")[0] == 354
+        s.to_data(ALICE, mail="MAIL FROM:<sender@remote.test> BODY=8BITMIME")
         s.send(dot_stuff(original))
         assert_reply(s.reply(), verdict.DELIVERED)
 
@@ -571,11 +564,7 @@ def test_idle_session_gets_421_and_is_closed(gate: GateFactory) -> None:
 def test_client_stalling_inside_data_gets_421(gate: GateFactory, dove: Dovecot) -> None:
     mark = marker()
     with Session(gate({"listen": {"command_timeout": 1}}).smtp, timeout=5) as s:
-        s.reply()
-        s.command("EHLO client.test")
-        s.command("MAIL FROM:<sender@remote.test>")
-        s.command(f"RCPT TO:<{ALICE}>")
-        assert s.command("DATA")[0] == 354
+        s.to_data(ALICE)
         s.send(message(mark))  # and then nothing: no end of data
         assert_reply(s.reply(), verdict.IDLE_TIMEOUT)
         assert s.closed()
@@ -595,11 +584,7 @@ def test_slow_upload_then_slow_pipeline_is_delivered(gate: GateFactory, dove: Do
     data = dot_stuff(message(first) + b"".join(b"line %d\r\n" % i for i in range(6)))
     size = len(data) // 6 + 1
     with Session(mg.smtp) as s:
-        s.reply()
-        s.command("EHLO client.test")
-        assert_reply(s.command("MAIL FROM:<sender@remote.test>"), verdict.SENDER_OK)
-        assert_reply(s.command(f"RCPT TO:<{ALICE}>"), verdict.RCPT_OK)
-        assert s.command("DATA")[0] == 354
+        s.to_data(ALICE)
         started = time.monotonic()
         for i in range(0, len(data), size):
             time.sleep(TRICKLE_GAP)  # the slow client under test, not a wait for a result
@@ -657,7 +642,7 @@ def test_filter_that_raises_defers_each_lmtp_recipient(gate: GateFactory, dove: 
     mg = gate({"pipeline": {"filters": ["filters_for_tests:Boom"]}})
     mark = marker()
     with Session(mg.lmtp) as s:
-        s.lmtp_to_data(ALICE, BOB)
+        s.to_data(ALICE, BOB, hello="LHLO client.test")
         s.send(dot_stuff(message(mark)))
         replies = [s.reply(), s.reply()]
         assert_reply(s.command("QUIT"), verdict.CLOSING)
