@@ -21,6 +21,7 @@ from mailgate.message import Envelope
 from mailgate.verdict import DELIVERED, DELIVERY_DEFERRED, OUTCOME_UNKNOWN, Reply
 
 log = logging.getLogger("mailgate.deliver")
+HASH_IN_THREAD_BYTES = 1 << 20  # below this, a thread hop costs more than the hash
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,9 +112,15 @@ class DeliveryRecord:
         self.entries: OrderedDict[bytes, float] = OrderedDict()
 
     @staticmethod
-    def digest(envelope: Envelope, raw: bytes) -> bytes:
-        """One hash of the message per transaction (not per recipient: messages can be large)."""
-        return hashlib.sha256(envelope.sender.encode() + b"\0" + raw).digest()
+    async def digest(envelope: Envelope, raw: bytes) -> bytes:
+        """One hash per transaction, not per recipient; a large message hashes off the event
+        loop (hashlib releases the GIL), without copying it."""
+        sha = hashlib.sha256(envelope.sender.encode() + b"\0")
+        if len(raw) > HASH_IN_THREAD_BYTES:
+            await asyncio.to_thread(sha.update, raw)
+        else:
+            sha.update(raw)
+        return sha.digest()
 
     @staticmethod
     def key(digest: bytes, recipient: str) -> bytes:

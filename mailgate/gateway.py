@@ -135,7 +135,7 @@ class Gateway:
         lost = server.transport is None or server.transport.is_closing()
         told_per_recipient = server.protocol_name == "LMTP" and not lost
         if (not told_per_recipient and not all(r.ok for r in results)) or lost:
-            digest = self.record.digest(env, raw)
+            digest = await self.record.digest(env, raw)
             for rcpt, result in zip(env.recipients, results):
                 if result.ok:  # keyed by the envelope recipient: that is what a retry names
                     self.record.remember(self.record.key(digest, rcpt))
@@ -147,7 +147,7 @@ class Gateway:
         outcome = await self._run_chain(env, raw, deadline)
         done: dict[str, Result] = {}
         targets: dict[str, str] = {}  # recipient -> the mailbox that gets its copy
-        digest = self.record.digest(env, raw) if self.record.entries else b""
+        digest = await self.record.digest(env, raw) if self.record.entries else b""
         for rcpt in env.recipients:
             verdict = outcome.verdicts.get(rcpt, Verdict(Action.CONTINUE))
             if digest and self.record.seen(self.record.key(digest, rcpt)):

@@ -74,3 +74,15 @@ def test_received_header_form():
 def test_received_protocol_word(listener, proto, utf8, word):
     from mailgate.trace import protocol_word
     assert protocol_word(listener, proto, utf8) == word
+
+
+@pytest.mark.parametrize("size", [10, 3 << 20])  # below and above the thread threshold
+def test_delivery_record_digest_is_one_hash_of_sender_and_message(size):
+    import asyncio
+    import hashlib
+    from mailgate.deliver import DeliveryRecord
+    from mailgate.message import Envelope
+    raw = b"x" * size
+    env = Envelope("Q1", "a@b.test", ("c@example.test",), Client("127.0.0.1"), 0.0)
+    got = asyncio.run(DeliveryRecord.digest(env, raw))
+    assert got == hashlib.sha256(b"a@b.test\0" + raw).digest()
