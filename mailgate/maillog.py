@@ -46,6 +46,8 @@ def setup(settings: Log) -> None:
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
+    # XXX lines are written on the event loop, as Postfix writes to syslog: a journald that
+    # stops reading would stall mailgate. A QueueListener thread would cost a hand-off per line.
     stderr = logging.StreamHandler(sys.stderr)
     stderr.setFormatter(_Format(with_time=True))
     root.addHandler(stderr)
