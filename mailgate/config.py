@@ -83,6 +83,59 @@ class Pipeline:
 @dataclass(frozen=True)
 class Relay:
     smtp: str = "127.0.0.1:25"         # where auto-replies and forwards are sent
+    tls: bool = False                  # STARTTLS to the relay
+    username: str = ""                 # SMTP AUTH, with the password read from password_file
+    password_file: str = ""
+    ses: bool = False                  # send through the SES API (send_raw_email) instead
+
+
+@dataclass(frozen=True)
+class Dns:
+    nameservers: tuple[str, ...] = ()  # "addr" or "addr:port"; empty = the system's resolv.conf
+    timeout: float = 2 * SECONDS       # per query
+    budget: float = 8 * SECONDS        # DNS time per message, inside pipeline.filter_timeout
+
+
+@dataclass(frozen=True)
+class Auth:
+    dmarc_action: str = "annotate"     # annotate | quarantine | reject
+    max_signatures: int = 5            # DKIM signatures verified per message
+    max_key_bits: int = 4096           # larger DKIM keys: permerror, before any RSA work
+
+
+@dataclass(frozen=True)
+class Store:
+    backend: str = "sqlite"            # sqlite (embedded) | dynamodb
+    path: str = ""                     # sqlite file; "" = {data_dir}/mailgate.sqlite3
+    region: str = ""                   # dynamodb (AWS_REGION)
+    endpoint_url: str = ""             # dynamodb: moto or another endpoint; "" = AWS
+    rules_table: str = "email-rules"
+    blocked_table: str = "email-blocked-senders"
+    outbound_table: str = "ses-outbound-messages"
+    state_table: str = "mailgate-state"
+    outage_budget: float = 10 * MINUTES  # how long `rules` defers unknown addresses in an outage
+
+
+@dataclass(frozen=True)
+class Blocklist:
+    action: str = "discard"            # discard (250, dropped, logged) | reject (550 5.7.1)
+
+
+@dataclass(frozen=True)
+class Sync:
+    region: str = ""                   # AWS_REGION
+    endpoint_url: str = ""             # moto, S3-compatible stores; "" = AWS
+    buckets: tuple[str, ...] = ()      # buckets sync may read
+    queues: tuple[str, ...] = ()       # names or URLs; empty = {domain}-queue per served domain
+    domains_file: str = ""             # optional domains.txt ("#" comments), added to domains
+    inject: str = "127.0.0.1:10025"    # mailgate's listener: "host:port" or "unix:/path"
+    concurrency: int = 8               # messages in flight (WORKER_THREADS)
+    wait_time: float = 20 * SECONDS    # SQS long poll (POLL_INTERVAL)
+    batch: int = 10                    # messages per receive (MAX_MESSAGES)
+    visibility_timeout: float = 5 * MINUTES  # VISIBILITY_TIMEOUT
+    processed: str = "tag"             # tag | keep | delete: what happens to a delivered object
+    dead_letter_queue: str = ""        # "" = rely on the queue's redrive policy
+    metrics: str = "127.0.0.1:8001"    # sync's own Prometheus port; "" = off
 
 
 @dataclass(frozen=True)
@@ -112,6 +165,11 @@ class Config:
     delivery: Delivery = Delivery()
     pipeline: Pipeline = Pipeline()
     relay: Relay = Relay()
+    dns: Dns = Dns()
+    auth: Auth = Auth()
+    store: Store = Store()
+    blocklist: Blocklist = Blocklist()
+    sync: Sync = Sync()
     metrics: Metrics = Metrics()
     health: Health = Health()
     log: Log = Log()
@@ -127,7 +185,19 @@ SECTIONS = {f.name: type(f.default) for f in dataclasses.fields(Config)
 EMBEDDED = {"delivery": {"maildir": "{data_dir}/mail/{domain}/{user}",
                          "create_maildirs": ["postmaster@localhost"]}}
 
-# Names the seed deployment used; each sets one key (host:port keys keep their host).
+# Names the seed deployments used for whole values.
+LEGACY_VALUES = {
+    "AWS_REGION": (("sync", "region"), ("store", "region")),
+    "DYNAMODB_RULES_TABLE": (("store", "rules_table"),),
+    "DYNAMODB_BLOCKED_TABLE": (("store", "blocked_table"),),
+    "DYNAMODB_OUTBOUND_TABLE": (("store", "outbound_table"),),
+    "DYNAMODB_STATE_TABLE": (("store", "state_table"),),
+    "WORKER_THREADS": (("sync", "concurrency"),),
+    "POLL_INTERVAL": (("sync", "wait_time"),),
+    "MAX_MESSAGES": (("sync", "batch"),),
+    "VISIBILITY_TIMEOUT": (("sync", "visibility_timeout"),),
+}
+# Names the seed deployment used for one part of a host:port key (the other part is kept).
 LEGACY_ENV = {
     "LMTP_HOST": ("delivery", "lmtp", "host"),
     "LMTP_PORT": ("delivery", "lmtp", "port"),
@@ -156,11 +226,19 @@ def load(path: str | None = None, environ: Mapping[str, str] | None = None) -> C
         try:
             raw = tomllib.loads(found.read_text())
         except OSError as e:
-            raise ConfigError(f"{found}: cannot read: {e.strerror}") from None
+            raise ConfigError(f"{found}: cannot read: {e.strerror} (as user {_user()})") from None
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{found}: not valid TOML: {e}") from None
     apply_environment(raw, environ)
     return validate(build(Config, raw, ""))
+
+
+def _user() -> str:
+    try:
+        import pwd
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except (ImportError, KeyError):
+        return f"uid {os.geteuid()}"
 
 
 def apply_environment(raw: dict[str, Any], environ: Mapping[str, str]) -> None:
@@ -170,6 +248,10 @@ def apply_environment(raw: dict[str, Any], environ: Mapping[str, str]) -> None:
             host, _, port = current.rpartition(":")
             value = f"{environ[name]}:{port}" if part == "host" else f"{host}:{environ[name]}"
             raw.setdefault(section, {})[key] = EnvValue(value)
+    for name, keys in LEGACY_VALUES.items():
+        if environ.get(name):
+            for section, key in keys:
+                raw.setdefault(section, {})[key] = EnvValue(environ[name])
     for name, value in environ.items():
         if name.startswith("MAILGATE_") and name != "MAILGATE_CONFIG":
             set_dotted(raw, name[len("MAILGATE_"):].lower(), EnvValue(value))
@@ -261,9 +343,23 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("limits.message_timeout: must stay under Postfix's 600 s data_done timeout")
     if cfg.log.level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ConfigError(f"log.level: {cfg.log.level!r} is not debug, info, warning or error")
-    from mailgate.pipeline import resolve_filters  # late: the pipeline imports this module
-    resolve_filters(cfg.pipeline.filters)
+    _check_choices(cfg)
     return cfg
+
+
+CHOICES = {
+    "auth.dmarc_action": ("annotate", "quarantine", "reject"),
+    "store.backend": ("sqlite", "dynamodb"),
+    "blocklist.action": ("discard", "reject"),
+    "sync.processed": ("tag", "keep", "delete"),
+}
+
+
+def _check_choices(cfg: Config) -> None:
+    for key, allowed in CHOICES.items():
+        value = _get(cfg, key)
+        if value not in allowed:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(allowed)}")
 
 
 def _check_create_maildirs(cfg: Config) -> None:

@@ -34,6 +34,9 @@ class Envelope:
     received_at: float          # loop time at end of DATA, for delay=
     body_8bit: bool = False
     smtputf8: bool = False
+    # (method, result) pairs a trusted feed vouched for (mailgate sync: SES's spam, virus, SPF,
+    # DKIM, DMARC verdicts); set by the listener only for a feed session, rendered by `auth`.
+    feed_verdicts: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

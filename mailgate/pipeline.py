@@ -11,12 +11,15 @@ import importlib
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from mailgate import metrics
 from mailgate.config import Config, ConfigError, Pipeline
 from mailgate.message import Message
 from mailgate.verdict import TEMP_FAILURE, Action, Verdict
+
+if TYPE_CHECKING:
+    from mailgate.resources import Resources
 
 log = logging.getLogger("mailgate.pipeline")
 
@@ -28,15 +31,22 @@ class FilterResult:
 
 
 class Filter(Protocol):
+    """Built as `cls(config, resources)`; `resources` holds what filters share (DNS, store)."""
     name: str
     needs_headers: bool   # False: runs even when the message could not be parsed
 
     async def check(self, message: Message) -> FilterResult: ...
 
 
-# Built-in filters by config name. The chain order is the config's list, e.g.
+# Built-in filters by config name, imported only when configured. The usual order is
 # auth (record verdicts first) -> bounce -> blocklist -> rules -> vacation (reply last).
-FILTERS: dict[str, type] = {}
+FILTERS: dict[str, str] = {
+    "auth": "mailgate.filters.auth:Auth",
+    "bounce": "mailgate.filters.bounce:Bounce",
+    "blocklist": "mailgate.filters.blocklist:Blocklist",
+    "rules": "mailgate.filters.rules:Rules",
+    "vacation": "mailgate.filters.vacation:Vacation",
+}
 
 
 def resolve_filters(names: tuple[str, ...]) -> list[type]:
@@ -44,13 +54,17 @@ def resolve_filters(names: tuple[str, ...]) -> list[type]:
     return [_resolve(name) for name in names]
 
 
+def validate(config: Config) -> Config:
+    """The config, once its filter names resolve: what config.py (pure data) cannot check."""
+    resolve_filters(config.pipeline.filters)
+    return config
+
+
 def _resolve(name: str) -> type:
-    if name in FILTERS:
-        return FILTERS[name]
-    module, sep, attr = name.partition(":")
+    module, sep, attr = FILTERS.get(name, name).partition(":")
     if not sep:
         raise ConfigError(f"pipeline.filters: unknown filter {name!r} "
-                          f"(known: {', '.join(sorted(FILTERS)) or 'none'}; or module:Class)")
+                          f"(known: {', '.join(sorted(FILTERS))}; or module:Class)")
     try:
         return getattr(importlib.import_module(module), attr)
     except (ImportError, AttributeError) as e:
@@ -70,8 +84,9 @@ class Chain:
         self.needs_parse = any(getattr(f, "needs_headers", True) for f in filters)
 
     @classmethod
-    def from_config(cls, config: Config) -> Chain:
-        return cls([f(config) for f in resolve_filters(config.pipeline.filters)], config.pipeline)
+    def from_config(cls, config: Config, resources: Resources) -> Chain:
+        return cls([f(config, resources) for f in resolve_filters(config.pipeline.filters)],
+                   config.pipeline)
 
     async def run(self, message: Message) -> Outcome:
         verdicts = {r: Verdict(Action.CONTINUE) for r in message.envelope.recipients}

@@ -15,7 +15,8 @@ from mailgate.config import Config, ConfigError, load, parse_hostport
 from mailgate.gateway import Gateway
 from mailgate.lmtp import Pool
 from mailgate.notify import notify
-from mailgate.pipeline import Chain
+from mailgate.pipeline import Chain, validate
+from mailgate.resources import Resources
 from mailgate.server import LMTPServer, SMTPServer
 
 log = logging.getLogger("mailgate.service")
@@ -23,13 +24,13 @@ RESTART_KEYS = ("listen", "metrics", "health")   # bound sockets
 POOL_KEYS = ("lmtp", "lmtp_connections", "lmtp_timeout")  # the LMTP pool is built once
 
 
-def make_gateway(config: Config) -> Gateway:
+def make_gateway(config: Config, resources: Resources) -> Gateway:
     pool = None
     if config.delivery.lmtp:
         pool = Pool(config.delivery.lmtp, config.hostname, config.delivery.lmtp_connections,
                     config.delivery.lmtp_timeout)
         metrics.LMTP_POOL_SIZE.set(config.delivery.lmtp_connections)
-    return Gateway(config, pool, Chain.from_config(config))
+    return Gateway(config, pool, Chain.from_config(config, resources))
 
 
 def create_maildirs(config: Config) -> None:
@@ -49,9 +50,9 @@ async def listen(gateway: Gateway) -> list[asyncio.Server]:
     return servers
 
 
-def reload(gateway: Gateway, path: str | None, httpd) -> None:
+def reload(gateway: Gateway, resources: Resources, path: str | None, httpd) -> None:
     try:
-        new = load(path)
+        new = validate(load(path))
     except ConfigError as e:
         log.error("reload refused, keeping the running config: %s", e)
         return
@@ -59,7 +60,7 @@ def reload(gateway: Gateway, path: str | None, httpd) -> None:
     stale = [k for k in RESTART_KEYS if getattr(old, k) != getattr(new, k)]
     stale += [f"delivery.{k}" for k in POOL_KEYS
               if getattr(old.delivery, k) != getattr(new.delivery, k)]
-    gateway.configure(new, Chain.from_config(new))
+    gateway.configure(new, Chain.from_config(new, resources))
     maillog.setup(new.log)
     if httpd is not None:
         httpd.RequestHandlerClass.config = new
@@ -69,14 +70,15 @@ def reload(gateway: Gateway, path: str | None, httpd) -> None:
 async def serve(config: Config, path: str | None) -> int:
     loop = asyncio.get_running_loop()
     create_maildirs(config)
-    gateway = make_gateway(config)
+    resources = Resources(config)
+    gateway = make_gateway(config, resources)
     servers = await listen(gateway)
     metrics.serve(config.metrics.listen)
     httpd = health.serve(config)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, reload, gateway, path, httpd)
+    loop.add_signal_handler(signal.SIGHUP, reload, gateway, resources, path, httpd)
     log.info("mailgate %s ready: smtp=%s lmtp=%s delivery=%s maildir=%s domains=%s", __version__,
              config.listen.smtp or "off", config.listen.lmtp or "off",
              config.delivery.lmtp or "off", config.maildir_template() or "off",
@@ -91,10 +93,15 @@ async def serve(config: Config, path: str | None) -> int:
     await gateway.shutdown(gateway.config.listen.shutdown_timeout)
     if gateway.pool is not None:
         await gateway.pool.close()
+    await resources.close()
     if httpd is not None:
         httpd.shutdown()
     log.info("stopped")
     return 0
+
+
+def command(args, config: Config) -> int:
+    return run(config, args.config)
 
 
 def run(config: Config, path: str | None) -> int:

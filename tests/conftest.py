@@ -19,7 +19,7 @@ import pytest
 if str(Path(__file__).parent) not in sys.path:
     sys.path.insert(0, str(Path(__file__).parent))
 
-from peers import Dovecot, Mailgate, Postfix, free_port  # noqa: E402
+from peers import Dovecot, Mailgate, Moto, Postfix, free_port  # noqa: E402
 
 USERS = ["alice@example.test", "bob@example.test", "carol@example.test"]
 LOG_TAIL = 20_000  # characters of each peer's log shown with a failure
@@ -72,6 +72,18 @@ def postfix(peer_root: Path, request: pytest.FixtureRequest) -> Iterator[Postfix
     server = Postfix(peer_root, domains=["example.test"])
     register(request, "postfix", server)
     try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def moto(peer_root: Path, request: pytest.FixtureRequest) -> Iterator[Moto]:
+    """A started moto server (S3, SQS, SNS, DynamoDB, SES over real HTTP on loopback)."""
+    server = Moto(peer_root / "moto")
+    register(request, "moto", server)
+    try:
+        server.start()
         yield server
     finally:
         server.stop()

@@ -15,7 +15,7 @@ class Gatekeeper:
     name = "gatekeeper"
     needs_headers = False
 
-    def __init__(self, config) -> None:
+    def __init__(self, config, resources=None) -> None:
         self.reject = set(os.environ.get("GATEKEEPER_REJECT", "carol").split(","))
 
     async def check(self, message) -> FilterResult:

@@ -18,7 +18,7 @@ class _Filter:
     name = "test"
     needs_headers = False
 
-    def __init__(self, config: object):
+    def __init__(self, config: object, resources: object = None):
         self.config = config
 
 

@@ -730,6 +730,89 @@ class Postfix:
         return wait_log(self.log_text, regex, timeout, "postfix")
 
 
+# ---------------------------------------------------------------- AWS (moto in server mode)
+
+AWS_TEST_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1"}
+
+
+class Moto:
+    """moto in server mode (real HTTP on a free loopback port): S3, SQS, SNS, DynamoDB, SES.
+
+    Clients reach it with boto3 and `endpoint_url`; nothing is patched. `stop()` then `start()`
+    keeps the port, so a test can take the "cloud" away and bring it back (state is lost).
+    """
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.log_path = self.root / "moto.log"
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def env(self) -> dict[str, str]:
+        """Credentials and region for a process that talks to this moto (never real AWS)."""
+        return dict(AWS_TEST_ENV)
+
+    def start(self) -> "Moto":
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
+                env={**os.environ, **AWS_TEST_ENV})
+        try:
+            wait_until(lambda: self.proc.poll() is not None or self._answers(), START_TIMEOUT,
+                       what="moto answering")
+        except TimeoutError as e:
+            self.stop()
+            raise PeerError(f"{e}\n--- moto log ---\n{self.log_text()}") from None
+        if self.proc.poll() is not None:
+            raise PeerError(f"moto exited {self.proc.returncode}:\n{self.log_text()}")
+        return self
+
+    def _answers(self) -> bool:
+        import urllib.request
+        try:
+            with urllib.request.urlopen(f"{self.endpoint}/moto-api/data.json", timeout=1):
+                return True
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(STOP_TIMEOUT)
+        wait_until(lambda: not port_open(self.port), STOP_TIMEOUT, what="moto port closed")
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def reset(self) -> None:
+        """Forget every bucket, queue and table (POST /moto-api/reset)."""
+        import urllib.request
+        urllib.request.urlopen(urllib.request.Request(f"{self.endpoint}/moto-api/reset",
+                                                      method="POST"), timeout=10).close()
+
+    def client(self, service: str):
+        import boto3
+        return boto3.client(service, endpoint_url=self.endpoint, region_name="us-east-1",
+                            aws_access_key_id="testing", aws_secret_access_key="testing")
+
+    def log_text(self) -> str:
+        return read_text(self.log_path)
+
+
 # ---------------------------------------------------------------- mailgate
 
 # Environment names that would override the written config; a test's mailgate must not see them.

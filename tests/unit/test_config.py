@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from mailgate import config
+from mailgate import config, pipeline
 from mailgate.config import ConfigError
 
 GOOD = """
@@ -77,12 +77,17 @@ def test_list_from_environment(tmp_path):
     (GOOD.replace('domains = ["example.test"]', 'domains = ["Example.test"]'), "domains"),
     (GOOD.replace('domains = ["example.test"]', 'domains = ["ex_ample.test"]'), "domains"),
     (GOOD + "[limits]\nmessage_timeout = 600\n", "limits.message_timeout"),
-    (GOOD + "[pipeline]\nfilters = [\"nosuchfilter\"]\n", "pipeline.filters"),
     (GOOD + "[listen]\n", "not valid TOML"),
 ])
 def test_bad_config_names_the_key(tmp_path, text, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         config.load(write(tmp_path, text), {})
+
+
+def test_unknown_filter_names_the_key(tmp_path):
+    cfg = config.load(write(tmp_path, GOOD + "[pipeline]\nfilters = [\"nosuchfilter\"]\n"), {})
+    with pytest.raises(ConfigError, match=r"pipeline\.filters: unknown filter 'nosuchfilter'"):
+        pipeline.validate(cfg)
 
 
 def test_bad_environment_value_names_the_key(tmp_path):

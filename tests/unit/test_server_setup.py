@@ -8,12 +8,14 @@ from aiosmtpd.smtp import SMTP
 from mailgate import aiosmtpd_setup, config
 from mailgate.commands import SIMPLE_PATH
 from mailgate.server import LMTPServer, SMTPServer
+from mailgate.resources import Resources
 from mailgate.service import make_gateway
 
 
 def sessions(cls):
     async def build():
-        gateway = make_gateway(config.load(None, {"MAILGATE_DATA_DIR": "/nonexistent"}))
+        cfg = config.load(None, {"MAILGATE_DATA_DIR": "/nonexistent"})
+        gateway = make_gateway(cfg, Resources(cfg))
         fast = cls(gateway, "smtp")
         slow = object.__new__(cls)
         vars(slow).update({k: v for k, v in vars(fast).items()
