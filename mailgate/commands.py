@@ -10,6 +10,8 @@ import ipaddress
 import re
 
 XFORWARD_ATTRS = ("NAME", "ADDR", "PORT", "PROTO", "HELO", "IDENT", "SOURCE")
+# XFEED (mailgate sync's own command): SECRET=xtext, then verdicts as METHOD=result words.
+XFEED_VERDICT = re.compile(r"([a-z][a-z0-9-]{0,63})=([a-z]{1,32})\Z")
 # The common path, <dot-atom@domain> and parameters, parsed without aiosmtpd's RFC 5322
 # parser (which builds a class per call); anything else still goes through that parser.
 _ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
@@ -30,6 +32,17 @@ def xtext_decode(value: str) -> str:
             out.append(value[i])
             i += 1
     return "".join(out)
+
+
+def parse_xfeed(arg: str) -> tuple[str, tuple[tuple[str, str], ...]] | None:
+    """("the secret", ((method, result), ...)) from "SECRET=s x-ses-spam=pass ..."; None if bad."""
+    words = arg.split()
+    if not words or not words[0].upper().startswith("SECRET="):
+        return None
+    verdicts = [XFEED_VERDICT.match(word.lower()) for word in words[1:]]
+    if not all(verdicts):
+        return None
+    return xtext_decode(words[0][7:]), tuple((m[1], m[2]) for m in verdicts)
 
 
 def _is_hex(text: str) -> bool:

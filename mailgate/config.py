@@ -136,6 +136,7 @@ class Sync:
     processed: str = "tag"             # tag | keep | delete: what happens to a delivered object
     dead_letter_queue: str = ""        # "" = rely on the queue's redrive policy
     metrics: str = "127.0.0.1:8001"    # sync's own Prometheus port; "" = off
+    secret_file: str = ""              # shared with serve: sync's XFEED proves the feed with it
 
 
 @dataclass(frozen=True)

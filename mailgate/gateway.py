@@ -29,6 +29,22 @@ def has_bare_newline(raw: bytes) -> bool:
     return raw.count(b"\r") != pairs or raw.count(b"\n") != pairs
 
 
+def feed_secret(path: str) -> bytes:
+    """The secret mailgate sync presents with XFEED (sync.secret_file); b"" = no feed."""
+    if not path:
+        return b""
+    try:
+        with open(path, "rb") as f:
+            secret = f.read(4096).strip()
+    except OSError as e:
+        log.error("sync.secret_file: %s: %s; no feed session is trusted", path, e.strerror)
+        return b""
+    if len(secret) < 16:
+        log.error("sync.secret_file: %s: shorter than 16 characters; not used", path)
+        return b""
+    return secret
+
+
 class Gateway:
     def __init__(self, config: Config, pool: Pool | None, chain: Chain):
         self.pool = pool
@@ -42,6 +58,7 @@ class Gateway:
     def configure(self, config: Config, chain: Chain) -> None:
         """Take a config for the transactions that start from now (at start, and on SIGHUP)."""
         self.config, self.chain = config, chain
+        self.feed_secret = feed_secret(config.sync.secret_file)
         self.recipients = Recipients(config, self.pool)
         self.deliverer = Deliverer(config, self.pool)
 
@@ -89,6 +106,8 @@ class Gateway:
                  "8BITMIME", "SMTPUTF8", "ENHANCEDSTATUSCODES"]
         if server.trusted:
             words.append("XFORWARD NAME ADDR PROTO HELO IDENT SOURCE PORT")
+            if self.feed_secret:
+                words.append("XFEED")
         return [f"250-{w}" for w in words[:-1]] + [f"250 {words[-1]}"]
 
     async def handle_exception(self, error: Exception) -> str:
@@ -109,7 +128,8 @@ class Gateway:
     async def handle_DATA(self, server: SMTPServer, session, envelope) -> str:
         loop = asyncio.get_running_loop()
         env = Envelope(trace.queue_id(), envelope.mail_from, tuple(envelope.rcpt_tos),
-                       server.client(), loop.time(), envelope.body_8bit, envelope.smtp_utf8)
+                       server.client(), loop.time(), envelope.body_8bit, envelope.smtp_utf8,
+                       server.feed_verdicts)
         raw = envelope.original_content
         if has_bare_newline(raw):
             results = [Result(r, BARE_NEWLINE, "none", "bounced", "bare newline in DATA")

@@ -7,6 +7,7 @@ counts from the last byte received and never fires while a message is being proc
 """
 from __future__ import annotations
 
+import hmac
 from typing import TYPE_CHECKING
 
 from aiosmtpd.smtp import SMTP
@@ -15,11 +16,13 @@ from mailgate import metrics
 from mailgate.aiosmtpd_setup import FAST_INIT, fast_init
 from mailgate.commands import (IGNORED_MAIL_PARAMS, IGNORED_RCPT_PARAMS,
                                XFORWARD_ATTRS, is_trusted, parse_path, xtext_decode)
+from mailgate.commands import parse_xfeed
 from mailgate.message import Client
 from mailgate.verdict import (BAD_ARGUMENTS, BAD_PARAMETER, BAD_RECIPIENT, BAD_SENDER,
                               BAD_SEQUENCE, BAD_SYNTAX, IDLE_TIMEOUT, RCPT_OK, SENDER_OK, SHUTTING_DOWN,
                               TOO_BIG, TOO_MANY_RECIPIENTS, TOO_MANY_SESSIONS, XFORWARD_DENIED,
                               XFORWARD_OK, Reply, enhance)
+from mailgate.verdict import FEED_DENIED, FEED_OK
 
 if TYPE_CHECKING:
     from mailgate.gateway import Gateway
@@ -28,6 +31,7 @@ class SMTPServer(SMTP):
     """One client session. The mail decisions live in the Gateway (aiosmtpd's handler)."""
 
     protocol_name = "SMTP"
+    feed_verdicts: tuple[tuple[str, str], ...] = ()  # set by XFEED, for one transaction
 
     def __init__(self, gateway: Gateway, listener: str):
         config = gateway.config
@@ -115,6 +119,9 @@ class SMTPServer(SMTP):
     def _set_post_data_state(self) -> None:
         super()._set_post_data_state()
         self.xforward = {}  # XFORWARD describes one transaction (Postfix XFORWARD_README)
+        if "line_length_limit" in vars(self):  # XFEED too
+            vars(self).pop("feed_verdicts", None)
+            self._line_limit(None)
 
     async def push(self, status) -> None:
         if isinstance(status, str) and not self.in_ehlo:
@@ -185,6 +192,42 @@ class SMTPServer(SMTP):
             return
         self.xforward.update(attrs)
         await self.reply(XFORWARD_OK)
+
+    async def smtp_XFEED(self, arg: str | None) -> None:
+        """mailgate sync's session: its SES verdicts count, and lines may exceed 1000 octets
+        (SES stores such mail; it must arrive byte-identical). Trusted by the shared secret
+        (sync.secret_file) from a trusted network, never by anything in the message."""
+        secret = self.gateway.feed_secret
+        if not self.trusted or not secret:
+            await self.reply(XFORWARD_DENIED)
+            return
+        if await self.check_helo_needed("EHLO"):
+            return
+        if self.envelope.mail_from is not None:
+            await self.reply(BAD_SEQUENCE)
+            return
+        parsed = parse_xfeed(arg or "")
+        if parsed is None:
+            await self.reply(BAD_ARGUMENTS)
+            return
+        if not hmac.compare_digest(parsed[0].encode(), secret):
+            await self.reply(FEED_DENIED)
+            return
+        self.feed_verdicts = parsed[1]
+        self._line_limit(self.data_size_limit + 2)
+        await self.reply(FEED_OK)
+
+    def _line_limit(self, octets: int | None) -> None:
+        """Raise the line limit for one feed transaction; None: back to aiosmtpd's 1001."""
+        # XXX aiosmtpd reads DATA with the StreamReader's limit and checks line_length_limit;
+        # both change (asyncio's StreamReader keeps its limit in _limit).
+        if octets is None:
+            vars(self).pop("line_length_limit", None)
+        else:
+            self.line_length_limit = octets
+        reader = getattr(self, "_reader", None)
+        if reader is not None:
+            reader._limit = self.line_length_limit
 
     async def smtp_MAIL(self, arg: str | None) -> None:
         if await self.check_helo_needed():
