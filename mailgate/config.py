@@ -322,7 +322,8 @@ def validate(cfg: Config) -> Config:
     for domain in cfg.domains:
         if not maildir.is_domain(domain):
             raise ConfigError(f"domains: {domain!r} is not a lower-case domain name")
-    for key in ("listen.smtp", "listen.lmtp", "metrics.listen", "health.listen", "relay.smtp"):
+    for key in ("listen.smtp", "listen.lmtp", "metrics.listen", "health.listen", "relay.smtp",
+                "sync.metrics"):
         value = _get(cfg, key)
         if value:
             parse_hostport(value, key)
@@ -340,6 +341,7 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"listen.trusted_networks: {network!r} is not a network") from None
     _check_create_maildirs(cfg)
     _check_positive(cfg)
+    _check_sync(cfg.sync)
     if cfg.limits.message_timeout >= 600:
         raise ConfigError("limits.message_timeout: must stay under Postfix's 600 s data_done timeout")
     if cfg.log.level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
@@ -361,6 +363,20 @@ def _check_choices(cfg: Config) -> None:
         value = _get(cfg, key)
         if value not in allowed:
             raise ConfigError(f"{key}: {value!r} is not one of {', '.join(allowed)}")
+
+
+def _check_sync(sync: Sync) -> None:
+    if sync.inject and not sync.inject.startswith("unix:"):
+        parse_hostport(sync.inject, "sync.inject")
+    for key in ("concurrency", "batch", "visibility_timeout"):
+        if getattr(sync, key) <= 0:
+            raise ConfigError(f"sync.{key}: must be greater than 0")
+    if not 1 <= sync.batch <= 10:  # SQS's MaxNumberOfMessages
+        raise ConfigError("sync.batch: must be from 1 to 10")
+    if not 0 <= sync.wait_time <= 20:  # SQS's WaitTimeSeconds
+        raise ConfigError("sync.wait_time: must be from 0 to 20 seconds")
+    if sync.visibility_timeout > 12 * HOURS:
+        raise ConfigError("sync.visibility_timeout: must be at most 43200 seconds")
 
 
 def _check_create_maildirs(cfg: Config) -> None:

@@ -16,6 +16,7 @@ from mailgate.lmtp import Pool
 from mailgate.message import Envelope, parse, unparsed
 from mailgate.pipeline import Chain, Outcome
 from mailgate.recipients import Recipients
+from mailgate.s3sync.secret import feed_secret
 from mailgate.server import SMTPServer
 from mailgate.verdict import (BARE_NEWLINE, DELIVERED, DELIVERY_DEFERRED, MESSAGE_TIMEOUT,
                               TEMP_FAILURE, Action, Reply, Verdict)
@@ -27,22 +28,6 @@ def has_bare_newline(raw: bytes) -> bool:
     """A CR or LF outside CRLF: refused, as Postfix does, against SMTP smuggling."""
     pairs = raw.count(b"\r\n")
     return raw.count(b"\r") != pairs or raw.count(b"\n") != pairs
-
-
-def feed_secret(path: str) -> bytes:
-    """The secret mailgate sync presents with XFEED (sync.secret_file); b"" = no feed."""
-    if not path:
-        return b""
-    try:
-        with open(path, "rb") as f:
-            secret = f.read(4096).strip()
-    except OSError as e:
-        log.error("sync.secret_file: %s: %s; no feed session is trusted", path, e.strerror)
-        return b""
-    if len(secret) < 16:
-        log.error("sync.secret_file: %s: shorter than 16 characters; not used", path)
-        return b""
-    return secret
 
 
 class Gateway:

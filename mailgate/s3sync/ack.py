@@ -1,0 +1,111 @@
+"""What happens after serve's answer: S3 tags (the audit trail), the dead-letter queue, and
+the SQS delete, in that order, each only once the message is finished.
+
+Tags, not metadata: a metadata change is a copy, which fires a new ObjectCreated event. A tag that
+fails is logged (the log is the audit trail too); a dead letter that fails leaves the message to
+come back. Deletes are batched (up to 10 per request) and use the latest receipt handle.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+
+from mailgate.config import Config
+from mailgate.s3sync import metrics
+from mailgate.s3sync.clients import AWS_ERRORS, Clients
+from mailgate.s3sync.handover import Outcome
+
+log = logging.getLogger("mailgate.sync")
+BATCH = 10          # SQS's most entries per batch request
+LINGER = 0.02       # seconds a delete waits for others to share its request
+TAG_VALUE = 256     # S3's longest tag value
+MAX_TAGS = 10       # S3's most tags per object
+
+
+def now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+class Marker:
+    """The object's audit trail: tags with the old workers' keys, or its deletion."""
+
+    def __init__(self, config: Config, clients: Clients):
+        self.mode, self.host, self.clients = config.sync.processed, config.hostname, clients
+
+    async def mark(self, bucket: str, key: str, outcome: Outcome) -> None:
+        if self.mode == "keep":
+            return
+        s3 = self.clients.s3
+        if self.mode == "delete":
+            await self.clients.call(s3.delete_object, Bucket=bucket, Key=key)
+            return
+        current = await self.clients.call(s3.get_object_tagging, Bucket=bucket, Key=key)
+        ours = dict(processed="true", processed_at=now(), processed_by=self.host,
+                    status=outcome.status,
+                    invalid_inboxes=" ".join(outcome.invalid_inboxes)[:TAG_VALUE])
+        others = [t for t in current.get("TagSet", []) if t["Key"] not in ours]
+        tag_set = [{"Key": k, "Value": v} for k, v in ours.items()] + others[:MAX_TAGS - len(ours)]
+        await self.clients.call(s3.put_object_tagging, Bucket=bucket, Key=key,
+                                Tagging={"TagSet": tag_set})
+
+
+class Deleter:
+    """Batched DeleteMessageBatch per queue; `delete` returns once its entry succeeded."""
+
+    def __init__(self, clients: Clients):
+        self.clients = clients
+        self.pending: dict[str, list[tuple[str, asyncio.Future]]] = {}
+        self.timers: dict[str, asyncio.TimerHandle] = {}
+        self.sending: set[asyncio.Task] = set()
+
+    async def delete(self, queue_url: str, handle: str) -> None:
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+        batch = self.pending.setdefault(queue_url, [])
+        batch.append((handle, done))
+        if len(batch) >= BATCH:
+            self._flush(queue_url)
+        elif queue_url not in self.timers:
+            self.timers[queue_url] = loop.call_later(LINGER, self._flush, queue_url)
+        await done
+
+    def _flush(self, queue_url: str) -> None:
+        timer = self.timers.pop(queue_url, None)
+        if timer is not None:
+            timer.cancel()
+        batch = self.pending.pop(queue_url, [])
+        if batch:
+            task = asyncio.ensure_future(self._send(queue_url, batch))
+            self.sending.add(task)
+            task.add_done_callback(self.sending.discard)
+
+    async def _send(self, queue_url: str, batch: list[tuple[str, asyncio.Future]]) -> None:
+        entries = [{"Id": str(i), "ReceiptHandle": handle} for i, (handle, _) in enumerate(batch)]
+        try:
+            result = await self.clients.call(self.clients.sqs.delete_message_batch,
+                                             QueueUrl=queue_url, Entries=entries)
+        except AWS_ERRORS as e:
+            result = {"Failed": [{"Id": str(i), "Message": str(e)} for i in range(len(batch))]}
+        failed = {f["Id"]: f.get("Message") or f.get("Code", "") for f in result.get("Failed", [])}
+        for i, (_, done) in enumerate(batch):
+            if str(i) in failed:
+                metrics.ERRORS.labels("sqs").inc()
+                done.set_exception(DeleteFailed(f"{queue_url}: {failed[str(i)]}"))
+            else:
+                done.set_result(None)
+
+
+class DeleteFailed(Exception):
+    """The message stays in the queue and comes back; claims keep it from delivering twice."""
+
+
+async def dead_letter(clients: Clients, dlq_url: str, queue_url: str, body: str,
+                      error: str, key: str) -> None:
+    """The original body and why it could not be delivered, into sync.dead_letter_queue."""
+    record = {"error": error, "queue": queue_url, "key": key, "time": now(), "body": body}
+    attributes = {name: {"DataType": "String", "StringValue": value[:1024] or "-"}
+                  for name, value in (("error", error), ("queue", queue_url), ("key", key))}
+    await clients.call(clients.sqs.send_message, QueueUrl=dlq_url,
+                       MessageBody=json.dumps(record), MessageAttributes=attributes)

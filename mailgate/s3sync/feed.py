@@ -1,0 +1,212 @@
+"""The SQS side of mailgate sync: poll every queue, keep several messages in flight, extend
+their visibility while they are delivered, and acknowledge each only once it is finished.
+
+A message that must come back (serve's 4xx, an unreadable object, the store away) is simply not
+deleted. A poison message goes to sync.dead_letter_queue with the reason and is deleted, or,
+without one, is made visible again at once so the queue's redrive policy moves it. Errors name
+the queue and the key; an unexpected one leaves the message to come back.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import time
+
+from mailgate.config import Config
+from mailgate.s3sync import metrics
+from mailgate.s3sync.ack import DeleteFailed, Deleter, Marker, dead_letter
+from mailgate.s3sync.clients import AWS_ERRORS, Clients
+from mailgate.s3sync.handover import Handover, Outcome
+from mailgate.s3sync.notifications import BadNotification, Notice, parse
+from mailgate.s3sync.queues import short_name
+
+log = logging.getLogger("mailgate.sync")
+CRASH_POINT = "SYNC_CRASH_POINT"   # tests only: "before-delete" SIGKILLs sync right there
+RETRY_PAUSE = (1.0, 30.0)          # seconds between failed receives: first, most
+
+
+class Feed:
+    def __init__(self, config: Config, clients: Clients, handover: Handover, dlq_url: str):
+        self.sync, self.clients, self.handover, self.dlq_url = config.sync, clients, handover, dlq_url
+        self.marker, self.deleter = Marker(config, clients), Deleter(clients)
+        self.slots = asyncio.Semaphore(config.sync.concurrency)
+        self.handles: dict[str, str] = {}   # SQS MessageId in flight -> latest receipt handle
+        self.tasks: set[asyncio.Task] = set()
+        self.receive_failed = False
+
+    async def run(self, urls: list[str], once: bool, stop: asyncio.Event) -> None:
+        """Poll until `stop` (or, with once, until the queues look empty); finish in flight."""
+        await asyncio.gather(*(self._poll(url, once, stop) for url in urls))
+        while self.tasks:
+            await asyncio.wait(set(self.tasks))
+
+    async def _poll(self, url: str, once: bool, stop: asyncio.Event) -> None:
+        pause = RETRY_PAUSE[0]
+        while not stop.is_set():
+            taken = await self._take_slots()
+            try:
+                messages = await self._receive(url, taken, once)
+                pause = RETRY_PAUSE[0]
+            except AWS_ERRORS as e:
+                self.receive_failed = True
+                metrics.ERRORS.labels("sqs").inc()
+                log.error("queue %s: receive failed: %s", short_name(url), e)
+                messages, pause = [], min(pause * 2, RETRY_PAUSE[1])
+                if not once:
+                    await _sleep(stop, pause)
+            for _ in range(taken - len(messages)):
+                self.slots.release()
+            if stop.is_set() and messages:  # received as we were told to stop: give them back
+                await self._release(url, messages)
+                return
+            for message in messages:
+                self._start(url, message)
+            if once and not messages:
+                return
+
+    async def _take_slots(self) -> int:
+        """Wait for one free slot, then take what else is free, up to a batch."""
+        await self.slots.acquire()
+        taken = 1
+        while taken < self.sync.batch and not self.slots.locked():
+            await self.slots.acquire()
+            taken += 1
+        return taken
+
+    async def _receive(self, url: str, count: int, once: bool) -> list[dict]:
+        wait = min(self.sync.wait_time, 1.0) if once else self.sync.wait_time
+        answer = await self.clients.call(
+            self.clients.sqs.receive_message, QueueUrl=url, MaxNumberOfMessages=count,
+            WaitTimeSeconds=int(wait), VisibilityTimeout=int(self.sync.visibility_timeout),
+            MessageSystemAttributeNames=["ApproximateReceiveCount", "SentTimestamp"])
+        return answer.get("Messages", [])
+
+    async def _release(self, url: str, messages: list[dict]) -> None:
+        entries = [{"Id": str(i), "ReceiptHandle": m["ReceiptHandle"], "VisibilityTimeout": 0}
+                   for i, m in enumerate(messages)]
+        try:
+            await self.clients.call(self.clients.sqs.change_message_visibility_batch,
+                                    QueueUrl=url, Entries=entries)
+        except AWS_ERRORS as e:  # they come back after their visibility timeout instead
+            log.warning("queue %s: could not give back %d messages: %s", short_name(url),
+                        len(messages), e)
+        for _ in messages:
+            self.slots.release()
+
+    def _start(self, url: str, message: dict) -> None:
+        mid = message["MessageId"]
+        if mid in self.handles:  # received again while in flight: keep the newer handle only
+            self.handles[mid] = message["ReceiptHandle"]
+            self.slots.release()
+            return
+        self.handles[mid] = message["ReceiptHandle"]
+        task = asyncio.ensure_future(self._handle(url, message))
+        self.tasks.add(task)
+        task.add_done_callback(lambda t: self._finished(t, mid))
+
+    def _finished(self, task: asyncio.Task, mid: str) -> None:
+        self.tasks.discard(task)
+        self.handles.pop(mid, None)
+        self.slots.release()
+
+    async def _handle(self, url: str, message: dict) -> None:
+        mid = message["MessageId"]
+        heartbeat = asyncio.ensure_future(self._heartbeat(url, mid))
+        try:
+            await self._process(url, message)
+        except Exception:  # noqa: BLE001 - our bug: the message comes back, nothing is acked
+            metrics.ERRORS.labels("internal").inc()
+            log.exception("queue %s message %s: internal error; it will come back",
+                          short_name(url), mid)
+        finally:
+            heartbeat.cancel()
+
+    async def _heartbeat(self, url: str, mid: str) -> None:
+        """Keep a slow delivery invisible to other receivers (latest receipt handle)."""
+        period = max(self.sync.visibility_timeout / 2, 1.0)
+        while True:
+            await asyncio.sleep(period)
+            try:
+                await self.clients.call(self.clients.sqs.change_message_visibility, QueueUrl=url,
+                                        ReceiptHandle=self.handles[mid],
+                                        VisibilityTimeout=int(self.sync.visibility_timeout))
+            except AWS_ERRORS as e:
+                log.warning("queue %s message %s: visibility not extended: %s",
+                            short_name(url), mid, e)
+
+    async def _process(self, url: str, message: dict) -> None:
+        queue, mid = short_name(url), message["MessageId"]
+        sent = int(message.get("Attributes", {}).get("SentTimestamp", 0)) / 1000
+        if sent:
+            metrics.QUEUE_LAG.labels(queue).observe(max(time.time() - sent, 0))
+        try:
+            notices = parse(message["Body"])
+        except BadNotification as e:
+            await self._poison(url, message, str(e), "")
+            return
+        outcomes = [(n, await self.handover.run(n, f"queue {queue} s3://{n.bucket}/{n.key}"))
+                    for n in notices]
+        waiting = [(n, o) for n, o in outcomes if not o.final]
+        for notice, outcome in waiting:
+            log.warning("queue %s s3://%s/%s: deferred, it will come back: %s", queue,
+                        notice.bucket, notice.key, outcome.detail)
+        if waiting:
+            metrics.MESSAGES.labels(queue, "deferred").inc()
+            return
+        await self._finish(url, message, outcomes)
+
+    async def _finish(self, url: str, message: dict, outcomes: list[tuple[Notice, Outcome]]) -> None:
+        queue = short_name(url)
+        for notice, outcome in outcomes:
+            _log_outcome(queue, notice, outcome)
+            try:
+                await self.marker.mark(notice.bucket, notice.key, outcome)
+            except AWS_ERRORS as e:  # the audit trail is also in this log; delivery stands
+                metrics.ERRORS.labels("tag").inc()
+                log.error("queue %s s3://%s/%s: not marked %s: %s", queue, notice.bucket,
+                          notice.key, self.sync.processed, e)
+        dead = [(n, o) for n, o in outcomes if o.dead]
+        if dead:
+            keys = " ".join(f"s3://{n.bucket}/{n.key}" for n, _ in dead)
+            await self._poison(url, message, "; ".join(o.detail for _, o in dead), keys)
+            return
+        if os.environ.get(CRASH_POINT) == "before-delete":
+            os.kill(os.getpid(), signal.SIGKILL)
+        await self._delete(url, message, "delivered" if outcomes else "skipped")
+
+    async def _poison(self, url: str, message: dict, error: str, key: str) -> None:
+        queue = short_name(url)
+        log.error("queue %s message %s%s: cannot be delivered: %s", queue, message["MessageId"],
+                  f" {key}" if key else "", error)
+        if not self.dlq_url:  # the redrive policy moves it after its maxReceiveCount
+            await self.clients.call(self.clients.sqs.change_message_visibility, QueueUrl=url,
+                                    ReceiptHandle=self.handles[message["MessageId"]],
+                                    VisibilityTimeout=0)
+            metrics.MESSAGES.labels(queue, "redrive").inc()
+            return
+        await dead_letter(self.clients, self.dlq_url, url, message["Body"], error, key)
+        await self._delete(url, message, "dead_letter")
+
+    async def _delete(self, url: str, message: dict, result: str) -> None:
+        try:
+            await self.deleter.delete(url, self.handles[message["MessageId"]])
+        except DeleteFailed as e:  # it comes back; the claims keep it from delivering twice
+            log.warning("queue %s message %s: not deleted: %s", short_name(url),
+                        message["MessageId"], e)
+            return
+        metrics.MESSAGES.labels(short_name(url), result).inc()
+
+
+def _log_outcome(queue: str, notice: Notice, outcome: Outcome) -> None:
+    log.info("queue %s s3://%s/%s: %s%s%s", queue, notice.bucket, notice.key, outcome.status,
+             f" ({outcome.delivered} recipients)" if outcome.delivered else "",
+             f": {outcome.detail}" if outcome.detail else "")
+
+
+async def _sleep(stop: asyncio.Event, seconds: float) -> None:
+    try:
+        await asyncio.wait_for(stop.wait(), seconds)
+    except TimeoutError:
+        pass

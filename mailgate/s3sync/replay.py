@@ -1,0 +1,68 @@
+"""`mailgate sync replay`: inject stored mail again (after an outage, for a new mailbox).
+
+Lists the bucket under a prefix (optionally only objects modified since a date), and hands each
+object over exactly as the feed does, with the same claims: what was delivered before is not
+delivered again. `--to` delivers to that one address instead of the recipients SES recorded.
+"""
+from __future__ import annotations
+
+import asyncio
+import datetime
+import logging
+
+from mailgate import UsageError
+from mailgate.s3sync.ack import Marker
+from mailgate.s3sync.clients import AWS_ERRORS, Clients
+from mailgate.s3sync.handover import Handover
+from mailgate.s3sync.notifications import Notice
+
+log = logging.getLogger("mailgate.sync")
+
+
+def since(text: str | None) -> datetime.datetime | None:
+    if not text:
+        return None
+    try:
+        moment = datetime.datetime.fromisoformat(text)
+    except ValueError:
+        raise UsageError(f"--since: {text!r} is not an ISO 8601 date") from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=datetime.timezone.utc)
+
+
+def _list(s3, bucket: str, prefix: str, after: datetime.datetime | None) -> list[str]:
+    """In a worker thread: the keys under `prefix`, modified at or after `after`."""
+    keys = []
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        keys += [o["Key"] for o in page.get("Contents", [])
+                 if after is None or o["LastModified"] >= after]
+    return keys
+
+
+async def replay(args, config, clients: Clients, handover: Handover, marker: Marker) -> int:
+    """Exit 0 when every object is finished (delivered or refused for good), else 1."""
+    after = since(args.since)
+    if args.recipient and "@" not in args.recipient:
+        raise UsageError(f"--to: {args.recipient!r} is not an address")
+    try:
+        keys = await clients.call(_list, s3=clients.s3, bucket=args.bucket, prefix=args.prefix,
+                                  after=after)
+    except AWS_ERRORS as e:
+        print(f"listing s3://{args.bucket}/{args.prefix}: {e}")
+        return 1
+    slots = asyncio.Semaphore(config.sync.concurrency)
+    to = (args.recipient,) if args.recipient else ()
+
+    async def one(key: str) -> bool:
+        async with slots:
+            outcome = await handover.run(Notice(args.bucket, key, to), f"replay s3://{args.bucket}/{key}")
+            print(f"s3://{args.bucket}/{key}: {outcome.status}"
+                  f"{': ' + outcome.detail if outcome.detail else ''}", flush=True)
+            if outcome.final:
+                try:
+                    await marker.mark(args.bucket, key, outcome)
+                except AWS_ERRORS as e:
+                    log.error("replay s3://%s/%s: not marked: %s", args.bucket, key, e)
+            return outcome.final
+    finished = await asyncio.gather(*(one(k) for k in keys))
+    print(f"{len(keys)} objects, {sum(finished)} finished, {len(keys) - sum(finished)} to retry")
+    return 0 if all(finished) else 1
