@@ -172,7 +172,7 @@ class Feed:
             keys = " ".join(f"s3://{n.bucket}/{n.key}" for n, _ in dead)
             await self._poison(url, message, "; ".join(o.detail for _, o in dead), keys)
             return
-        if os.environ.get(CRASH_POINT) == "before-delete":
+        if outcomes and os.environ.get(CRASH_POINT) == "before-delete":
             os.kill(os.getpid(), signal.SIGKILL)
         await self._delete(url, message, "delivered" if outcomes else "skipped")
 

@@ -55,31 +55,35 @@ class Injector:
         self.target, self.hostname, self.secret, self.timeout = target, hostname, secret, timeout
         self.idle: list[tuple[float, aiosmtplib.SMTP]] = []
 
-    async def inject(self, handoff: Handoff) -> dict[str, Answer]:
+    async def inject(self, handoff: Handoff, fresh: bool = False) -> dict[str, Answer]:
         """One reply per recipient; a broken conversation is BROKEN for those not answered."""
         started = time.monotonic()
         answers: dict[str, Answer] = {}
-        client, reused = await self._client()
+        client, reused = None, bool(self.idle) and not fresh
         try:
+            client = await self._client(fresh)
             await self._transaction(client, handoff, answers)
         except (aiosmtplib.SMTPException, OSError) as e:
-            client.close()
+            if client is not None:
+                client.close()
             if reused and not answers:  # XXX serve closed an idle connection: once more, fresh
-                return await self.inject(handoff)
+                return await self.inject(handoff, fresh=True)
             broken = Answer(BROKEN, f"{self.target}: {e}")
             return {r: answers.get(r, broken) for r in handoff.recipients}
         except BaseException:
-            client.close()
+            if client is not None:
+                client.close()
             raise
         self.idle.append((time.monotonic(), client))
         metrics.INJECT_SECONDS.observe(time.monotonic() - started)
         return answers
 
-    async def _client(self) -> tuple[aiosmtplib.SMTP, bool]:
-        while self.idle:
+    async def _client(self, fresh: bool) -> aiosmtplib.SMTP:
+        """An idle connection of the last IDLE_REUSE seconds, else a new one (EHLO done)."""
+        while self.idle and not fresh:
             since, client = self.idle.pop()
             if time.monotonic() - since < IDLE_REUSE and client.is_connected:
-                return client, True
+                return client
             client.close()
         if self.target.startswith("unix:"):
             client = aiosmtplib.SMTP(socket_path=self.target[5:], local_hostname=self.hostname,
@@ -90,7 +94,7 @@ class Injector:
                                      timeout=self.timeout, start_tls=False)
         await client.connect()
         await client.ehlo()
-        return client, False
+        return client
 
     async def _transaction(self, client: aiosmtplib.SMTP, h: Handoff,
                            answers: dict[str, Answer]) -> None:

@@ -31,6 +31,7 @@ log = logging.getLogger("mailgate.sync")
 
 def run(args, config: Config) -> int:
     maillog.setup(config.log)
+    logging.getLogger("botocore").setLevel(logging.WARNING)  # "Found credentials in ..."
     return asyncio.run(main(args, config))
 
 

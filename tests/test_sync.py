@@ -1,0 +1,414 @@
+"""mailgate sync end to end: moto in server mode (S3, SQS, SNS over real HTTP) -> `mailgate sync`
+(a subprocess) -> `mailgate serve` -> Dovecot.
+
+The bucket -> queue notification is configured in moto, so a put_object produces the real event
+(the queue's first message is s3:TestEvent). What a user would check is checked: the maildir
+files (counted for exactly-once), the headers serve added, the object's tags, what is left in
+the queue and what the dead-letter queue says.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import smtplib
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+from conftest import register
+from peers import REPO, PeerError, free_port, read_text, wait_until
+
+TESTS = Path(__file__).resolve().parent
+BUCKET, ARCHIVE = "inbound", "archive"
+QUEUE, DLQ = "example-test-queue", "sync-dead-letters"   # {domain}-queue for example.test
+ALICE, BOB, DAVE = "alice@example.test", "bob@example.test", "dave@example.test"  # dave: unknown
+CLIENT_IP, CLIENT_HELO = "192.0.2.7", "mail.remote.test"
+SYNC_BOUND = 60.0   # seconds any one sync run or wait may take here
+
+
+def stored(mark: str, to: str = ALICE, ses: bool = True, body: bytes = b"") -> bytes:
+    """A message as SES stores it: its own headers on top (client, recipient, verdicts)."""
+    top = (f"Return-Path: <bounce@remote.test>\r\n"
+           f"Received: from {CLIENT_HELO} (mail-out.remote.test [{CLIENT_IP}])\r\n"
+           f" by inbound-smtp.us-east-1.amazonaws.com with SMTP id {mark[:12]}\r\n"
+           f" for {to};\r\n Tue, 24 Nov 2026 10:00:00 +0000 (UTC)\r\n"
+           f"X-SES-Spam-Verdict: PASS\r\nX-SES-Virus-Verdict: PASS\r\n"
+           f"Authentication-Results: amazonses.com;\r\n spf=pass (spfCheck: ok)"
+           f" client-ip={CLIENT_IP}; envelope-from=bounce@remote.test;\r\n"
+           f" dkim=pass header.i=@remote.test;\r\n dmarc=pass header.from=remote.test;\r\n"
+           ) if ses else ""
+    return (top + f"From: <sender@remote.test>\r\nTo: <{to}>\r\nSubject: sync {mark}\r\n"
+            f"Message-ID: <{mark}@remote.test>\r\n\r\nbody {mark}\r\n").encode() + body
+
+
+def ses_notification(key: str, recipients: list[str], bucket: str = BUCKET) -> dict:
+    return {"notificationType": "Received",
+            "mail": {"source": "ses-sender@remote.test", "messageId": key.rpartition("/")[2]},
+            "receipt": {"recipients": recipients, "spamVerdict": {"status": "FAIL"},
+                        "virusVerdict": {"status": "PASS"}, "spfVerdict": {"status": "GRAY"},
+                        "dkimVerdict": {"status": "PASS"}, "dmarcVerdict": {"status": "PASS"},
+                        "action": {"type": "S3", "bucketName": bucket, "objectKey": key}}}
+
+
+class Aws:
+    """The SES side in moto: bucket -> queue notifications, a dead-letter queue, SNS."""
+
+    def __init__(self, moto):
+        self.moto = moto
+        self.s3, self.sqs, self.sns = moto.client("s3"), moto.client("sqs"), moto.client("sns")
+        for bucket in (BUCKET, ARCHIVE):
+            self.s3.create_bucket(Bucket=bucket)
+        self.queue = self.sqs.create_queue(QueueName=QUEUE)["QueueUrl"]
+        self.dlq = self.sqs.create_queue(QueueName=DLQ)["QueueUrl"]
+        self.s3.put_bucket_notification_configuration(Bucket=BUCKET, NotificationConfiguration={
+            "QueueConfigurations": [{"QueueArn": self.arn(self.queue),
+                                     "Events": ["s3:ObjectCreated:*"]}]})
+
+    def arn(self, url: str) -> str:
+        return self.sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["QueueArn"])[
+            "Attributes"]["QueueArn"]
+
+    def left(self, url: str) -> int:
+        """Messages in the queue, visible or in flight."""
+        attrs = self.sqs.get_queue_attributes(QueueUrl=url, AttributeNames=[
+            "ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"])["Attributes"]
+        return sum(int(v) for v in attrs.values())
+
+    def dead_letters(self) -> list[dict]:
+        out = []
+        for _ in range(20):  # bounded: a handful of receives empties a test's DLQ
+            got = self.sqs.receive_message(QueueUrl=self.dlq, MaxNumberOfMessages=10,
+                                           WaitTimeSeconds=0).get("Messages", [])
+            if not got:
+                return out
+            out += [json.loads(m["Body"]) for m in got]
+            self.sqs.delete_message_batch(QueueUrl=self.dlq, Entries=[
+                {"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]} for i, m in enumerate(got)])
+        return out
+
+    def tags(self, key: str, bucket: str = BUCKET) -> dict[str, str]:
+        tags = self.s3.get_object_tagging(Bucket=bucket, Key=key)["TagSet"]
+        return {t["Key"]: t["Value"] for t in tags}
+
+
+class Sync:
+    """`python -m mailgate sync -c FILE` with moto's credentials; log in ROOT/sync-N.log."""
+
+    def __init__(self, gate, moto, name: str, env: dict[str, str] | None = None):
+        self.gate, self.name = gate, name
+        self.log_path = gate.root / f"{name}.log"
+        self.proc: subprocess.Popen | None = None
+        host, port = gate.smtp
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("MAILGATE_")}
+        self.env.update(moto.env, PYTHONPATH=os.pathsep.join((str(REPO), str(TESTS))),
+                        PYTHONUNBUFFERED="1",
+                        MAILGATE_SYNC_INJECT=f"{host}:{port}",
+                        MAILGATE_SYNC_METRICS=f"127.0.0.1:{free_port()}", **(env or {}))
+
+    def command(self, *args: str) -> list[str]:
+        return [sys.executable, "-m", "mailgate", "sync", "-c", str(self.gate.config_path), *args]
+
+    def run(self, *args: str) -> subprocess.CompletedProcess:
+        """One run to its end (`--once`, `replay ...`); its stderr is appended to the log."""
+        proc = subprocess.run(self.command(*args), env=self.env, capture_output=True, text=True,
+                              timeout=SYNC_BOUND, stdin=subprocess.DEVNULL)
+        with open(self.log_path, "a") as log:
+            log.write(proc.stderr)
+        return proc
+
+    def start(self) -> "Sync":
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(self.command(), env=self.env, stdout=log, stderr=log,
+                                         stdin=subprocess.DEVNULL, start_new_session=True)
+        try:
+            wait_until(lambda: self.proc.poll() is not None or "mailgate sync ready" in
+                       self.log_text(), SYNC_BOUND, what=f"{self.name} ready")
+        except TimeoutError:
+            self.stop(signal.SIGKILL)
+            raise
+        if self.proc.poll() is not None:
+            raise PeerError(f"{self.name} exited {self.proc.returncode}:\n{self.log_text()}")
+        return self
+
+    def stop(self, sig: int = signal.SIGTERM) -> int | None:
+        if self.proc is None or self.proc.poll() is not None:
+            return None if self.proc is None else self.proc.returncode
+        os.killpg(self.proc.pid, sig)
+        try:
+            return self.proc.wait(SYNC_BOUND)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(SYNC_BOUND)
+            raise PeerError(f"{self.name} did not stop on {signal.Signals(sig).name}") from None
+
+    def log_text(self) -> str:
+        return read_text(self.log_path)
+
+
+@pytest.fixture
+def aws(moto) -> Aws:
+    return Aws(moto)
+
+
+@pytest.fixture
+def setup(aws, moto, mailgate_factory, peer_root, request):
+    """serve (with the feed's secret and a filter that shows the feed's verdicts) and a factory
+    of sync processes on the same config file; every sync is stopped at teardown."""
+    secret = peer_root / "feed.secret"
+    secret.write_text(uuid.uuid4().hex + "\n")
+    gate = mailgate_factory(
+        {"pipeline": {"filters": ["sync_filters:ShowFeed"]},
+         "sync": {"endpoint_url": moto.endpoint, "region": "us-east-1",
+                  "buckets": [BUCKET, ARCHIVE], "dead_letter_queue": DLQ, "wait_time": 1,
+                  "visibility_timeout": 3, "secret_file": str(secret)}},
+        env={"PYTHONPATH": str(TESTS)})
+    started: list[Sync] = []
+
+    def sync(env: dict[str, str] | None = None) -> Sync:
+        proc = Sync(gate, moto, f"sync-{len(started)}", env)
+        started.append(proc)
+        register(request, proc.name, proc)
+        return proc
+    try:
+        yield gate, sync
+    finally:
+        for proc in started:
+            proc.stop(signal.SIGKILL)
+
+
+def once(sync) -> None:
+    proc = sync().run("--once")
+    assert proc.returncode == 0, proc.stderr
+
+
+def headers(message: bytes, name: str) -> list[str]:
+    """Every `name:` line of the header section, unfolded."""
+    head = message.split(b"\n\n", 1)[0].decode()
+    return [line for line in head.replace("\n\t", " ").replace("\n ", " ").splitlines()
+            if line.lower().startswith(name.lower() + ":")]
+
+
+def header(message: bytes, name: str) -> str:
+    found = headers(message, name)
+    return found[0] if found else ""
+
+
+# ---------------------------------------------------------------- both formats, envelopes
+
+def test_s3_event_delivers_with_what_ses_wrote(setup, aws, dovecot):
+    gate, sync = setup
+    mark = uuid.uuid4().hex
+    data = stored(mark)
+    aws.s3.put_object(Bucket=BUCKET, Key=f"in/{mark}", Body=data)
+    once(sync)
+    [delivered] = dovecot.maildir_messages(ALICE)
+    assert delivered.endswith(data.replace(b"\r\n", b"\n"))  # SES's bytes, unchanged
+    # serve's own Received (below Dovecot's) names SES's client, from XFORWARD
+    [received] = [h for h in headers(delivered, "Received") if "(mailgate)" in h]
+    assert received.startswith(f"Received: from {CLIENT_HELO} (mail-out.remote.test [{CLIENT_IP}])"
+                               " by mx.example.test (mailgate) with ESMTP")
+    assert header(delivered, "X-Test-Feed") == ("X-Test-Feed: x-ses-spam=pass; x-ses-virus=pass; "
+                                               "x-ses-spf=pass; x-ses-dkim=pass; x-ses-dmarc=pass")
+    assert header(delivered, "Return-Path") == "Return-Path: <bounce@remote.test>"
+    tags = aws.tags(f"in/{mark}")
+    assert (tags["processed"], tags["status"], tags["processed_by"]) == (
+        "true", "delivered", "mx.example.test")
+    assert tags["invalid_inboxes"] == "" and tags["processed_at"].endswith("Z")
+    assert aws.left(aws.queue) == 0  # the s3:TestEvent went too, and nothing was dead
+    assert aws.dead_letters() == []
+
+
+def test_ses_notification_through_sns_and_raw(setup, aws, dovecot):
+    gate, sync = setup
+    topic = aws.sns.create_topic(Name="ses-inbound")["TopicArn"]
+    aws.sns.subscribe(TopicArn=topic, Protocol="sqs", Endpoint=aws.arn(aws.queue))
+    marks = [uuid.uuid4().hex, uuid.uuid4().hex]
+    for mark in marks:  # stored without SES's headers: the notification is the envelope
+        aws.s3.put_object(Bucket=ARCHIVE, Key=f"ses/{mark}", Body=stored(mark, ses=False))
+    aws.sns.publish(TopicArn=topic, Message=json.dumps(
+        ses_notification(f"ses/{marks[0]}", [ALICE, BOB], ARCHIVE)))
+    aws.sqs.send_message(QueueUrl=aws.queue, MessageBody=json.dumps(
+        ses_notification(f"ses/{marks[1]}", [BOB], ARCHIVE)))
+    once(sync)
+    [to_alice] = dovecot.maildir_messages(ALICE)
+    assert f"sync {marks[0]}".encode() in to_alice
+    assert [f"sync {marks[0]}".encode() in m for m in dovecot.maildir_messages(BOB)] == [
+        True, False]
+    assert header(to_alice, "Return-Path") == "Return-Path: <ses-sender@remote.test>"
+    assert header(to_alice, "X-Test-Feed") == ("X-Test-Feed: x-ses-spam=fail; x-ses-virus=pass; "
+                                              "x-ses-spf=neutral; x-ses-dkim=pass; "
+                                              "x-ses-dmarc=pass")
+    assert aws.tags(f"ses/{marks[1]}", ARCHIVE)["status"] == "delivered"
+    assert aws.left(aws.queue) == 0
+
+
+def test_url_encoded_key_and_lf_only_object(setup, aws, dovecot):
+    gate, sync = setup
+    mark = uuid.uuid4().hex
+    key = f"in/a b+c é {mark}.eml"   # the event carries it as in/a+b%2Bc+%C3%A9+....eml
+    data = stored(mark)
+    aws.s3.put_object(Bucket=BUCKET, Key=key, Body=data.replace(b"\r\n", b"\n"))
+    once(sync)
+    [delivered] = dovecot.maildir_messages(ALICE)
+    assert delivered.endswith(data.replace(b"\r\n", b"\n"))
+    assert aws.tags(key)["status"] == "delivered"
+
+
+def test_line_of_2000_octets_arrives_byte_exact(setup, aws, dovecot):
+    gate, sync = setup
+    mark = uuid.uuid4().hex
+    data = stored(mark, body=b"x" * 1998 + b"\r\n" + "é".encode() * 700 + b"\r\n")
+    aws.s3.put_object(Bucket=BUCKET, Key=f"in/{mark}", Body=data)
+    once(sync)
+    [over_imap] = dovecot.fetch_imap(ALICE)
+    assert over_imap.endswith(data)
+
+
+def test_recipients_with_one_unknown_and_one_foreign(setup, aws, dovecot):
+    gate, sync = setup
+    mark = uuid.uuid4().hex
+    aws.s3.put_object(Bucket=ARCHIVE, Key=f"ses/{mark}", Body=stored(mark, ses=False))
+    aws.sqs.send_message(QueueUrl=aws.queue, MessageBody=json.dumps(
+        ses_notification(f"ses/{mark}", [ALICE, DAVE, "someone@elsewhere.test"], ARCHIVE)))
+    once(sync)
+    assert len(dovecot.maildir_messages(ALICE)) == 1
+    tags = aws.tags(f"ses/{mark}", ARCHIVE)
+    assert (tags["status"], tags["invalid_inboxes"]) == ("delivered", DAVE)
+    assert aws.left(aws.queue) == 0 and aws.dead_letters() == []
+    log = read_text(gate.root / "sync-0.log")
+    assert "not our domains, not injected: someone@elsewhere.test" in log
+
+
+# ---------------------------------------------------------------- nothing lost, nothing doubled
+
+def test_listener_down_then_back_delivers_once(setup, aws, dovecot):
+    gate, sync = setup
+    gate.stop()
+    feed = sync().start()
+    mark = uuid.uuid4().hex
+    aws.s3.put_object(Bucket=BUCKET, Key=f"in/{mark}", Body=stored(mark))
+    wait_until(lambda: "deferred, it will come back" in feed.log_text(), SYNC_BOUND,
+               what="a deferral while serve is down")
+    assert aws.left(aws.queue) == 1 and dovecot.maildir_messages(ALICE) == []
+    gate.start()
+    wait_until(lambda: aws.left(aws.queue) == 0, SYNC_BOUND, what="the queue drained")
+    assert len(dovecot.maildir_messages(ALICE)) == 1
+    assert feed.stop() == 0
+    assert aws.tags(f"in/{mark}")["status"] == "delivered"
+
+
+def test_notification_delivered_twice_delivers_once(setup, aws, dovecot):
+    gate, sync = setup
+    mark = uuid.uuid4().hex
+    aws.s3.put_object(Bucket=BUCKET, Key=f"in/{mark}", Body=stored(mark))
+    got = aws.sqs.receive_message(QueueUrl=aws.queue, MaxNumberOfMessages=10,
+                                  WaitTimeSeconds=1, VisibilityTimeout=0)["Messages"]
+    event = next(m["Body"] for m in got if "Records" in m["Body"])
+    aws.sqs.send_message(QueueUrl=aws.queue, MessageBody=event)  # SQS's at-least-once
+    # The two copies may be in flight at once: one waits (visibility timeout) for the other.
+    wait_until(lambda: sync().run("--once").returncode == 0 and aws.left(aws.queue) == 0,
+               SYNC_BOUND, interval=1, what="both copies acknowledged")
+    assert len(dovecot.maildir_messages(ALICE)) == 1
+
+
+@pytest.mark.slow
+def test_two_sync_processes_200_messages_each_exactly_once(setup, aws, dovecot):
+    gate, sync = setup
+    first, second = sync().start(), sync().start()
+    marks = [uuid.uuid4().hex for _ in range(200)]
+    for mark in marks:
+        aws.s3.put_object(Bucket=BUCKET, Key=f"in/{mark}", Body=stored(mark))
+    wait_until(lambda: len(dovecot.maildir_messages(ALICE)) >= 200 and aws.left(aws.queue) == 0,
+               3 * SYNC_BOUND, interval=0.2, what="200 messages delivered")
+    assert first.stop() == 0 and second.stop() == 0
+    delivered = dovecot.maildir_messages(ALICE)
+    assert len(delivered) == 200
+    assert sorted(header(m, "Subject")[len("Subject: sync "):] for m in delivered) == sorted(marks)
+    for proc in (first, second):  # both took part
+        assert "s3://inbound/in/" in proc.log_text()
+
+
+def test_sigkill_after_250_before_delete_no_duplicate(setup, aws, dovecot):
+    gate, sync = setup
+    mark = uuid.uuid4().hex
+    aws.s3.put_object(Bucket=BUCKET, Key=f"in/{mark}", Body=stored(mark))
+    crashed = sync(env={"SYNC_CRASH_POINT": "before-delete"}).run("--once")
+    assert crashed.returncode == -signal.SIGKILL
+    assert len(dovecot.maildir_messages(ALICE)) == 1 and aws.left(aws.queue) == 1
+    # the message comes back after its visibility timeout (3 s here)
+    wait_until(lambda: sync().run("--once").returncode == 0 and aws.left(aws.queue) == 0,
+               SYNC_BOUND, interval=1, what="the message back and acknowledged")
+    assert len(dovecot.maildir_messages(ALICE)) == 1
+
+
+# ---------------------------------------------------------------- poison, replay, trust
+
+def test_poison_messages_dead_lettered_with_reason_queue_keeps_flowing(setup, aws, dovecot):
+    gate, sync = setup
+    missing = {"Records": [{"eventName": "ObjectCreated:Put", "s3": {
+        "bucket": {"name": BUCKET}, "object": {"key": "in/never-stored", "size": 10}}}]}
+    for body in (json.dumps(missing), '{"Records": [{"eventName": "ObjectCr',
+                 "this is not JSON", json.dumps(ses_notification("ses/x", []))):
+        aws.sqs.send_message(QueueUrl=aws.queue, MessageBody=body)
+    mark = uuid.uuid4().hex
+    aws.s3.put_object(Bucket=BUCKET, Key=f"in/{mark}", Body=stored(mark))
+    once(sync)
+    assert len(dovecot.maildir_messages(ALICE)) == 1
+    assert aws.left(aws.queue) == 0
+    dead = sorted(aws.dead_letters(), key=lambda d: d["error"])
+    assert [d["error"].split(":")[0] for d in dead] == [
+        "SES notification with empty or invalid receipt.recipients", "not JSON", "not JSON",
+        "object s3"]
+    assert "in/never-stored does not exist (NoSuchKey)" in dead[3]["error"]
+    assert dead[3]["key"] == "s3://inbound/in/never-stored"
+    assert all(d["queue"].endswith(f"/{QUEUE}") and d["time"].endswith("Z") for d in dead)
+    assert {d["body"] for d in dead[1:3]} == {'{"Records": [{"eventName": "ObjectCr',
+                                              "this is not JSON"}
+
+
+def test_without_dead_letter_queue_the_redrive_policy_takes_poison(setup, aws, dovecot, moto):
+    gate, sync = setup
+    redrive = aws.sqs.create_queue(QueueName="redrive-dlq")["QueueUrl"]
+    aws.sqs.set_queue_attributes(QueueUrl=aws.queue, Attributes={"RedrivePolicy": json.dumps(
+        {"deadLetterTargetArn": aws.arn(redrive), "maxReceiveCount": "2"})})
+    aws.sqs.send_message(QueueUrl=aws.queue, MessageBody="not JSON at all")
+    env = {"MAILGATE_SYNC_DEAD_LETTER_QUEUE": ""}
+    for _ in range(3):  # each run receives it once; SQS moves it after the 2nd receive
+        assert sync(env).run("--once").returncode == 0
+    assert aws.left(aws.queue) == 0 and aws.left(redrive) == 1
+
+
+def test_replay_of_a_prefix_with_the_same_idempotency(setup, aws, dovecot):
+    gate, sync = setup
+    marks = {p: uuid.uuid4().hex for p in ("2026/11/a", "2026/11/b", "2026/10/c")}
+    for prefix, mark in marks.items():
+        aws.s3.put_object(Bucket=ARCHIVE, Key=f"{prefix}/{mark}", Body=stored(mark))
+    first = sync().run("replay", "--bucket", ARCHIVE, "--prefix", "2026/11/")
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.count(": delivered") == 2
+    subjects = sorted(header(m, "Subject") for m in dovecot.maildir_messages(ALICE))
+    assert subjects == sorted(f"Subject: sync {marks[p]}" for p in ("2026/11/a", "2026/11/b"))
+    again = sync().run("replay", "--bucket", ARCHIVE, "--prefix", "2026/11/")
+    assert again.returncode == 0 and len(dovecot.maildir_messages(ALICE)) == 2
+    to_bob = sync().run("replay", "--bucket", ARCHIVE, "--prefix", "2026/10/", "--to", BOB)
+    assert to_bob.returncode == 0 and len(dovecot.maildir_messages(BOB)) == 1
+
+
+def test_only_the_secret_makes_a_feed_session(setup, aws, dovecot):
+    gate, sync = setup
+    with smtplib.SMTP(*gate.smtp, local_hostname="client.test", timeout=15) as client:
+        client.ehlo()
+        assert client.has_extn("xfeed")
+        code, text = client.docmd("XFEED", "SECRET=0123456789abcdef0123 x-ses-spam=pass")
+        assert (code, text.split()[0]) == (535, b"5.7.8")
+        data = stored(uuid.uuid4().hex)  # SES's headers written by any client: no verdicts
+        with pytest.raises(smtplib.SMTPDataError) as refused:
+            client.sendmail("a@remote.test", [ALICE], data + b"y" * 1200 + b"\r\n")
+        assert (refused.value.smtp_code, refused.value.smtp_error[:5]) == (500, b"5.5.2")
+        client.sendmail("a@remote.test", [ALICE], data)
+    [delivered] = dovecot.maildir_messages(ALICE)
+    assert header(delivered, "X-Test-Feed") == "X-Test-Feed: none"

@@ -1,0 +1,121 @@
+"""What sync reads from an SQS body and from SES's headers: pure functions, no peers.
+
+Bodies are shaped as S3, SNS and SES write them (the S3 event as moto's server sends it).
+"""
+import json
+
+import pytest
+
+from mailgate.s3sync import headers
+from mailgate.s3sync.inject import xtext
+from mailgate.s3sync.notifications import BadNotification, parse
+
+S3_EVENT = {"Records": [{"eventVersion": "2.1", "eventSource": "aws:s3",
+                         "eventName": "ObjectCreated:Put",
+                         "s3": {"bucket": {"name": "inbound"},
+                                "object": {"key": "mail/a+b%2Bc%C3%A9.eml", "size": 7}}}]}
+SES = {"notificationType": "Received",
+       "mail": {"source": "bounce@remote.test", "messageId": "0abc"},
+       "receipt": {"recipients": ["alice@example.test", "x@elsewhere.test"],
+                   "spamVerdict": {"status": "PASS"}, "virusVerdict": {"status": "PASS"},
+                   "spfVerdict": {"status": "FAIL"}, "dkimVerdict": {"status": "GRAY"},
+                   "dmarcVerdict": {"status": "PROCESSING_FAILED"},
+                   "action": {"type": "S3", "bucketName": "inbound", "objectKey": "in/0abc"}}}
+
+
+def sns(message: dict, type_: str = "Notification") -> str:
+    return json.dumps({"Type": type_, "MessageId": "m", "TopicArn": "arn:aws:sns:x:1:t",
+                       "Message": json.dumps(message)})
+
+
+def test_s3_event_key_is_url_decoded_plus_is_a_space():
+    [notice] = parse(json.dumps(S3_EVENT))
+    assert (notice.bucket, notice.key, notice.size) == ("inbound", "mail/a b+cé.eml", 7)
+    assert notice.recipients == () and notice.sender is None and notice.verdicts is None
+
+
+def test_s3_test_event_and_other_events_announce_nothing():
+    assert parse(json.dumps({"Service": "Amazon S3", "Event": "s3:TestEvent",
+                             "Bucket": "inbound"})) == []
+    removed = {"Records": [{"eventName": "ObjectRemoved:Delete", "s3": {}}]}
+    assert parse(json.dumps(removed)) == []
+
+
+@pytest.mark.parametrize("body", [sns(SES), json.dumps(SES)], ids=["sns-envelope", "raw"])
+def test_ses_notification_in_both_deliveries(body):
+    [notice] = parse(body)
+    assert (notice.bucket, notice.key) == ("inbound", "in/0abc")
+    assert notice.recipients == ("alice@example.test", "x@elsewhere.test")
+    assert notice.sender == "bounce@remote.test" and notice.message_id == "0abc"
+    assert notice.verdicts == (("x-ses-spam", "pass"), ("x-ses-virus", "pass"),
+                               ("x-ses-spf", "fail"), ("x-ses-dkim", "neutral"),
+                               ("x-ses-dmarc", "temperror"))
+
+
+def test_s3_event_through_sns_and_subscription_confirmation():
+    assert parse(sns(S3_EVENT))[0].key == "mail/a b+cé.eml"
+    assert parse(sns({}, "SubscriptionConfirmation")) == []
+
+
+@pytest.mark.parametrize("body, reason", [
+    ('{"Records": [{"eventName": "ObjectCreated:Put"', "not JSON"),
+    ("hello", "not JSON"),
+    ("[1, 2]", "not a JSON object"),
+    ('{"foo": 1}', "neither an S3 event nor an SES notification"),
+    (json.dumps({**SES, "receipt": {**SES["receipt"], "recipients": []}}), "empty or invalid"),
+    (json.dumps({**SES, "receipt": {**SES["receipt"], "action": {"type": "SNS"}}}), "S3 action"),
+    (json.dumps({"Type": "Notification", "Message": "{broken"}), "SNS Message is not JSON"),
+    (json.dumps({"Records": [{"eventName": "ObjectCreated:Put", "s3": {}}]}), "s3.bucket.name"),
+])
+def test_bad_bodies_say_why(body, reason):
+    with pytest.raises(BadNotification, match=reason):
+        parse(body)
+
+
+STORED = (b"Return-Path: <bounce@remote.test>\r\n"
+          b"Received: from mail.remote.test (mail-out.remote.test [192.0.2.7])\r\n"
+          b" by inbound-smtp.us-east-1.amazonaws.com with SMTP id abc\r\n"
+          b" for alice@example.test;\r\n Tue, 29 Jun 2021 18:48:48 +0000 (UTC)\r\n"
+          b"X-SES-Spam-Verdict: PASS\r\n"
+          b"X-SES-Virus-Verdict: FAIL\r\n"
+          b"Authentication-Results: amazonses.com;\r\n spf=pass (spfCheck: ok) "
+          b"client-ip=192.0.2.7; envelope-from=bounce@remote.test; helo=mail.remote.test;\r\n"
+          b" dkim=fail header.i=@remote.test;\r\n dmarc=none header.from=remote.test;\r\n"
+          b"Received: by mail.remote.test with SMTP id 1\r\n"
+          b"X-SES-Spam-Verdict: FAIL\r\n"
+          b"To: Alice <alice@example.test>, bob@example.test\r\n"
+          b"Cc: x@elsewhere.test\r\n"
+          b"Subject: hi\r\n\r\nbody\r\n")
+
+
+def test_ses_block_gives_client_recipients_sender_and_verdicts():
+    section = headers.header_section(STORED)
+    block = headers.ses_block(section)
+    assert headers.origin(block) == headers.Origin("192.0.2.7", "mail-out.remote.test",
+                                                   "mail.remote.test")
+    assert headers.ses_recipients(block) == ["alice@example.test"]
+    assert headers.sender(block) == "bounce@remote.test"
+    # the sender's own X-SES-Spam-Verdict below SES's block does not count
+    assert headers.verdicts(block) == (("x-ses-spam", "pass"), ("x-ses-virus", "fail"),
+                                       ("x-ses-spf", "pass"), ("x-ses-dkim", "fail"),
+                                       ("x-ses-dmarc", "none"))
+    assert headers.header_recipients(section) == ["alice@example.test", "bob@example.test",
+                                                  "x@elsewhere.test"]
+
+
+def test_no_ses_received_no_block():
+    forged = b"X-SES-Spam-Verdict: PASS\r\nReceived: from a (b [192.0.2.1]) by mx.test\r\n\r\n"
+    assert headers.ses_block(headers.header_section(forged)) == []
+    assert headers.verdicts([]) == () and headers.origin([]) == headers.Origin()
+
+
+def test_lf_only_headers_and_domain_split():
+    section = headers.header_section(STORED.replace(b"\r\n", b"\n"))
+    assert headers.ses_recipients(headers.ses_block(section)) == ["alice@example.test"]
+    ours, foreign = headers.in_domains(["a@Example.Test", "b@x.test", "a@Example.Test"],
+                                       frozenset({"example.test"}))
+    assert (ours, foreign) == (["a@Example.Test"], ["b@x.test"])
+
+
+def test_xtext_escapes_plus_equals_space_and_non_ascii():
+    assert xtext("a+b=c d\u00e9") == "a+2Bb+3Dc+20d+C3+A9"
