@@ -12,7 +12,9 @@ import json
 import os
 import signal
 import smtplib
+import socket
 import subprocess
+import urllib.request
 import sys
 import uuid
 from pathlib import Path
@@ -155,13 +157,19 @@ def aws(moto) -> Aws:
 
 
 @pytest.fixture
-def setup(aws, moto, mailgate_factory, peer_root, request):
+def filters() -> list[str]:
+    """serve's filter chain for the test (a test may parametrize it)."""
+    return ["sync_filters:ShowFeed"]
+
+
+@pytest.fixture
+def setup(aws, moto, mailgate_factory, peer_root, request, filters):
     """serve (with the feed's secret and a filter that shows the feed's verdicts) and a factory
     of sync processes on the same config file; every sync is stopped at teardown."""
     secret = peer_root / "feed.secret"
     secret.write_text(uuid.uuid4().hex + "\n")
     gate = mailgate_factory(
-        {"pipeline": {"filters": ["sync_filters:ShowFeed"]},
+        {"pipeline": {"filters": filters},
          "sync": {"endpoint_url": moto.endpoint, "region": "us-east-1",
                   "buckets": [BUCKET, ARCHIVE], "dead_letter_queue": DLQ, "wait_time": 1,
                   "visibility_timeout": 3, "secret_file": str(secret)}},
@@ -412,3 +420,43 @@ def test_only_the_secret_makes_a_feed_session(setup, aws, dovecot):
         client.sendmail("a@remote.test", [ALICE], data)
     [delivered] = dovecot.maildir_messages(ALICE)
     assert header(delivered, "X-Test-Feed") == "X-Test-Feed: none"
+
+
+# ---------------------------------------------------------------- running as a service
+
+@pytest.mark.parametrize("filters", [["filters_for_tests:Slow"]])  # 1.5 s per message
+def test_slow_delivery_keeps_its_visibility(setup, aws, dovecot):
+    gate, sync = setup
+    feed = sync(env={"MAILGATE_SYNC_VISIBILITY_TIMEOUT": "1"}).start()
+    mark = uuid.uuid4().hex
+    aws.s3.put_object(Bucket=BUCKET, Key=f"in/{mark}", Body=stored(mark))
+    wait_until(lambda: aws.left(aws.queue) == 0, SYNC_BOUND, what="the queue drained")
+    assert feed.stop() == 0
+    assert len(dovecot.maildir_messages(ALICE)) == 1
+    assert "received again while in flight" not in feed.log_text()
+
+
+def test_readiness_metrics_and_sigterm(setup, aws, dovecot, peer_root):
+    gate, sync = setup
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+        notify.bind(str(peer_root / "notify.sock"))
+        notify.settimeout(SYNC_BOUND)
+        feed = sync(env={"NOTIFY_SOCKET": str(peer_root / "notify.sock")}).start()
+        assert notify.recv(64) == b"READY=1"
+        mark = uuid.uuid4().hex
+        data = stored(mark)
+        aws.s3.put_object(Bucket=BUCKET, Key=f"in/{mark}", Body=data)
+        wait_until(lambda: aws.left(aws.queue) == 0, SYNC_BOUND, what="the queue drained")
+        url = f"http://{feed.env['MAILGATE_SYNC_METRICS']}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as response:
+            exposed = response.read().decode()
+        assert feed.stop() == 0
+        assert notify.recv(64) == b"STOPPING=1"
+    queue = f'queue="{QUEUE}"'
+    for line in (f'mailgate_sync_messages_total{{{queue},result="delivered"}} 1.0',
+                 f'mailgate_sync_messages_total{{{queue},result="skipped"}} 1.0',  # TestEvent
+                 f"mailgate_sync_s3_bytes_total {float(len(data))}",
+                 "mailgate_sync_injection_seconds_count 1.0",
+                 f"mailgate_sync_queue_lag_seconds_count{{{queue}}} 2.0"):
+        assert line in exposed.splitlines(), line
+    assert "mailgate_messages_total" not in exposed  # serve's metrics live on serve's port

@@ -98,6 +98,8 @@ class Feed:
     def _start(self, url: str, message: dict) -> None:
         mid = message["MessageId"]
         if mid in self.handles:  # received again while in flight: keep the newer handle only
+            log.warning("queue %s message %s: received again while in flight (a heartbeat came "
+                        "late); the newer receipt handle is kept", short_name(url), mid)
             self.handles[mid] = message["ReceiptHandle"]
             self.slots.release()
             return
@@ -125,7 +127,7 @@ class Feed:
 
     async def _heartbeat(self, url: str, mid: str) -> None:
         """Keep a slow delivery invisible to other receivers (latest receipt handle)."""
-        period = max(self.sync.visibility_timeout / 2, 1.0)
+        period = max(self.sync.visibility_timeout / 3, 0.3)
         while True:
             await asyncio.sleep(period)
             try:

@@ -10,11 +10,10 @@ import asyncio
 import logging
 import signal
 
-from prometheus_client import start_http_server
-
 from mailgate import maillog
 from mailgate.config import Config, parse_hostport
 from mailgate.notify import notify
+from mailgate.s3sync import metrics
 from mailgate.s3sync.ack import Marker
 from mailgate.s3sync.claims import Claims
 from mailgate.s3sync.clients import Clients
@@ -60,9 +59,8 @@ async def feed(args, config: Config, clients: Clients, handover: Handover) -> in
     sync = config.sync
     urls = await resolve(config, clients, handover.domains)
     dlq = await url_of(clients, sync.dead_letter_queue) if sync.dead_letter_queue else ""
-    if sync.metrics:  # its own registry's content only: serve's metrics are not imported here
-        host, port = parse_hostport(sync.metrics, "sync.metrics")
-        start_http_server(port, addr=host)
+    if sync.metrics:
+        metrics.serve(*parse_hostport(sync.metrics, "sync.metrics"))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
