@@ -14,6 +14,7 @@ import signal
 import smtplib
 import socket
 import subprocess
+import urllib.parse
 import urllib.request
 import sys
 import uuid
@@ -54,6 +55,14 @@ def ses_notification(key: str, recipients: list[str], bucket: str = BUCKET) -> d
                         "virusVerdict": {"status": "PASS"}, "spfVerdict": {"status": "GRAY"},
                         "dkimVerdict": {"status": "PASS"}, "dmarcVerdict": {"status": "PASS"},
                         "action": {"type": "S3", "bucketName": bucket, "objectKey": key}}}
+
+
+def s3_event(key: str, bucket: str = BUCKET) -> dict:
+    """An ObjectCreated record as S3 sends it (key URL-encoded)."""
+    return {"Records": [{"eventVersion": "2.1", "eventSource": "aws:s3",
+                         "eventName": "ObjectCreated:Put",
+                         "s3": {"bucket": {"name": bucket},
+                                "object": {"key": urllib.parse.quote_plus(key, safe="/")}}}]}
 
 
 class Aws:
@@ -324,12 +333,13 @@ def test_notification_delivered_twice_delivers_once(setup, aws, dovecot):
 
 
 @pytest.mark.slow
-def test_two_sync_processes_200_messages_each_exactly_once(setup, aws, dovecot):
+def test_two_sync_processes_200_messages_twice_announced_each_exactly_once(setup, aws, dovecot):
     gate, sync = setup
     first, second = sync().start(), sync().start()
     marks = [uuid.uuid4().hex for _ in range(200)]
-    for mark in marks:
+    for mark in marks:  # each announced twice (at-least-once): the event, and a copy of it
         aws.s3.put_object(Bucket=BUCKET, Key=f"in/{mark}", Body=stored(mark))
+        aws.sqs.send_message(QueueUrl=aws.queue, MessageBody=json.dumps(s3_event(f"in/{mark}")))
     wait_until(lambda: len(dovecot.maildir_messages(ALICE)) >= 200 and aws.left(aws.queue) == 0,
                3 * SYNC_BOUND, interval=0.2, what="200 messages delivered")
     assert first.stop() == 0 and second.stop() == 0
@@ -357,9 +367,7 @@ def test_sigkill_after_250_before_delete_no_duplicate(setup, aws, dovecot):
 
 def test_poison_messages_dead_lettered_with_reason_queue_keeps_flowing(setup, aws, dovecot):
     gate, sync = setup
-    missing = {"Records": [{"eventName": "ObjectCreated:Put", "s3": {
-        "bucket": {"name": BUCKET}, "object": {"key": "in/never-stored", "size": 10}}}]}
-    for body in (json.dumps(missing), '{"Records": [{"eventName": "ObjectCr',
+    for body in (json.dumps(s3_event("in/never-stored")), '{"Records": [{"eventName": "ObjectCr',
                  "this is not JSON", json.dumps(ses_notification("ses/x", []))):
         aws.sqs.send_message(QueueUrl=aws.queue, MessageBody=body)
     mark = uuid.uuid4().hex

@@ -1,4 +1,4 @@
-"""Reading a stored message from S3, whole and checked, with CRLF line endings.
+"""Reading a stored message from S3, whole and checked.
 
 An object that is gone (NoSuchKey) or larger than the listener takes is final (dead letter);
 one that cannot be read, or whose length differs from its ContentLength, is retried: it is never
@@ -6,13 +6,11 @@ delivered as it is.
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 from mailgate.s3sync import metrics
 from mailgate.s3sync.clients import AWS_ERRORS, Clients, error_code
 
-LINE_END = re.compile(rb"\r\n|\r|\n")
 GONE = ("NoSuchKey", "NoSuchBucket", "404")
 
 
@@ -26,16 +24,8 @@ class Unreadable(Exception):
 
 @dataclass(frozen=True)
 class Stored:
-    data: bytes   # CRLF line endings
+    data: bytes   # as stored: SES may use LF; the SMTP client sends CRLF
     etag: str     # without quotes
-
-
-def crlf(data: bytes) -> bytes:
-    """Every line ending CRLF (SES may store LF; the listener refuses bare LF)."""
-    pairs = data.count(b"\r\n")
-    if data.count(b"\r") == pairs and data.count(b"\n") == pairs:
-        return data
-    return LINE_END.sub(b"\r\n", data)
 
 
 def _read(s3, bucket: str, key: str, max_size: int) -> tuple[bytes, int, str]:
@@ -63,4 +53,4 @@ async def fetch(clients: Clients, bucket: str, key: str, max_size: int) -> Store
         metrics.ERRORS.labels("s3").inc()
         raise Unreadable(f"s3://{bucket}/{key}: read {len(data)} bytes of {length}")
     metrics.S3_BYTES.inc(len(data))
-    return Stored(crlf(data), etag.strip('"'))
+    return Stored(data, etag.strip('"'))

@@ -25,7 +25,7 @@ BROKEN = 421       # our code for "the conversation broke": temporary, like serv
 class Handoff:
     sender: str
     recipients: tuple[str, ...]
-    data: bytes                 # CRLF
+    data: bytes                 # as stored; aiosmtplib sends it with CRLF line endings
     origin: Origin
     verdicts: Verdicts
 
@@ -139,7 +139,10 @@ class Injector:
 
     @staticmethod
     def _mail_options(h: Handoff) -> list[str]:
-        options = [f"SIZE={len(h.data)}"]
+        # the size on the wire: aiosmtplib turns every LF and lone CR into CRLF
+        size = len(h.data) + h.data.count(b"\n") - h.data.count(b"\r\n") + \
+            h.data.count(b"\r") - h.data.count(b"\r\n")
+        options = [f"SIZE={size}"]
         if not h.data.isascii():
             options.append("BODY=8BITMIME")
         if not all(a.isascii() for a in (h.sender, *h.recipients)):
