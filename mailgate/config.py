@@ -347,7 +347,20 @@ def validate(cfg: Config) -> Config:
     if cfg.log.level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ConfigError(f"log.level: {cfg.log.level!r} is not debug, info, warning or error")
     _check_choices(cfg)
+    _check_store(cfg)
     return cfg
+
+
+def _check_store(cfg: Config) -> None:
+    if cfg.store.backend == "dynamodb" and not cfg.store.region:
+        raise ConfigError("store.region: needed for backend dynamodb (or set AWS_REGION)")
+    for key in ("timeout", "deadline", "outage_budget"):
+        if getattr(cfg.store, key) <= 0:
+            raise ConfigError(f"store.{key}: must be greater than 0")
+    if cfg.store.deadline >= cfg.pipeline.filter_timeout:
+        raise ConfigError("store.deadline: must stay under pipeline.filter_timeout")
+    if cfg.store.cache_ttl < 0:
+        raise ConfigError("store.cache_ttl: must be 0 (off) or more")
 
 
 CHOICES = {

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
+import time
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
@@ -29,7 +31,7 @@ def moto_server(tmp_path_factory: pytest.TempPathFactory):
         server.stop()
 
 
-@pytest.fixture(params=["sqlite"])  # dynamodb: next commit
+@pytest.fixture(params=["sqlite", "dynamodb"])
 def config(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch) -> Config:
     if request.param == "sqlite":
         return Config(domains=("example.test",), data_dir=str(tmp_path),
@@ -133,7 +135,10 @@ def test_outbound_items_round_trip(config):
     item = {"original_sender": "me@example.test", "recipients": ["x@remote.test"],
             "sent_at": "2030-01-01T00:00:00+00:00"}
     run(config, lambda s: s.put_outbound("0100018c-abc", item))
-    assert run(config, lambda s: s.outbound("0100018c-abc")) == {**item, "message_id": "0100018c-abc"}
+    got = run(config, lambda s: s.outbound("0100018c-abc"))
+    expires = got.pop("expires_at")   # the TTL attribute: 30 days on
+    assert 29 * 86400 < expires - time.time() < 31 * 86400
+    assert got == {**item, "message_id": "0100018c-abc"}
     assert run(config, lambda s: s.outbound("0100018c-none")) is None
 
 
@@ -157,3 +162,52 @@ def test_new_sqlite_file_belongs_to_the_owner_of_its_directory(tmp_path):
     run(config, lambda s: s.claim("k", 60))
     db = data / "mailgate.sqlite3"
     assert (db.stat().st_uid, db.stat().st_gid, db.stat().st_mode & 0o777) == (5000, 5000, 0o600)
+
+
+# ---------------------------------------------------------------- DynamoDB unreachable
+
+def dynamo_config(moto: Moto, data_dir: Path, **store: Any) -> Config:
+    return Config(domains=("example.test",), data_dir=str(data_dir),
+                  store=StoreSection(backend="dynamodb", endpoint_url=moto.endpoint,
+                                     region="us-east-1", **store))
+
+
+def test_outage_serves_what_was_read_before_even_after_a_restart(moto, tmp_path, monkeypatch):
+    for name, value in AWS_TEST_ENV.items():
+        monkeypatch.setenv(name, value)
+    config = dynamo_config(moto, tmp_path, cache_ttl=0)
+    run(config, lambda s: s.ensure_tables())
+    run(config, lambda s: s.set_rule(Rule(ALICE, forward=("friend@elsewhere.test",))))
+    run(config, lambda s: s.add_block(ALICE, "*@spam.test"))
+    # alice (a rule) and bob (none) are read once; carol never
+    assert list(run(config, lambda s: s.rules([ALICE, BOB]))) == [ALICE]
+    assert list(run(config, lambda s: s.blocked([ALICE, BOB]))) == [ALICE]
+    moto.stop()
+    for _ in range(2):  # the second store is a restarted mailgate: the copy is on disk
+        with pytest.raises(StoreUnavailable) as rules:
+            run(config, lambda s: s.rules([ALICE, BOB, CAROL]))
+        assert rules.value.known == {ALICE: Rule(ALICE, forward=("friend@elsewhere.test",))}
+        assert rules.value.unread == {CAROL}
+        with pytest.raises(StoreUnavailable) as blocked:
+            run(config, lambda s: s.blocked([ALICE, BOB, CAROL]))
+        assert (blocked.value.known, blocked.value.unread) == ({ALICE: ("*@spam.test",)}, {CAROL})
+    with pytest.raises(StoreUnavailable):
+        run(config, lambda s: s.claim("k", 60))
+
+
+def test_a_silent_endpoint_fails_within_the_deadline(tmp_path, monkeypatch):
+    """boto3's defaults would wait 60 s per attempt, 10 attempts; the store gives up in time."""
+    for name, value in AWS_TEST_ENV.items():
+        monkeypatch.setenv(name, value)
+    with socket.socket() as silent:   # accepts connections (backlog), never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        endpoint = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        config = Config(domains=("example.test",), data_dir=str(tmp_path), store=StoreSection(
+            backend="dynamodb", endpoint_url=endpoint, region="us-east-1", timeout=0.5,
+            deadline=1.5))
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailable) as caught:
+            run(config, lambda s: s.rules([ALICE]))
+        assert time.monotonic() - started < 4
+        assert caught.value.unread == {ALICE}

@@ -66,8 +66,8 @@ class SQLiteStore:
         return json.loads(row[0]) if row else None
 
     async def put_outbound(self, message_id: str, item: dict) -> None:
-        text = json.dumps({**item, "message_id": message_id})
-        expires = time.time() + OUTBOUND_DAYS * 86400
+        expires = int(time.time() + OUTBOUND_DAYS * 86400)
+        text = json.dumps({**item, "message_id": message_id, "expires_at": expires})
         await self.worker.call(lambda db: db.execute(
             "INSERT OR REPLACE INTO outbound VALUES (?, ?, ?)", (message_id, text, expires)))
 
