@@ -10,6 +10,7 @@ from statistics import median
 
 TARGET_DIRECT, TARGET_POSTFIX = 0.85, 1.3
 NOTES = "## Notes"
+SYNC = "## SES feed"
 TOP = 15
 LABELS = {"a": "(a) mailgate", "b": "(b) direct", "c": "(c) Postfix"}
 
@@ -178,7 +179,8 @@ def profile_section(prof: dict | None) -> list[str]:
 
 def kept_notes(path: Path) -> list[str]:
     text = path.read_text() if path.exists() else ""
-    at = text.find("\n" + NOTES)
+    # bench/sync_feed.py's section sits before the notes and is kept with them
+    at = min((i for i in (text.find("\n" + SYNC), text.find("\n" + NOTES)) if i >= 0), default=-1)
     if at < 0:
         return [NOTES, "", "Readings and caveats written by hand; kept across runs.", ""]
     return [text[at + 1:].rstrip("\n"), ""]

@@ -21,7 +21,6 @@ log = logging.getLogger("mailgate.sync")
 BATCH = 10          # SQS's most entries per batch request
 LINGER = 0.02       # seconds a delete waits for others to share its request
 TAG_VALUE = 256     # S3's longest tag value
-MAX_TAGS = 10       # S3's most tags per object
 
 
 def now() -> str:
@@ -41,14 +40,13 @@ class Marker:
         if self.mode == "delete":
             await self.clients.call(s3.delete_object, Bucket=bucket, Key=key)
             return
-        current = await self.clients.call(s3.get_object_tagging, Bucket=bucket, Key=key)
-        ours = dict(processed="true", processed_at=now(), processed_by=self.host,
+        # XXX the tag set is replaced whole: SES writes objects untagged, and reading the tags
+        # first to merge them would cost a request per message (S3 has no "add a tag" call).
+        tags = dict(processed="true", processed_at=now(), processed_by=self.host,
                     status=outcome.status,
                     invalid_inboxes=" ".join(outcome.invalid_inboxes)[:TAG_VALUE])
-        others = [t for t in current.get("TagSet", []) if t["Key"] not in ours]
-        tag_set = [{"Key": k, "Value": v} for k, v in ours.items()] + others[:MAX_TAGS - len(ours)]
-        await self.clients.call(s3.put_object_tagging, Bucket=bucket, Key=key,
-                                Tagging={"TagSet": tag_set})
+        await self.clients.call(s3.put_object_tagging, Bucket=bucket, Key=key, Tagging={
+            "TagSet": [{"Key": k, "Value": v} for k, v in tags.items()]})
 
 
 class Deleter:

@@ -31,7 +31,11 @@ class Feed:
     def __init__(self, config: Config, clients: Clients, handover: Handover, dlq_url: str):
         self.sync, self.clients, self.handover, self.dlq_url = config.sync, clients, handover, dlq_url
         self.marker, self.deleter = Marker(config, clients), Deleter(clients)
-        self.slots = asyncio.Semaphore(config.sync.concurrency)
+        # Received but not finished: what is being injected (concurrency) plus one batch
+        # waiting for a worker, so every receive asks for a full batch (each receive is a
+        # request; SQS bills it, moto's costs grow with the queue).
+        self.slots = asyncio.Semaphore(config.sync.concurrency + config.sync.batch)
+        self.workers = asyncio.Semaphore(config.sync.concurrency)
         self.handles: dict[str, str] = {}   # SQS MessageId in flight -> latest receipt handle
         self.tasks: set[asyncio.Task] = set()
         self.receive_failed = False
@@ -67,13 +71,10 @@ class Feed:
                 return
 
     async def _take_slots(self) -> int:
-        """Wait for one free slot, then take what else is free, up to a batch."""
-        await self.slots.acquire()
-        taken = 1
-        while taken < self.sync.batch and not self.slots.locked():
+        """Wait until a whole batch fits."""
+        for _ in range(self.sync.batch):
             await self.slots.acquire()
-            taken += 1
-        return taken
+        return self.sync.batch
 
     async def _receive(self, url: str, count: int, once: bool) -> list[dict]:
         wait = min(self.sync.wait_time, 1.0) if once else self.sync.wait_time
@@ -117,7 +118,8 @@ class Feed:
         mid = message["MessageId"]
         heartbeat = asyncio.ensure_future(self._heartbeat(url, mid))
         try:
-            await self._process(url, message)
+            async with self.workers:
+                await self._process(url, message)
         except Exception:  # noqa: BLE001 - our bug: the message comes back, nothing is acked
             metrics.ERRORS.labels("internal").inc()
             log.exception("queue %s message %s: internal error; it will come back",
