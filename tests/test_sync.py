@@ -363,6 +363,21 @@ def test_sigkill_after_250_before_delete_no_duplicate(setup, aws, dovecot):
     assert len(dovecot.maildir_messages(ALICE)) == 1
 
 
+def test_several_queues_share_the_workers(setup, aws, dovecot):
+    gate, sync = setup
+    second = aws.sqs.create_queue(QueueName="second-queue")["QueueUrl"]
+    marks = [uuid.uuid4().hex for _ in range(12)]
+    for i, mark in enumerate(marks):
+        aws.s3.put_object(Bucket=ARCHIVE, Key=f"in/{mark}", Body=stored(mark))
+        aws.sqs.send_message(QueueUrl=(aws.queue, second)[i % 2],
+                             MessageBody=json.dumps(s3_event(f"in/{mark}", ARCHIVE)))
+    env = {"MAILGATE_SYNC_QUEUES": f"{QUEUE},second-queue", "MAILGATE_SYNC_CONCURRENCY": "1",
+           "MAILGATE_SYNC_BATCH": "3"}
+    assert sync(env).run("--once").returncode == 0
+    assert len(dovecot.maildir_messages(ALICE)) == 12
+    assert aws.left(aws.queue) == 0 and aws.left(second) == 0
+
+
 # ---------------------------------------------------------------- poison, replay, trust
 
 def test_poison_messages_dead_lettered_with_reason_queue_keeps_flowing(setup, aws, dovecot):

@@ -34,7 +34,9 @@ class Feed:
         # Received but not finished: what is being injected (concurrency) plus one batch
         # waiting for a worker, so every receive asks for a full batch (each receive is a
         # request; SQS bills it, moto's costs grow with the queue).
-        self.slots = asyncio.Semaphore(config.sync.concurrency + config.sync.batch)
+        self.capacity = config.sync.concurrency + config.sync.batch
+        self.outstanding = 0
+        self.freed = asyncio.Event()
         self.workers = asyncio.Semaphore(config.sync.concurrency)
         self.handles: dict[str, str] = {}   # SQS MessageId in flight -> latest receipt handle
         self.tasks: set[asyncio.Task] = set()
@@ -49,7 +51,7 @@ class Feed:
     async def _poll(self, url: str, once: bool, stop: asyncio.Event) -> None:
         pause = RETRY_PAUSE[0]
         while not stop.is_set():
-            taken = await self._take_slots()
+            taken = await self._reserve()
             try:
                 messages = await self._receive(url, taken, once)
                 pause = RETRY_PAUSE[0]
@@ -60,21 +62,28 @@ class Feed:
                 messages, pause = [], min(pause * 2, RETRY_PAUSE[1])
                 if not once:
                     await _sleep(stop, pause)
-            for _ in range(taken - len(messages)):
-                self.slots.release()
+            self._free(taken - len(messages))
             if stop.is_set() and messages:  # received as we were told to stop: give them back
-                await self._release(url, messages)
+                await self._give_back(url, messages)
                 return
             for message in messages:
                 self._start(url, message)
             if once and not messages:
                 return
 
-    async def _take_slots(self) -> int:
-        """Wait until a whole batch fits."""
-        for _ in range(self.sync.batch):
-            await self.slots.acquire()
+    async def _reserve(self) -> int:
+        """Wait until a whole batch fits, and take room for it (all at once: pollers that
+        took room piecemeal could hold it all between them and wait for ever)."""
+        while self.outstanding + self.sync.batch > self.capacity:
+            self.freed.clear()
+            await self.freed.wait()
+        self.outstanding += self.sync.batch
         return self.sync.batch
+
+    def _free(self, count: int) -> None:
+        if count:
+            self.outstanding -= count
+            self.freed.set()
 
     async def _receive(self, url: str, count: int, once: bool) -> list[dict]:
         wait = min(self.sync.wait_time, 1.0) if once else self.sync.wait_time
@@ -84,7 +93,7 @@ class Feed:
             MessageSystemAttributeNames=["ApproximateReceiveCount", "SentTimestamp"])
         return answer.get("Messages", [])
 
-    async def _release(self, url: str, messages: list[dict]) -> None:
+    async def _give_back(self, url: str, messages: list[dict]) -> None:
         entries = [{"Id": str(i), "ReceiptHandle": m["ReceiptHandle"], "VisibilityTimeout": 0}
                    for i, m in enumerate(messages)]
         try:
@@ -93,8 +102,7 @@ class Feed:
         except AWS_ERRORS as e:  # they come back after their visibility timeout instead
             log.warning("queue %s: could not give back %d messages: %s", short_name(url),
                         len(messages), e)
-        for _ in messages:
-            self.slots.release()
+        self._free(len(messages))
 
     def _start(self, url: str, message: dict) -> None:
         mid = message["MessageId"]
@@ -102,7 +110,7 @@ class Feed:
             log.warning("queue %s message %s: received again while in flight (a heartbeat came "
                         "late); the newer receipt handle is kept", short_name(url), mid)
             self.handles[mid] = message["ReceiptHandle"]
-            self.slots.release()
+            self._free(1)
             return
         self.handles[mid] = message["ReceiptHandle"]
         task = asyncio.ensure_future(self._handle(url, message))
@@ -112,7 +120,7 @@ class Feed:
     def _finished(self, task: asyncio.Task, mid: str) -> None:
         self.tasks.discard(task)
         self.handles.pop(mid, None)
-        self.slots.release()
+        self._free(1)
 
     async def _handle(self, url: str, message: dict) -> None:
         mid = message["MessageId"]
