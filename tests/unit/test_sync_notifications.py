@@ -1,4 +1,5 @@
-"""What sync reads from an SQS body and from SES's headers: pure functions, no peers.
+"""What sync reads from an SQS body and from SES's headers, what serve reads from XFEED, and
+the [sync] config checks: pure functions, no peers.
 
 Bodies are shaped as S3, SNS and SES write them (the S3 event as moto's server sends it).
 """
@@ -6,6 +7,8 @@ import json
 
 import pytest
 
+from mailgate import config
+from mailgate.commands import parse_xfeed
 from mailgate.s3sync import headers
 from mailgate.s3sync.inject import xtext
 from mailgate.s3sync.notifications import BadNotification, parse
@@ -119,3 +122,25 @@ def test_lf_only_headers_and_domain_split():
 
 def test_xtext_escapes_plus_equals_space_and_non_ascii():
     assert xtext("a+b=c d\u00e9") == "a+2Bb+3Dc+20d+C3+A9"
+
+
+def test_xfeed_arguments():
+    assert parse_xfeed("SECRET=s+2Bx x-ses-spam=pass x-ses-dkim=FAIL") == (
+        "s+x", (("x-ses-spam", "pass"), ("x-ses-dkim", "fail")))
+    assert parse_xfeed("SECRET=abc") == ("abc", ())
+    for bad in ("", "x-ses-spam=pass", "SECRET=a spam", "SECRET=a x=pa55", "SECRET=a =pass"):
+        assert parse_xfeed(bad) is None, bad
+
+
+@pytest.mark.parametrize("key, value, words", [
+    ("BATCH", "11", "sync.batch: must be from 1 to 10"),
+    ("WAIT_TIME", "21", "sync.wait_time: must be from 0 to 20 seconds"),
+    ("INJECT", "localhost", "sync.inject: 'localhost' is not host:port"),
+    ("METRICS", "nowhere", "sync.metrics: 'nowhere' is not host:port"),
+    ("PROCESSED", "archive", "sync.processed: 'archive' is not one of tag, keep, delete"),
+    ("VISIBILITY_TIMEOUT", "0", "sync.visibility_timeout: must be greater than 0"),
+])
+def test_sync_config_is_checked_at_start(key, value, words):
+    with pytest.raises(config.ConfigError) as error:
+        config.load(None, {f"MAILGATE_SYNC_{key}": value, "MAILGATE_DATA_DIR": "/nonexistent"})
+    assert str(error.value) == words
