@@ -19,7 +19,7 @@ from mailgate.s3sync.handover import Outcome
 
 log = logging.getLogger("mailgate.sync")
 BATCH = 10          # SQS's most entries per batch request
-LINGER = 0.02       # seconds a delete waits for others to share its request
+LINGER = 0.1        # seconds a delete waits for others to share its request
 TAG_VALUE = 256     # S3's longest tag value
 
 

@@ -127,7 +127,9 @@ class Feed:
         heartbeat = asyncio.ensure_future(self._heartbeat(url, mid))
         try:
             async with self.workers:
-                await self._process(url, message)
+                result = await self._process(url, message)
+            if result:  # a worker is not held while the delete waits for its batch
+                await self._delete(url, message, result)
         except Exception:  # noqa: BLE001 - our bug: the message comes back, nothing is acked
             metrics.ERRORS.labels("internal").inc()
             log.exception("queue %s message %s: internal error; it will come back",
@@ -148,7 +150,8 @@ class Feed:
                 log.warning("queue %s message %s: visibility not extended: %s",
                             short_name(url), mid, e)
 
-    async def _process(self, url: str, message: dict) -> None:
+    async def _process(self, url: str, message: dict) -> str | None:
+        """What to delete the message as ("delivered", ...), or None to let it come back."""
         queue, mid = short_name(url), message["MessageId"]
         sent = int(message.get("Attributes", {}).get("SentTimestamp", 0)) / 1000
         if sent:
@@ -156,8 +159,7 @@ class Feed:
         try:
             notices = parse(message["Body"])
         except BadNotification as e:
-            await self._poison(url, message, str(e), "")
-            return
+            return await self._poison(url, message, str(e), "")
         outcomes = [(n, await self.handover.run(n, f"queue {queue} s3://{n.bucket}/{n.key}"))
                     for n in notices]
         waiting = [(n, o) for n, o in outcomes if not o.final]
@@ -166,10 +168,11 @@ class Feed:
                         notice.bucket, notice.key, outcome.detail)
         if waiting:
             metrics.MESSAGES.labels(queue, "deferred").inc()
-            return
-        await self._finish(url, message, outcomes)
+            return None
+        return await self._finish(url, message, outcomes)
 
-    async def _finish(self, url: str, message: dict, outcomes: list[tuple[Notice, Outcome]]) -> None:
+    async def _finish(self, url: str, message: dict,
+                      outcomes: list[tuple[Notice, Outcome]]) -> str | None:
         queue = short_name(url)
         for notice, outcome in outcomes:
             _log_outcome(queue, notice, outcome)
@@ -182,13 +185,12 @@ class Feed:
         dead = [(n, o) for n, o in outcomes if o.dead]
         if dead:
             keys = " ".join(f"s3://{n.bucket}/{n.key}" for n, _ in dead)
-            await self._poison(url, message, "; ".join(o.detail for _, o in dead), keys)
-            return
+            return await self._poison(url, message, "; ".join(o.detail for _, o in dead), keys)
         if outcomes and os.environ.get(CRASH_POINT) == "before-delete":
             os.kill(os.getpid(), signal.SIGKILL)
-        await self._delete(url, message, "delivered" if outcomes else "skipped")
+        return "delivered" if outcomes else "skipped"
 
-    async def _poison(self, url: str, message: dict, error: str, key: str) -> None:
+    async def _poison(self, url: str, message: dict, error: str, key: str) -> str | None:
         queue = short_name(url)
         log.error("queue %s message %s%s: cannot be delivered: %s", queue, message["MessageId"],
                   f" {key}" if key else "", error)
@@ -197,9 +199,9 @@ class Feed:
                                     ReceiptHandle=self.handles[message["MessageId"]],
                                     VisibilityTimeout=0)
             metrics.MESSAGES.labels(queue, "redrive").inc()
-            return
+            return None
         await dead_letter(self.clients, self.dlq_url, url, message["Body"], error, key)
-        await self._delete(url, message, "dead_letter")
+        return "dead_letter"
 
     async def _delete(self, url: str, message: dict, result: str) -> None:
         try:
