@@ -170,14 +170,20 @@ class SMTPServer(SMTP):
         finally:
             self.in_ehlo = False
 
-    async def smtp_XFORWARD(self, arg: str | None) -> None:
-        if not self.trusted:
+    async def _before_mail(self, allowed: bool) -> bool:
+        """What XFORWARD and XFEED share: an allowed client, after EHLO, before MAIL."""
+        if not allowed:
             await self.reply(XFORWARD_DENIED)
-            return
+            return False
         if await self.check_helo_needed("EHLO"):
-            return
+            return False
         if self.envelope.mail_from is not None:
             await self.reply(BAD_SEQUENCE)
+            return False
+        return True
+
+    async def smtp_XFORWARD(self, arg: str | None) -> None:
+        if not await self._before_mail(self.trusted):
             return
         attrs = {}
         for item in (arg or "").split():
@@ -198,13 +204,7 @@ class SMTPServer(SMTP):
         (SES stores such mail; it must arrive byte-identical). Trusted by the shared secret
         (sync.secret_file) from a trusted network, never by anything in the message."""
         secret = self.gateway.feed_secret
-        if not self.trusted or not secret:
-            await self.reply(XFORWARD_DENIED)
-            return
-        if await self.check_helo_needed("EHLO"):
-            return
-        if self.envelope.mail_from is not None:
-            await self.reply(BAD_SEQUENCE)
+        if not await self._before_mail(self.trusted and bool(secret)):
             return
         parsed = parse_xfeed(arg or "")
         if parsed is None:

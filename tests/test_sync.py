@@ -394,6 +394,10 @@ def test_poison_messages_dead_lettered_with_reason_queue_keeps_flowing(setup, aw
     for body in (json.dumps(s3_event("in/never-stored")), '{"Records": [{"eventName": "ObjectCr',
                  "this is not JSON", json.dumps(ses_notification("ses/x", []))):
         aws.sqs.send_message(QueueUrl=aws.queue, MessageBody=body)
+    refused = uuid.uuid4().hex  # stored, but for nobody Dovecot knows: a final 550 5.1.1
+    aws.s3.put_object(Bucket=ARCHIVE, Key=f"ses/{refused}", Body=stored(refused, ses=False))
+    aws.sqs.send_message(QueueUrl=aws.queue, MessageBody=json.dumps(
+        ses_notification(f"ses/{refused}", [DAVE], ARCHIVE)))
     mark = uuid.uuid4().hex
     aws.s3.put_object(Bucket=BUCKET, Key=f"in/{mark}", Body=stored(mark))
     once(sync)
@@ -401,12 +405,16 @@ def test_poison_messages_dead_lettered_with_reason_queue_keeps_flowing(setup, aw
     assert aws.left(aws.queue) == 0
     dead = sorted(aws.dead_letters(), key=lambda d: d["error"])
     assert [d["error"].split(":")[0] for d in dead] == [
-        "SES notification with empty or invalid receipt.recipients", "not JSON", "not JSON",
-        "object s3"]
-    assert "in/never-stored does not exist (NoSuchKey)" in dead[3]["error"]
-    assert dead[3]["key"] == "s3://inbound/in/never-stored"
+        "SES notification with empty or invalid receipt.recipients", DAVE, "not JSON",
+        "not JSON", "object s3"]
+    assert "in/never-stored does not exist (NoSuchKey)" in dead[4]["error"]
+    assert dead[4]["key"] == "s3://inbound/in/never-stored"
+    assert dead[1]["error"].startswith(f"{DAVE}: 550 5.1.1 ")
+    assert dead[1]["key"] == f"s3://{ARCHIVE}/ses/{refused}"
+    tags = aws.tags(f"ses/{refused}", ARCHIVE)
+    assert (tags["status"], tags["invalid_inboxes"]) == ("invalid", DAVE)
     assert all(d["queue"].endswith(f"/{QUEUE}") and d["time"].endswith("Z") for d in dead)
-    assert {d["body"] for d in dead[1:3]} == {'{"Records": [{"eventName": "ObjectCr',
+    assert {d["body"] for d in dead[2:4]} == {'{"Records": [{"eventName": "ObjectCr',
                                               "this is not JSON"}
 
 
@@ -466,6 +474,21 @@ def test_slow_delivery_keeps_its_visibility(setup, aws, dovecot):
     assert feed.stop() == 0
     assert len(dovecot.maildir_messages(ALICE)) == 1
     assert "received again while in flight" not in feed.log_text()
+
+
+@pytest.mark.parametrize("filters", [["filters_for_tests:Slow"]])  # 1.5 s per message
+def test_sigterm_finishes_what_is_in_flight(setup, aws, dovecot):
+    gate, sync = setup
+    aws.drop_test_event()
+    feed = sync().start()
+    mark = uuid.uuid4().hex
+    aws.s3.put_object(Bucket=BUCKET, Key=f"in/{mark}", Body=stored(mark))
+    in_flight = lambda: int(aws.sqs.get_queue_attributes(  # noqa: E731
+        QueueUrl=aws.queue, AttributeNames=["ApproximateNumberOfMessagesNotVisible"])[
+        "Attributes"]["ApproximateNumberOfMessagesNotVisible"])
+    wait_until(in_flight, SYNC_BOUND, what="the message received")
+    assert feed.stop() == 0  # SIGTERM while serve's Slow filter holds the message
+    assert len(dovecot.maildir_messages(ALICE)) == 1 and aws.left(aws.queue) == 0
 
 
 def test_readiness_metrics_and_sigterm(setup, aws, dovecot, peer_root):

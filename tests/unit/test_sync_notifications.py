@@ -7,11 +7,12 @@ import json
 
 import pytest
 
-from mailgate import config
+from mailgate import UsageError, config
 from mailgate.commands import parse_xfeed
 from mailgate.s3sync import headers
 from mailgate.s3sync.inject import xtext
 from mailgate.s3sync.notifications import BadNotification, parse
+from mailgate.s3sync.queues import load_domains, queue_names
 
 S3_EVENT = {"Records": [{"eventVersion": "2.1", "eventSource": "aws:s3",
                          "eventName": "ObjectCreated:Put",
@@ -144,3 +145,16 @@ def test_sync_config_is_checked_at_start(key, value, words):
     with pytest.raises(config.ConfigError) as error:
         config.load(None, {f"MAILGATE_SYNC_{key}": value, "MAILGATE_DATA_DIR": "/nonexistent"})
     assert str(error.value) == words
+
+
+def test_domains_file_adds_domains(tmp_path):
+    listed = tmp_path / "domains.txt"
+    listed.write_text("# the old workers' list\nExample.ORG\n\nb.example.net  # second\n")
+    cfg = config.load(None, {"MAILGATE_SYNC_DOMAINS_FILE": str(listed),
+                             "MAILGATE_DATA_DIR": "/nonexistent"})
+    assert load_domains(cfg) == {"localhost", "example.org", "b.example.net"}
+    assert queue_names(cfg, load_domains(cfg)) == [
+        "b-example-net-queue", "example-org-queue", "localhost-queue"]
+    listed.write_text("not a domain!\n")
+    with pytest.raises(UsageError, match="'not a domain!' is not a domain name"):
+        load_domains(cfg)
