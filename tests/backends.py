@@ -55,7 +55,8 @@ def cli(gate: Mailgate, *args: str, user: str | None = None, check: bool = True,
     the test fails on an exit other than 0 unless check=False."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MAILGATE_")}
     env.update(gate.env)
-    python, env["PYTHONPATH"] = sys.executable, str(REPO)
+    python = sys.executable
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (gate.env.get("PYTHONPATH", ""), str(REPO)) if p)
     as_user: dict[str, Any] = {}
     if user is not None:  # the copy of the source Mailgate(user=...) made, and its venv
         python, env["PYTHONPATH"], env["HOME"] = str(UNPRIVILEGED_PYTHON), str(gate.root / "src"), str(gate.root)
