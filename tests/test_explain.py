@@ -3,15 +3,14 @@ configured chain and store; nothing delivered, nothing remembered, no mailgate r
 """
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 
 import pytest
 
 from backends import Backend, backend, cli, moto_server  # noqa: F401 (fixtures)
 from conftest import USERS
+from mailgate.admin import with_store
 from mailgate.config import load
-from mailgate.store import open_store
 from peers import Mailgate
 
 ALICE, BOB, CAROL = USERS
@@ -37,13 +36,7 @@ def explain(gate: Mailgate, tmp_path: Path, *rcpts: str, sender: str = "eve@spam
 
 
 def state_keys(gate: Mailgate) -> list[str]:
-    async def run() -> list[str]:
-        store = open_store(load(str(gate.config_path), environ={}))
-        try:
-            return await store.keys("")
-        finally:
-            await store.close()
-    return asyncio.run(run())
+    return with_store(load(str(gate.config_path), environ={}), lambda store: store.keys(""))
 
 
 def test_each_filter_verdict_and_the_outcome_per_recipient(tmp_path, backend, monkeypatch):
