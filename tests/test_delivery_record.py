@@ -14,7 +14,8 @@ ALICE, BOB, _ = USERS
 def test_restart_between_partial_failure_and_retry_delivers_no_duplicate(
         dovecot, mailgate_factory, unwritable, backend) -> None:
     gate = mailgate_factory({"delivery": {"maildir": ""}, "store": backend.store},
-                            env=backend.env)   # serve makes the state table itself
+                            env=backend.env)
+    gate.wait_log(r"store: created .*state")   # serve made the state table itself
     tmp = unwritable(BOB, "tmp", 0o000)
     data = message(mark())
 
