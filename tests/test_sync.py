@@ -358,6 +358,29 @@ def test_two_sync_processes_200_messages_twice_announced_each_exactly_once(setup
         assert "s3://inbound/in/" in proc.log_text()
 
 
+@pytest.mark.slow
+def test_two_hosts_share_their_claims_in_dynamodb(setup, aws, dovecot, moto, peer_root):
+    gate, sync = setup
+    dynamo = {"MAILGATE_STORE_BACKEND": "dynamodb", "MAILGATE_STORE_REGION": "us-east-1",
+              "MAILGATE_STORE_ENDPOINT_URL": moto.endpoint}
+    init = subprocess.run([sys.executable, "-m", "mailgate", "store", "init", "-c",
+                           str(gate.config_path)], env={**sync().env, **dynamo},
+                          capture_output=True, text=True, timeout=SYNC_BOUND)
+    assert init.returncode == 0, init.stderr
+    # each "host" has its own data_dir (so its own SQLite): only DynamoDB is shared
+    hosts = [sync({**dynamo, "MAILGATE_DATA_DIR": str(peer_root / f"host-{i}")}).start()
+             for i in range(2)]
+    marks = [uuid.uuid4().hex for _ in range(40)]
+    for mark in marks:  # each announced twice
+        aws.s3.put_object(Bucket=BUCKET, Key=f"in/{mark}", Body=stored(mark))
+        aws.sqs.send_message(QueueUrl=aws.queue, MessageBody=json.dumps(s3_event(f"in/{mark}")))
+    wait_until(lambda: len(dovecot.maildir_messages(ALICE)) >= 40 and aws.left(aws.queue) == 0,
+               3 * SYNC_BOUND, interval=0.2, what="40 messages delivered")
+    assert [host.stop() for host in hosts] == [0, 0]
+    delivered = dovecot.maildir_messages(ALICE)
+    assert sorted(header(m, "Subject")[len("Subject: sync "):] for m in delivered) == sorted(marks)
+
+
 def test_sigkill_after_250_before_delete_no_duplicate(setup, aws, dovecot):
     gate, sync = setup
     aws.drop_test_event()
