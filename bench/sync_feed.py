@@ -48,8 +48,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=3, help="rounds of (s)(l) (default 3)")
     p.add_argument("--queues", type=int, default=4, help="domains, each with a bucket and a "
                    "queue (default 4)")
-    p.add_argument("--latency", type=float, default=0.0,
-                   help="milliseconds added to every request to moto (default 0)")
+    p.add_argument("--latency", type=float, nargs="+", default=[0.0], metavar="MS",
+                   help="milliseconds added to every request to moto; each value gets its own "
+                        "rounds (default 0)")
     p.add_argument("--concurrency", type=int, default=8, help="sync.concurrency (default 8)")
     p.add_argument("--processed", choices=("tag", "keep", "delete"), default="tag")
     p.add_argument("--output", type=Path, default=REPO / "BENCHMARKS.md")
@@ -171,7 +172,7 @@ class Delay:
         self.loop.call_soon_threadsafe(self.loop.stop)
 
 
-def measure(path: str, rnd: int, peers, args) -> tuple[float, float]:
+def measure(path: str, rnd: str, peers, args) -> tuple[float, float]:
     """(messages per second, moto CPU ms per message)."""
     moto, gate, dovecot, endpoint = peers
     names, recipients = prepare(moto, f"feed-{path}-{rnd}", args)
@@ -191,11 +192,27 @@ def measure(path: str, rnd: int, peers, args) -> tuple[float, float]:
     return args.messages / seconds, moto_ms
 
 
-def section(rates: dict[str, list[tuple[float, float]]], args, command: str) -> str:
-    s = statistics.median(r for r, _ in rates["s"])
-    l = statistics.median(r for r, _ in rates["l"])
-    rows = [f"| {i + 1} | {a:.0f} | {b:.0f} | {a / b:.2f} | {am:.1f} / {bm:.1f} |"
-            for i, ((a, am), (b, bm)) in enumerate(zip(rates["s"], rates["l"]))]
+Rates = dict[tuple[float, str], list[tuple[float, float]]]
+
+
+def table(rates: Rates, latency: float) -> tuple[list[str], float]:
+    """Rows for one latency, the median row last; and the ratio of the medians."""
+    runs = list(zip(rates[latency, "s"], rates[latency, "l"]))
+    s = statistics.median(r for r, _ in rates[latency, "s"])
+    l = statistics.median(r for r, _ in rates[latency, "l"])
+    rows = [f"| {latency:g} ms | {i + 1} | {a:.0f} | {b:.0f} | {a / b:.2f} | "
+            f"{am:.1f} / {bm:.1f} |" for i, ((a, am), (b, bm)) in enumerate(runs)]
+    return rows + [f"| {latency:g} ms | **median** | **{s:.0f}** | **{l:.0f}** | "
+                   f"**{s / l:.2f}** | |"], s / l
+
+
+def section(rates: Rates, args, command: str) -> str:
+    rows, verdicts = [], []
+    for latency in args.latency:
+        more, ratio = table(rates, latency)
+        rows += more
+        verdicts.append(f"{latency:g} ms: {ratio:.2f}, "
+                        f"**{'met' if ratio >= TARGET else 'not met'}**")
     return "\n".join([
         f"{SECTION}: sync vs the sequential receive–get–deliver–delete loop", "",
         "Written by `bench/sync_feed.py` (its docstring says what it measures); kept when "
@@ -205,17 +222,15 @@ def section(rates: dict[str, list[tuple[float, float]]], args, command: str) -> 
         f"- load: {args.messages} messages of about 2 KB per run, one recipient each, over "
         f"{args.queues} domains (a bucket and a queue each), stored in moto S3 (server mode) and "
         "announced by real S3 -> SQS notifications; the same moto, Dovecot (`mail_fsync = "
-        "never`) and machine for both paths, paths alternating; "
-        f"{args.latency:g} ms added to every request to moto.",
+        "never`) and machine for both paths, paths alternating. Latency: added to every "
+        "request to moto by a proxy (0 = moto as it is).",
         f"- (s): `mailgate sync --once`, `concurrency = {args.concurrency}`, "
         f"`processed = \"{args.processed}\"`, into `mailgate serve` (empty filter chain); "
         "process start included. (l): one loop, `MaxNumberOfMessages=10`, one reused LMTP "
         "connection straight to Dovecot, no tagging.", "",
-        "| round | (s) sync msg/s | (l) loop msg/s | s/l | moto CPU ms/msg s / l |",
-        "|---|---|---|---|---|", *rows,
-        f"| **median** | **{s:.0f}** | **{l:.0f}** | **{s / l:.2f}** | |", "",
-        f"Target s/l ≥ {TARGET:g}: **{'met' if s / l >= TARGET else 'not met'}** "
-        "(ratio of the medians).", ""])
+        "| latency | round | (s) sync msg/s | (l) loop msg/s | s/l | moto CPU ms/msg s / l |",
+        "|---|---|---|---|---|---|", *rows, "",
+        f"Target s/l ≥ {TARGET:g} (ratio of the medians): " + "; ".join(verdicts) + ".", ""])
 
 
 def write(path: Path, text: str) -> None:
@@ -233,32 +248,42 @@ def write(path: Path, text: str) -> None:
 def main() -> None:
     args = parse_args()
     command = "python3 bench/sync_feed.py " + " ".join(sys.argv[1:])
-    rates: dict[str, list[tuple[float, float]]] = {"s": [], "l": []}
+    rates: Rates = {(ms, path): [] for ms in args.latency for path in "sl"}
     with tempfile.TemporaryDirectory(prefix="mg-bench-sync-") as tmp:
         root = Path(tmp)
         root.chmod(0o755)
-        dovecot, moto, gate, delay = Dovecot(root), Moto(root / "moto"), None, None
+        dovecot, moto, gate = Dovecot(root), Moto(root / "moto"), None
         try:
             dovecot.start()
             moto.start()
-            endpoint = moto.endpoint
-            if args.latency:
-                delay = Delay(moto.port, args.latency)
-                endpoint = f"http://127.0.0.1:{delay.port}"
             gate = start_gate(root, dovecot, moto, args)
-            for rnd in range(1, args.rounds + 1):
-                for path in ("sl" if rnd % 2 else "ls"):
-                    rates[path].append(measure(path, rnd, (moto, gate, dovecot, endpoint), args))
-                    print(f"round {rnd} ({path}): {rates[path][-1][0]:.0f} msg/s, moto "
-                          f"{rates[path][-1][1]:.1f} ms CPU/msg", flush=True)
+            for ms in args.latency:
+                rounds(ms, rates, (moto, gate, dovecot), args)
         finally:
-            for peer in (gate, delay, moto, dovecot):
+            for peer in (gate, moto, dovecot):
                 if peer is not None:
                     peer.stop()
     text = section(rates, args, command)
     print(text)
     if not args.no_write:
         write(args.output, text)
+
+
+def rounds(ms: float, rates: Rates, peers, args) -> None:
+    moto, gate, dovecot = peers
+    delay = Delay(moto.port, ms) if ms else None
+    endpoint = f"http://127.0.0.1:{delay.port}" if delay else moto.endpoint
+    try:
+        for rnd in range(1, args.rounds + 1):
+            for path in ("sl" if rnd % 2 else "ls"):
+                run = f"{ms:g}".replace(".", "p") + f"-{rnd}"
+                rate, moto_ms = measure(path, run, (moto, gate, dovecot, endpoint), args)
+                rates[ms, path].append((rate, moto_ms))
+                print(f"latency {ms:g} ms, round {rnd} ({path}): {rate:.0f} msg/s, moto "
+                      f"{moto_ms:.1f} ms CPU/msg", flush=True)
+    finally:
+        if delay is not None:
+            delay.stop()
 
 
 def start_gate(root: Path, dovecot: Dovecot, moto: Moto, args) -> Mailgate:
