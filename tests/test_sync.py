@@ -467,6 +467,11 @@ def test_replay_of_a_prefix_with_the_same_idempotency(setup, aws, dovecot):
     assert again.returncode == 0 and len(dovecot.maildir_messages(ALICE)) == 2
     to_bob = sync().run("replay", "--bucket", ARCHIVE, "--prefix", "2026/10/", "--to", BOB)
     assert to_bob.returncode == 0 and len(dovecot.maildir_messages(BOB)) == 1
+    later = sync().run("replay", "--bucket", ARCHIVE, "--since", "2999-01-01")
+    assert (later.returncode, later.stdout) == (0, "0 objects, 0 finished, 0 to retry\n")
+    foreign = sync().run("replay", "--bucket", ARCHIVE, "--to", "x@elsewhere.test")
+    assert foreign.returncode == 2
+    assert "--to: 'x@elsewhere.test' is not an address in our domains" in foreign.stderr
 
 
 def test_only_the_secret_makes_a_feed_session(setup, aws, dovecot):

@@ -41,8 +41,8 @@ def _list(s3, bucket: str, prefix: str, after: datetime.datetime | None) -> list
 async def replay(args, config, clients: Clients, handover: Handover, marker: Marker) -> int:
     """Exit 0 when every object is finished (delivered or refused for good), else 1."""
     after = since(args.since)
-    if args.recipient and "@" not in args.recipient:
-        raise UsageError(f"--to: {args.recipient!r} is not an address")
+    if args.recipient and args.recipient.rpartition("@")[2].lower() not in handover.domains:
+        raise UsageError(f"--to: {args.recipient!r} is not an address in our domains")
     try:
         keys = await clients.call(_list, s3=clients.s3, bucket=args.bucket, prefix=args.prefix,
                                   after=after)
