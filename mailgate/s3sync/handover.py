@@ -72,7 +72,7 @@ class Handover:
         section = headers.header_section(data)
         block = headers.ses_block(section)
         candidates = list(notice.recipients) or headers.ses_recipients(block)
-        if not headers.in_domains(candidates, self.domains)[0]:
+        if not notice.recipients and not headers.in_domains(candidates, self.domains)[0]:
             candidates = headers.header_recipients(section)
             if candidates:
                 metrics.HEADER_RECIPIENTS.inc()
