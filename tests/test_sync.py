@@ -261,7 +261,8 @@ def test_ses_notification_through_sns_and_raw(setup, aws, dovecot):
     [to_alice] = dovecot.maildir_messages(ALICE)
     assert f"sync {marks[0]}".encode() in to_alice
     to_bob = dovecot.maildir_messages(BOB)
-    assert sorted(header(m, "Subject") for m in to_bob) == sorted(f"Subject: sync {m}" for m in marks)
+    assert sorted(header(m, "Subject") for m in to_bob) == sorted(
+        f"Subject: sync {m}" for m in marks)
     assert header(to_alice, "Return-Path") == "Return-Path: <ses-sender@remote.test>"
     assert header(to_alice, "X-Test-Feed") == ("X-Test-Feed: x-ses-spam=fail; x-ses-virus=pass; "
                                               "x-ses-spf=neutral; x-ses-dkim=pass; "

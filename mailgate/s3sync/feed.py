@@ -29,7 +29,8 @@ RETRY_PAUSE = (1.0, 30.0)          # seconds between failed receives: first, mos
 
 class Feed:
     def __init__(self, config: Config, clients: Clients, handover: Handover, dlq_url: str):
-        self.sync, self.clients, self.handover, self.dlq_url = config.sync, clients, handover, dlq_url
+        self.sync, self.clients, self.handover = config.sync, clients, handover
+        self.dlq_url = dlq_url
         self.marker, self.deleter = Marker(config, clients), Deleter(clients)
         # Received but not finished: what is being injected (concurrency) plus one batch
         # waiting for a worker, so every receive asks for a full batch (each receive is a

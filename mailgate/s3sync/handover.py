@@ -87,7 +87,8 @@ class Handover:
         return Handoff(sender, tuple(ours), data, headers.origin(block), verdicts)
 
     async def _deliver(self, notice: Notice, stored: Stored, handoff: Handoff) -> Outcome:
-        idents = {r: identity(notice.bucket, notice.key, stored.etag, r) for r in handoff.recipients}
+        idents = {r: identity(notice.bucket, notice.key, stored.etag, r)
+                  for r in handoff.recipients}
         claims: dict[str, Claim] = {}
         try:
             for rcpt, ident in idents.items():

@@ -19,7 +19,8 @@ HEADER_LIMIT = 256 * 1024   # bytes of header section read; beyond it: no header
 END_OF_HEADERS = re.compile(rb"\r?\n\r?\n")
 # SES's own hop: "from HELO (RDNS [IP]) by inbound-smtp.REGION.amazonaws.com ... for RCPT;"
 SES_RECEIVED = re.compile(
-    r"^\s*from\s+(?P<helo>\S+)\s+\((?:(?P<name>[^\s\[\]()]+)\s+)?\[(?:IPv6:)?(?P<addr>[0-9A-Fa-f.:]+)\]\)"
+    r"^\s*from\s+(?P<helo>\S+)\s+"
+    r"\((?:(?P<name>[^\s\[\]()]+)\s+)?\[(?:IPv6:)?(?P<addr>[0-9A-Fa-f.:]+)\]\)"
     r".*?\bby\s+\S*amazonaws\.com\b(?P<rest>.*)$", re.S | re.I)
 FOR_CLAUSE = re.compile(r"\bfor\s+(?P<list>[^;]+);", re.I)
 # SES's Authentication-Results is not RFC 8601 (client-ip=, helo= properties): authres refuses

@@ -54,7 +54,8 @@ async def replay(args, config, clients: Clients, handover: Handover, marker: Mar
 
     async def one(key: str) -> bool:
         async with slots:
-            outcome = await handover.run(Notice(args.bucket, key, to), f"replay s3://{args.bucket}/{key}")
+            where = f"replay s3://{args.bucket}/{key}"
+            outcome = await handover.run(Notice(args.bucket, key, to), where)
             print(f"s3://{args.bucket}/{key}: {outcome.status}"
                   f"{': ' + outcome.detail if outcome.detail else ''}", flush=True)
             if outcome.final:
