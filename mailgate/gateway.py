@@ -29,6 +29,18 @@ def has_bare_newline(raw: bytes) -> bool:
     return raw.count(b"\r") != pairs or raw.count(b"\n") != pairs
 
 
+def without(raw: bytes, spans: tuple[tuple[int, int], ...]) -> bytes:
+    """`raw` minus the given (start, end) spans (sorted, not overlapping): the removed headers."""
+    if not spans:
+        return raw
+    kept, at = [], 0
+    for start, end in spans:
+        kept.append(raw[at:start])
+        at = max(at, end)
+    kept.append(raw[at:])
+    return b"".join(kept)
+
+
 class Gateway:
     def __init__(self, config: Config, pool: Pool | None, chain: Chain):
         self.pool = pool
@@ -165,7 +177,7 @@ class Gateway:
             header = trace.received(env.client, self.config.hostname,
                                     trace.protocol_word(proto, env.client.proto, env.smtputf8),
                                     env.queue_id, env.recipients)
-            data = header + b"".join(outcome.headers) + raw
+            data = header + b"".join(outcome.headers) + without(raw, outcome.drop)
             results = await self.deliverer.deliver(env, list(targets.values()), data, deadline)
             done.update(zip(targets, results))
         return [done[r] for r in env.recipients]

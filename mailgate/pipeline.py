@@ -28,6 +28,9 @@ log = logging.getLogger("mailgate.pipeline")
 class FilterResult:
     verdicts: dict[str, Verdict] = field(default_factory=dict)  # per recipient; absent = CONTINUE
     headers: tuple[bytes, ...] = ()   # complete header lines ("Name: value\r\n") to prepend
+    # (start, end) byte spans of whole header fields of message.raw to remove before delivery:
+    # only `auth` uses it, for forged Authentication-Results (RFC 8601 §5).
+    drop: tuple[tuple[int, int], ...] = ()
 
 
 class Filter(Protocol):
@@ -54,9 +57,17 @@ def resolve_filters(names: tuple[str, ...]) -> list[type]:
     return [_resolve(name) for name in names]
 
 
+DNS_ROOM = 1.0  # seconds a filter keeps after its DNS budget, to work on the answers
+
+
 def validate(config: Config) -> Config:
     """The config, once its filter names resolve: what config.py (pure data) cannot check."""
-    resolve_filters(config.pipeline.filters)
+    classes = resolve_filters(config.pipeline.filters)
+    if any(getattr(cls, "uses_dns", False) for cls in classes):
+        budget, timeout = config.dns.budget, config.pipeline.filter_timeout
+        if budget + DNS_ROOM > timeout:
+            raise ConfigError(f"dns.budget: {budget:g} s leaves no room inside pipeline."
+                              f"filter_timeout ({timeout:g} s); keep it {DNS_ROOM:g} s shorter")
     return config
 
 
@@ -75,6 +86,7 @@ def _resolve(name: str) -> type:
 class Outcome:
     verdicts: dict[str, Verdict]      # final verdict per recipient
     headers: tuple[bytes, ...]
+    drop: tuple[tuple[int, int], ...] = ()  # header spans of the raw message to remove
 
 
 class Chain:
@@ -91,6 +103,7 @@ class Chain:
     async def run(self, message: Message) -> Outcome:
         verdicts = {r: Verdict(Action.CONTINUE) for r in message.envelope.recipients}
         headers: list[bytes] = []
+        drop: set[tuple[int, int]] = set()
         for flt in self.filters:
             if message.headers is None and getattr(flt, "needs_headers", True):
                 log.info("%s: filter=%s skipped: %s", message.envelope.queue_id, flt.name,
@@ -98,10 +111,11 @@ class Chain:
                 continue
             result = await self._run_one(flt, message)
             headers.extend(result.headers)
+            drop.update(result.drop)
             for rcpt, verdict in result.verdicts.items():
                 if rcpt in verdicts and verdict.action > verdicts[rcpt].action:
                     verdicts[rcpt] = verdict
-        return Outcome(verdicts, tuple(headers))
+        return Outcome(verdicts, tuple(headers), tuple(sorted(drop)))
 
     async def _run_one(self, flt: Filter, message: Message) -> FilterResult:
         started = time.perf_counter()
