@@ -32,7 +32,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import USERS, base_config, merge, register
 from dnsserver import DnsServer
-from peers import Dovecot, Mailgate, Postfix, lmtp_send, swaks, wait_until
+from peers import (REPO, VMAIL_GID, VMAIL_UID, Dovecot, Mailgate, Postfix, lmtp_send,
+                   maildir_files, run, swaks, wait_until)
 
 ALICE, BOB, _ = USERS
 IN, OUT = "192.0.2.10", "203.0.113.99"   # inside / outside the senders' SPF records
@@ -564,6 +565,55 @@ def test_results_are_counted_per_method_and_result(gate: GateFactory, dove: Dove
     delivered(dove, m)
     assert metric(g, "mailgate_auth_results_total", method="dkim", result="pass") == before + 1
     assert metric(g, "mailgate_dns_lookup_seconds_count") > 0
+
+
+# ---------------------------------------------------------------- the shipped Sieve script
+
+@pytest.fixture
+def sieve_dovecot(peer_root: Path) -> Iterator[Dovecot]:
+    """A Dovecot with dovecot/90-mailgate-quarantine.conf and its script, set up as the
+    snippet's comment says (script compiled once with sievec)."""
+    server = Dovecot(peer_root, [ALICE])
+    sieve = peer_root / "sieve"
+    sieve.mkdir()
+    shutil.copy(REPO / "dovecot" / "mailgate-quarantine.sieve", sieve)
+    run(["sievec", str(sieve / "mailgate-quarantine.sieve")])
+    snippet = (REPO / "dovecot" / "90-mailgate-quarantine.conf").read_text()
+    server.conf.write_text(server.conf.read_text() +
+                           snippet.replace("/etc/dovecot/sieve/", f"{sieve}/"))
+    for path in (sieve, *sieve.iterdir()):
+        os.chown(path, VMAIL_UID, VMAIL_GID)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.mark.slow
+def test_shipped_sieve_files_quarantined_mail_into_junk(sieve_dovecot: Dovecot, dns: DnsServer,
+                                                         key: Key, peer_root: Path,
+                                                         request: pytest.FixtureRequest) -> None:
+    root = peer_root / "mailgate"
+    gate = Mailgate(root, merge(base_config(root, sieve_dovecot),
+                                auth_config(dns, dmarc_action="quarantine")))
+    register(request, "mailgate", gate)
+    register(request, "dovecot", sieve_dovecot)
+    try:
+        gate.start()
+        failed, good = mark(), mark()
+        assert send(gate, message(failed), "b@pass.example", f"ADDR={OUT} HELO={HELO}")[0] == 250
+        assert send(gate, sign(message(good), key))[0] == 250
+        junk = sieve_dovecot.maildir(ALICE) / ".Junk"
+        wait_until(lambda: any(failed.encode() in m for m in maildir_files(junk)), TIMEOUT,
+                   what="the quarantined message in Junk")
+        inbox = wait_until(lambda: [m for m in sieve_dovecot.maildir_messages(ALICE)
+                                    if good.encode() in m or failed.encode() in m], TIMEOUT,
+                           what="the good message in the inbox")
+        assert len(inbox) == 1 and good.encode() in inbox[0]
+        assert not any(good.encode() in m for m in maildir_files(junk))
+    finally:
+        gate.stop(timeout=10)
 
 
 # ---------------------------------------------------------------- through the real Postfix
