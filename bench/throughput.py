@@ -191,6 +191,11 @@ def settle(env: SimpleNamespace) -> None:
     (for up to QUIET_WAIT seconds) no one else keeping the cores busy."""
     wait_until(env.postfix.queue_empty, 120, interval=0.2, what="postfix queue empty")
     time.sleep(SETTLE_SECONDS)
+    wait_quiet()
+
+
+def wait_quiet() -> None:
+    """Up to QUIET_WAIT seconds for other processes to stop keeping the cores busy."""
     deadline, told = time.monotonic() + QUIET_WAIT, False
     while time.monotonic() < deadline:
         before = probes.system_ticks()

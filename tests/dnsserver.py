@@ -7,9 +7,14 @@ query is recorded, so a test can see what mailgate asked, and over which transpo
 """
 from __future__ import annotations
 
+import base64
+import secrets
 import threading
 import time
 from dataclasses import dataclass
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from dnslib import A, AAAA, MX, QTYPE, RCODE, RR, SOA, TXT, DNSLabel, DNSRecord
 from dnslib.server import DNSError, DNSHandler, DNSLogger, DNSServer
@@ -136,3 +141,32 @@ class DnsServer:
     def queries(self, name: str | None = None) -> list[Query]:
         with self.zone.lock:
             return [q for q in self.zone.queries if name is None or q.name == name.lower()]
+
+
+# ---------------------------------------------------------------- DKIM keys to publish
+
+@dataclass(frozen=True)
+class DkimKey:
+    pem: bytes      # private key (PKCS#1 PEM), for dkimpy's sign
+    record: str     # the TXT record that publishes the public key
+
+
+def _record(public_key) -> str:
+    der = public_key.public_bytes(serialization.Encoding.DER,
+                                  serialization.PublicFormat.SubjectPublicKeyInfo)
+    return f"v=DKIM1; k=rsa; p={base64.b64encode(der).decode()}"
+
+
+def dkim_key(bits: int = 2048) -> DkimKey:
+    private = rsa.generate_private_key(public_exponent=65537, key_size=bits)
+    return DkimKey(private.private_bytes(serialization.Encoding.PEM,
+                                         serialization.PrivateFormat.TraditionalOpenSSL,
+                                         serialization.NoEncryption()),
+                   _record(private.public_key()))
+
+
+def hostile_record(modulus_bits: int, exponent_bits: int) -> str:
+    """A key only to be refused: random modulus and exponent of the given sizes."""
+    n = secrets.randbits(modulus_bits) | (1 << (modulus_bits - 1)) | 1
+    e = secrets.randbits(exponent_bits) | (1 << (exponent_bits - 1)) | 1
+    return _record(rsa.RSAPublicNumbers(e, n).public_key())

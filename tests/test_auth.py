@@ -7,31 +7,26 @@ One DNS server, one Dovecot and one mailgate per distinct config serve the whole
 """
 from __future__ import annotations
 
-import base64
 import email
 import json
 import os
 import re
-import secrets
 import shutil
 import smtplib
 import tempfile
 import time
 import urllib.request
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
 import authres
 import dkim
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import USERS, base_config, merge, register
-from dnsserver import DnsServer
+from dnsserver import DkimKey, DnsServer, dkim_key, hostile_record
 from peers import (REPO, VMAIL_GID, VMAIL_UID, Dovecot, Mailgate, Postfix, lmtp_send,
                    maildir_files, run, swaks, wait_until)
 
@@ -46,32 +41,12 @@ GateFactory = Callable[..., Mailgate]
 
 # ---------------------------------------------------------------- keys and the zone
 
-@dataclass(frozen=True)
-class Key:
-    pem: bytes      # private key, for dkimpy's sign
-    record: str     # the TXT record that publishes the public key
-
-
-def dkim_record(public_key) -> str:
-    der = public_key.public_bytes(serialization.Encoding.DER,
-                                  serialization.PublicFormat.SubjectPublicKeyInfo)
-    return f"v=DKIM1; k=rsa; p={base64.b64encode(der).decode()}"
-
-
-def public_record(modulus_bits: int, exponent_bits: int) -> str:
-    """A key only to be refused: random modulus and exponent of the given sizes."""
-    n = secrets.randbits(modulus_bits) | (1 << (modulus_bits - 1)) | 1
-    e = secrets.randbits(exponent_bits) | (1 << (exponent_bits - 1)) | 1
-    return dkim_record(rsa.RSAPublicNumbers(e, n).public_key())
+Key = DkimKey
 
 
 @pytest.fixture(scope="module")
 def key() -> Key:
-    private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    pem = private.private_bytes(serialization.Encoding.PEM,
-                                serialization.PrivateFormat.TraditionalOpenSSL,
-                                serialization.NoEncryption())
-    return Key(pem, dkim_record(private.public_key()))
+    return dkim_key()
 
 
 def zone(dns: DnsServer, key: Key) -> None:
@@ -103,8 +78,8 @@ def zone(dns: DnsServer, key: Key) -> None:
         dns.txt(f"sel._domainkey.{domain}", key.record)
     dns.txt("ttl._domainkey.signed.example", key.record, ttl=1)
     dns.txt("revoked._domainkey.signed.example", "v=DKIM1; k=rsa; p=")
-    dns.txt("big._domainkey.signed.example", public_record(16384, 16383))
-    dns.txt("fatexp._domainkey.signed.example", public_record(2048, 2047))
+    dns.txt("big._domainkey.signed.example", hostile_record(16384, 16383))
+    dns.txt("fatexp._domainkey.signed.example", hostile_record(2048, 2047))
     dmarc = {"signed.example": "v=DMARC1; p=reject", "pass.example": "v=DMARC1; p=none",
              "orgfall.example": "v=DMARC1; p=reject; sp=quarantine",
              "strict.example": "v=DMARC1; p=reject; adkim=s; aspf=s",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import binascii
+import functools
 import logging
 from dataclasses import dataclass
 
@@ -60,6 +61,7 @@ def read_signature(value: bytes, arc: bool = False) -> Signature:
     return sig
 
 
+@functools.lru_cache(maxsize=1024)  # the same senders' keys, judged once: ~0.1 ms each
 def key_problem(record: bytes, max_bits: int) -> str:
     """Why this key record cannot be used ("" if it can), decided before any RSA work."""
     try:
