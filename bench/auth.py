@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import argparse
 import re
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -34,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from dnsserver import DnsServer, dkim_key  # noqa: E402
 from peers import Dovecot, Mailgate, free_port, wait_until  # noqa: E402
 import probes  # noqa: E402
-from throughput import Run, count_messages, set_fsync, wait_quiet  # noqa: E402
+from throughput import Run, count_messages, scratch, set_fsync, wait_quiet  # noqa: E402
 
 DOMAIN = "example.test"
 PATHS = "ued"
@@ -284,10 +282,7 @@ def write(path: Path, text: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    root = Path(tempfile.mkdtemp(prefix="mailgate-bench-auth-"))
-    root.chmod(0o755)
-    keep = args.keep
-    try:
+    with scratch("mailgate-bench-auth-", args.keep) as root:
         facts = probes.describe(root)
         facts["command"] = "python3 bench/auth.py " + " ".join(argv or sys.argv[1:])
         with peers(root, args) as env:
@@ -295,16 +290,7 @@ def main(argv: list[str] | None = None) -> int:
             prof = profile(env, root, args) if args.profile else None
         write(args.output, section(facts, args, runs, prof))
         print(f"wrote {args.output}", file=sys.stderr)
-    except BaseException:
-        keep = True
-        raise
-    finally:
-        if keep:
-            print(f"kept {root}", file=sys.stderr)
-        else:
-            shutil.rmtree(root, ignore_errors=True)
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

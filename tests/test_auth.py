@@ -27,6 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import USERS, base_config, merge, register
 from dnsserver import DkimKey, DnsServer, dkim_key, hostile_record
+from test_listener import dove, shared_root  # noqa: F401 - module-scoped peers, reused
 from peers import (REPO, VMAIL_GID, VMAIL_UID, Dovecot, Mailgate, Postfix, lmtp_send,
                    maildir_files, run, swaks, wait_until)
 
@@ -98,25 +99,7 @@ def dns(key: Key) -> Iterator[DnsServer]:
         server.stop()
 
 
-# ---------------------------------------------------------------- peers for the module
-
-@pytest.fixture(scope="module")
-def shared_root() -> Iterator[Path]:
-    root = Path(tempfile.mkdtemp(prefix="mg-auth-"))
-    os.chmod(root, 0o755)
-    yield root
-    shutil.rmtree(root, ignore_errors=True)
-
-
-@pytest.fixture(scope="module")
-def dove(shared_root: Path) -> Iterator[Dovecot]:
-    server = Dovecot(shared_root, USERS)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
+# ---------------------------------------------------------------- mailgates for the module
 
 def auth_config(dns: DnsServer, **auth: object) -> dict:
     return {"pipeline": {"filters": ["auth"]}, "auth": auth,
