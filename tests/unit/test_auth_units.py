@@ -5,6 +5,7 @@ import pytest
 from mailgate import config, pipeline
 from mailgate.config import ConfigError
 from mailgate.filters.auth import dmarc, fields
+from mailgate.filters.auth.signatures import read_signature
 from mailgate.filters.auth.results import Result, parse, render
 from mailgate.gateway import without
 from mailgate.filters.auth.sender import client_address
@@ -82,6 +83,17 @@ def test_from_domain_or_why_there_is_none(raw, expected):
 ])
 def test_client_address_as_postfix_forwards_it(addr, ip):
     assert client_address(addr) == ip
+
+
+@pytest.mark.parametrize("value, problem", [
+    (b"v=1; a=rsa-sha256; d=x.example; s=s; h=from; bh=YWJj; b=YWJj", ""),
+    (b"v=1; a=rsa-sha256; d=x.example; s=s; h=from; bh=YWJj", "missing"),
+    (b"v=1; a=rsa-sha256; d=x.example; i=x.example; s=s; h=from; bh=YWJj; b=YWJj", "unreadable"),
+    (b"this is not a tag list", "bad tag list"),
+])
+def test_signature_problems_are_read_never_raised(value, problem):
+    found = read_signature(value).problem
+    assert (found.startswith(problem) if problem else found == ""), found
 
 
 # ---------------------------------------------------------------- DMARC

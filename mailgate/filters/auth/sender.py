@@ -5,12 +5,14 @@ pyspf resolves synchronously, one name at a time, as the record leads it. Here i
 event loop and only ever reads answers already fetched for this message: an answer it lacks
 stops it (`_Missing`), the loop fetches that name through mailgate's resolver, and pyspf starts
 over. A warm cache needs no restart and no thread; a cold one costs one quick re-evaluation per
-name (pyspf's limits keep that under ~30). A lookup that failed makes pyspf see a TempError.
+name (pyspf's limits keep that near 20). A lookup that failed makes pyspf see a TempError.
 """
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import ipaddress
+import logging
 
 import spf
 
@@ -19,6 +21,8 @@ from mailgate.filters.auth.results import Result, safe_value
 from mailgate.message import Client
 
 # Measured (2 KB message, include chain, warm cache): 0.14 ms per check, on the loop.
+log = logging.getLogger("mailgate.auth")
+MAX_MX = 10      # RFC 7208 §4.6.4: more MX records than this are a permerror anyway
 MAX_ROUNDS = 60  # fetch-and-restart rounds per message; far above what pyspf's limits allow
 _known: contextvars.ContextVar[dict | None] = contextvars.ContextVar("spf_answers", default=None)
 _pyspf_lookup = spf.DNSLookup
@@ -93,15 +97,24 @@ async def _evaluate(resolver: Resolver, budget: Budget, ip: str, sender: str, he
             result, _code, explanation = query.check()
             return result, explanation if result in ("temperror", "permerror") else ""
         except _Missing as missing:
-            await _fetch(resolver, budget, known, missing.name, missing.qtype)
+            await _fetch(resolver, budget, known, missing.name, missing.qtype,
+                         "AAAA" if ":" in ip else "A")
         except spf.PermError as e:  # from the query's constructor: e.g. an unusable address
             return "permerror", str(e)
+        # XXX pyspf parses what any domain publishes; should it crash on some record, retrying
+        # cannot help (a 451 would defer that domain's mail for days): a permanent error.
+        except Exception as e:  # noqa: BLE001
+            log.exception("pyspf failed for %s", sender or helo)
+            return "permerror", f"SPF evaluation failed: {type(e).__name__}"
         finally:
             _known.reset(token)
     return "temperror", "too many DNS lookups"
 
 
-async def _fetch(resolver: Resolver, budget: Budget, known: dict, name: str, qtype: str) -> None:
+async def _fetch(resolver: Resolver, budget: Budget, known: dict, name: str, qtype: str,
+                 address_type: str) -> None:
+    """One answer into `known`; for MX, the exchanges' addresses with it, all at once (pyspf
+    asks for them next), so an mx mechanism costs one restart, not one per exchange."""
     try:
         answer = await resolver.lookup(name, qtype, budget)
     except DnsError as e:
@@ -109,3 +122,8 @@ async def _fetch(resolver: Resolver, budget: Budget, known: dict, name: str, qty
         return
     # pyspf's format: ((name, type), value) per record; TXT values are the record's strings.
     known[(name, qtype)] = [((name, qtype), value) for value in answer.records]
+    if qtype == "MX":
+        hosts = {host.lower() for _, host in answer.records[:MAX_MX]
+                 if (host.lower(), address_type) not in known}
+        await asyncio.gather(*(_fetch(resolver, budget, known, host, address_type, address_type)
+                               for host in hosts))

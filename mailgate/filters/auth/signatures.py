@@ -58,6 +58,10 @@ def read_signature(value: bytes, arc: bool = False) -> Signature:
         dkim.validate_signature_fields(tags, required, arc)
     except dkim.DKIMException as e:
         return Signature(sig.domain, sig.selector, sig.b, str(e))
+    # XXX dkimpy's checks crash on some hostile values (IndexError for i= equal to d=); what
+    # it cannot read is a signature with a syntax problem, not a reason to defer the mail.
+    except Exception as e:  # noqa: BLE001
+        return Signature(sig.domain, sig.selector, sig.b, f"unreadable: {type(e).__name__}")
     return sig
 
 
