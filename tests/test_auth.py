@@ -336,6 +336,26 @@ def test_malformed_and_too_many_signatures(gate: GateFactory, dove: Dovecot, key
     assert [r.result for r in dkims] == ["permerror"] * 5   # the top 5 (auth.max_signatures)
 
 
+def arc_sealed(mark: str, key: Key) -> bytes:
+    """As a forwarder (a mailing list) hands it on: its own results, sealed for us."""
+    data = message(mark, headers="", body=f"Hello, forwarded {mark}").replace(
+        b"From:", b"Authentication-Results: relay.other.example; spf=pass\r\nFrom:", 1)
+    return b"".join(dkim.arc_sign(data, b"sel", b"other.example", key.pem,
+                                  b"relay.other.example")) + data
+
+
+@pytest.mark.parametrize("alter, expected", [(None, "pass"), (altered_body, "fail")])
+def test_arc_chain(gate: GateFactory, dove: Dovecot, key: Key, alter: Callable | None,
+                   expected: str) -> None:
+    m = mark()
+    data = arc_sealed(m, key)
+    assert send(gate(), alter(data) if alter else data)[0] == 250
+    msg = delivered(dove, m)
+    assert result(msg, "arc").result == expected
+    # the forwarder's own results are someone else's: kept
+    assert "relay.other.example; spf=pass" in msg.get_all("Authentication-Results")
+
+
 def test_keys_are_cached_across_messages_for_their_ttl(gate: GateFactory, dove: Dovecot,
                                                        dns: DnsServer, key: Key) -> None:
     g = gate()
