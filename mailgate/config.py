@@ -114,6 +114,9 @@ class Store:
     outbound_table: str = "ses-outbound-messages"
     state_table: str = "mailgate-state"
     outage_budget: float = 10 * MINUTES  # how long `rules` defers unknown addresses in an outage
+    timeout: float = 2 * SECONDS       # per request: connect and read (SQLite: busy wait)
+    deadline: float = 5 * SECONDS      # per store call, retries included; keep < filter_timeout
+    cache_ttl: float = 10 * SECONDS    # dynamodb: how long a read is reused (0 = off)
 
 
 @dataclass(frozen=True)
@@ -345,6 +348,7 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"log.level: {cfg.log.level!r} is not debug, info, warning or error")
     _check_choices(cfg)
     _check_dns_auth(cfg)
+    _check_store(cfg)
     return cfg
 
 
@@ -356,6 +360,16 @@ def _check_dns_auth(cfg: Config) -> None:
             raise ConfigError(f"{key}: must be greater than 0")
     if cfg.auth.max_key_bits < 1024:
         raise ConfigError("auth.max_key_bits: below 1024 every DKIM key would be refused")
+
+
+def _check_store(cfg: Config) -> None:
+    if cfg.store.backend == "dynamodb" and not cfg.store.region:
+        raise ConfigError("store.region: needed for backend dynamodb (or set AWS_REGION)")
+    for key in ("timeout", "deadline", "outage_budget"):
+        if getattr(cfg.store, key) <= 0:
+            raise ConfigError(f"store.{key}: must be greater than 0")
+    if cfg.store.cache_ttl < 0:
+        raise ConfigError("store.cache_ttl: must be 0 (off) or more")
 
 
 CHOICES = {
