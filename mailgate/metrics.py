@@ -35,6 +35,8 @@ FALLBACK = Counter("mailgate_fallback_deliveries_total", "Maildir fallback attem
 FILTER_VERDICTS = Counter("mailgate_filter_verdicts_total", "Per-recipient verdicts by filter",
                           ["filter", "action"])
 FILTER_SECONDS = Histogram("mailgate_filter_duration_seconds", "Time each filter took", ["filter"])
+OUTBOUND = Counter("mailgate_outbound_total", "Mail mailgate sent itself (auto-reply, forward, "
+                   "bounce-notice) by result", ["kind", "result"])
 PARSE_FAILURES = Counter("mailgate_parse_failures_total", "Messages delivered unparsed")
 ERRORS = Counter("mailgate_errors_total", "Internal errors turned into 451", ["where"])
 

@@ -19,6 +19,7 @@ from mailgate.message import Message
 from mailgate.verdict import TEMP_FAILURE, Action, Verdict
 
 if TYPE_CHECKING:
+    from mailgate.outbound import OutboundMail
     from mailgate.resources import Resources
 
 log = logging.getLogger("mailgate.pipeline")
@@ -28,6 +29,7 @@ log = logging.getLogger("mailgate.pipeline")
 class FilterResult:
     verdicts: dict[str, Verdict] = field(default_factory=dict)  # per recipient; absent = CONTINUE
     headers: tuple[bytes, ...] = ()   # complete header lines ("Name: value\r\n") to prepend
+    outbound: tuple[OutboundMail, ...] = ()  # sent once the recipient's copy is durable
 
 
 class Filter(Protocol):
@@ -75,22 +77,26 @@ def _resolve(name: str) -> type:
 class Outcome:
     verdicts: dict[str, Verdict]      # final verdict per recipient
     headers: tuple[bytes, ...]
+    outbound: tuple[OutboundMail, ...] = ()
 
 
 class Chain:
-    def __init__(self, filters: list[Filter], settings: Pipeline):
+    def __init__(self, filters: list[Filter], settings: Pipeline,
+                 resources: Resources | None = None):
         self.filters = filters
+        self.resources = resources  # for what the gateway does after the chain: forwards, replies
         self.timeout = settings.filter_timeout
         self.needs_parse = any(getattr(f, "needs_headers", True) for f in filters)
 
     @classmethod
     def from_config(cls, config: Config, resources: Resources) -> Chain:
         return cls([f(config, resources) for f in resolve_filters(config.pipeline.filters)],
-                   config.pipeline)
+                   config.pipeline, resources)
 
     async def run(self, message: Message) -> Outcome:
         verdicts = {r: Verdict(Action.CONTINUE) for r in message.envelope.recipients}
         headers: list[bytes] = []
+        outbound: list[OutboundMail] = []
         for flt in self.filters:
             if message.headers is None and getattr(flt, "needs_headers", True):
                 log.info("%s: filter=%s skipped: %s", message.envelope.queue_id, flt.name,
@@ -98,10 +104,11 @@ class Chain:
                 continue
             result = await self._run_one(flt, message)
             headers.extend(result.headers)
+            outbound.extend(result.outbound)
             for rcpt, verdict in result.verdicts.items():
                 if rcpt in verdicts and verdict.action > verdicts[rcpt].action:
                     verdicts[rcpt] = verdict
-        return Outcome(verdicts, tuple(headers))
+        return Outcome(verdicts, tuple(headers), tuple(outbound))
 
     async def _run_one(self, flt: Filter, message: Message) -> FilterResult:
         started = time.perf_counter()

@@ -1,0 +1,208 @@
+"""Forwarding is delivery: a REDIRECT verdict becomes copies, each delivered and answered for.
+
+A copy for a mailbox of ours goes through the same delivery as any recipient (Dovecot, then the
+maildir); a copy for anyone else leaves through the relay with the envelope sender rewritten
+(SRS, or `rules.bounce_address`) so SPF and DMARC p=reject senders still pass; forwarded copies
+carry `Delivered-To: <recipient>` so a loop is seen. A copy that fails temporarily defers the
+recipient (4xx) and the copies that made it are remembered, so the retry does not double them; a
+target that refuses for good leaves the message in the recipient's own mailbox, logged.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import srslib
+
+from mailgate.config import Config
+from mailgate.deliver import Deliverer, DeliveryRecord, Result
+from mailgate.message import Envelope
+from mailgate.verdict import DELIVERED, FORWARD_DEFERRED, Verdict
+
+if TYPE_CHECKING:
+    from mailgate.resources import Resources
+
+log = logging.getLogger("mailgate.forward")
+
+
+@dataclass(frozen=True, slots=True)
+class Copy:
+    recipient: str   # the envelope recipient this copy is for
+    target: str      # a mailbox of ours or an external address
+    own: bool        # the recipient's own mailbox: no Delivered-To of ours
+    local: bool      # delivered by us (own mailbox or a local target), not through the relay
+
+
+def plan(recipient: str, verdict: Verdict, domains: tuple[str, ...]) -> list[Copy]:
+    """The copies a REDIRECT asks for, the recipient's own first, each target once."""
+    wanted = ([recipient] if verdict.keep_copy else []) + list(verdict.redirect_to)
+    seen: set[str] = set()
+    copies = []
+    for target in wanted:
+        if target.lower() in seen:
+            continue
+        seen.add(target.lower())
+        own = target.lower() == recipient.lower()
+        copies.append(Copy(recipient, target, own, own or is_local(target, domains)))
+    return copies
+
+
+def is_local(address: str, domains: tuple[str, ...]) -> bool:
+    return address.rpartition("@")[2].lower() in domains
+
+
+class SenderRewriter:
+    """The envelope sender of a forwarded copy: the null sender stays null, one of ours stays,
+    anyone else becomes an SRS address in our domain (or the configured bounce address)."""
+
+    def __init__(self, config: Config):
+        self.settings = config.rules
+        self.domains = config.domains
+        self.secret_path = self.settings.srs_secret_file or os.path.join(config.data_dir,
+                                                                         "srs-secret")
+        self._srs: srslib.SRS | None = None
+
+    def rewrite(self, sender: str) -> str:
+        if not sender or is_local(sender, self.domains):
+            return sender
+        if self.settings.bounce_address:
+            return self.settings.bounce_address
+        try:
+            return self.srs.forward(sender, self.settings.srs_domain or self.domains[0])
+        except srslib.Error as e:  # not an address SRS can carry: the bounce goes nowhere
+            log.warning("SRS cannot rewrite <%s> (%s): forwarding with the null sender", sender, e)
+            return ""
+
+    @property
+    def srs(self) -> srslib.SRS:
+        if self._srs is None:
+            self._srs = srslib.SRS(read_secret(self.secret_path))
+        return self._srs
+
+
+def read_secret(path: str) -> str:
+    """The SRS secret; made once (0600) if missing. Hosts that share forwarding share this file."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        pass
+    else:
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32) + "\n")
+    with open(path, encoding="ascii") as f:
+        secret = f.read().strip()
+    if not secret:
+        raise OSError(f"{path}: empty SRS secret")
+    return secret
+
+
+class Forwarder:
+    def __init__(self, config: Config, deliverer: Deliverer, resources: Resources | None):
+        self.domains = config.domains
+        self.deliverer = deliverer
+        self.resources = resources
+        self.senders = SenderRewriter(config)
+
+    async def run(self, env: Envelope, forwards: dict[str, Verdict], head: bytes, raw: bytes,
+                  deadline: float, record: DeliveryRecord) -> dict[str, Result]:
+        """One Result per forwarding recipient. `head`: the trace and filter headers."""
+        digest = await record.digest(env, raw)
+        plans = {rcpt: plan(rcpt, v, self.domains) for rcpt, v in forwards.items()}
+        done = {c: self._already(c) for cs in plans.values() for c in cs
+                if record.seen(self._key(record, digest, c))}
+        todo = [c for cs in plans.values() for c in cs if c not in done]
+        done.update(await self._deliver(env, todo, forwards, head, raw, deadline))
+        out = {}
+        for rcpt, copies in plans.items():
+            out[rcpt] = await self._settle(env, rcpt, copies, done, forwards[rcpt], head, raw,
+                                           deadline)
+            if not out[rcpt].ok:
+                for c in copies:
+                    if done[c].ok:
+                        record.remember(self._key(record, digest, c))
+        return out
+
+    @staticmethod
+    def _key(record: DeliveryRecord, digest: bytes, copy: Copy) -> bytes:
+        return record.key(digest, f"{copy.recipient}\n{copy.target}")
+
+    @staticmethod
+    def _already(copy: Copy) -> Result:
+        return Result(copy.target, DELIVERED, "none", "sent",
+                      "already delivered (retry after a partial failure)")
+
+    async def _deliver(self, env: Envelope, copies: list[Copy], forwards: dict[str, Verdict],
+                       head: bytes, raw: bytes, deadline: float) -> dict[Copy, Result]:
+        """All copies at once, one transaction per distinct content: own mailboxes together,
+        each forwarder's local targets, each forwarder's external targets (through the relay)."""
+        groups: dict[tuple[str, bool, bool], list[Copy]] = {}
+        for c in copies:
+            distinct = not c.own or forwards[c.recipient].content is not None
+            groups.setdefault((c.recipient if distinct else "", c.own, c.local), []).append(c)
+        jobs = []
+        for group in groups.values():
+            first = group[0]
+            data = (b"" if first.own else b"Delivered-To: " + first.recipient.encode() + b"\r\n") \
+                + head + (forwards[first.recipient].content or raw)
+            jobs.append(self._local(env, group, data, deadline) if first.local
+                        else self._relay(env, group, data))
+        out: dict[Copy, Result] = {}
+        for part in await asyncio.gather(*jobs):
+            out.update(part)
+        return out
+
+    async def _local(self, env: Envelope, copies: list[Copy], data: bytes,
+                     deadline: float) -> dict[Copy, Result]:
+        results = await self.deliverer.deliver(env, [c.target for c in copies], data, deadline)
+        return dict(zip(copies, results))
+
+    async def _relay(self, env: Envelope, copies: list[Copy], data: bytes) -> dict[Copy, Result]:
+        if self.resources is None:
+            return {c: Result(c.target, FORWARD_DEFERRED, "none", "deferred", "no relay here")
+                    for c in copies}
+        outbound = self.resources.outbound
+        sender = self.senders.rewrite(env.sender)
+        sent = await outbound.send(sender, [c.target for c in copies], data)
+        out = {}
+        for c in copies:
+            reply = sent.replies[c.target]
+            status = "sent" if reply.ok else "deferred" if reply.temporary else "bounced"
+            out[c] = Result(c.target, reply, sent.relay, status,
+                            f"from=<{sender}> {reply.code} {reply.status} {reply.text}")
+        return out
+
+    async def _settle(self, env: Envelope, rcpt: str, copies: list[Copy],
+                      done: dict[Copy, Result], verdict: Verdict, head: bytes, raw: bytes,
+                      deadline: float) -> Result:
+        """The recipient's answer: 4xx while any copy may still go; else delivered, and a
+        target that refused for good leaves the message in the recipient's own mailbox."""
+        results = {c: done[c] for c in copies}
+        failed = [c for c, r in results.items() if not r.ok]
+        temporary = next((c for c in failed if results[c].reply.temporary), None)
+        if temporary is not None:
+            reply = results[temporary].reply if temporary.own else FORWARD_DEFERRED
+            return self._result(rcpt, results, reply, "deferred")
+        if failed and not any(c.own for c in copies):
+            log.warning("%s: forward for <%s> refused by %s: keeping it in <%s>'s mailbox",
+                        env.queue_id, rcpt, ", ".join(c.target for c in failed), rcpt)
+            own = Copy(rcpt, rcpt, True, True)
+            results.update(await self._deliver(env, [own], {rcpt: verdict}, head, raw, deadline))
+            if not results[own].ok:
+                return self._result(rcpt, results, results[own].reply,
+                                    results[own].status)
+        elif failed and len(failed) == len(copies):
+            return self._result(rcpt, results, results[failed[0]].reply, "bounced")
+        delivered = DELIVERED.with_text(DELIVERED.text.format(queue_id=env.queue_id))
+        return self._result(rcpt, results, delivered, "sent")
+
+    @staticmethod
+    def _result(rcpt: str, results: dict[Copy, Result], reply, status: str) -> Result:
+        relay = ",".join(dict.fromkeys(r.relay for r in results.values()))
+        detail = "; ".join(
+            f"{'own mailbox' if c.own else 'to <' + c.target + '>'}: {r.status} "
+            f"({r.detail or r.reply})" for c, r in results.items())
+        return Result(rcpt, reply, relay, status, detail)
