@@ -10,6 +10,7 @@ target that refuses for good leaves the message in the recipient's own mailbox, 
 from __future__ import annotations
 
 import asyncio
+import datetime
 import logging
 import os
 import secrets
@@ -86,6 +87,7 @@ class SenderRewriter:
 
 def read_secret(path: str) -> str:
     """The SRS secret; made once (0600) if missing. Hosts that share forwarding share this file."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
@@ -164,9 +166,15 @@ class Forwarder:
         if self.resources is None:
             return {c: Result(c.target, FORWARD_DEFERRED, "none", "deferred", "no relay here")
                     for c in copies}
-        outbound = self.resources.outbound
-        sender = self.senders.rewrite(env.sender)
-        sent = await outbound.send(sender, [c.target for c in copies], data)
+        try:
+            sender = self.senders.rewrite(env.sender)
+        except OSError as e:  # the SRS secret cannot be read or made: ours to fix, retried
+            log.error("%s: cannot rewrite the sender for forwarding: %s", env.queue_id, e)
+            return {c: Result(c.target, FORWARD_DEFERRED, "none", "deferred", f"SRS: {e}")
+                    for c in copies}
+        sent = await self.resources.outbound.send(sender, [c.target for c in copies], data)
+        if sent.message_id and env.sender:  # a bounce of a bounce is told to no one
+            await self._remember_sent(env, copies, sent.message_id)
         out = {}
         for c in copies:
             reply = sent.replies[c.target]
@@ -206,3 +214,15 @@ class Forwarder:
             f"{'own mailbox' if c.own else 'to <' + c.target + '>'}: {r.status} "
             f"({r.detail or r.reply})" for c, r in results.items())
         return Result(rcpt, reply, relay, status, detail)
+
+    async def _remember_sent(self, env: Envelope, copies: list[Copy], message_id: str) -> None:
+        """SES's id for a forward, so `bounce` can tell the original sender if it bounces."""
+        from mailgate.store import StoreUnavailable
+        item = {"original_sender": env.sender, "recipients": [c.target for c in copies],
+                "forwarded_for": copies[0].recipient, "queue_id": env.queue_id,
+                "sent_at": datetime.datetime.now(datetime.timezone.utc).isoformat(
+                    timespec="seconds")}
+        try:
+            await self.resources.store.put_outbound(message_id, item)
+        except StoreUnavailable as e:  # sent all the same; a bounce of it arrives as it is
+            log.warning("%s: SES message %s not recorded: %s", env.queue_id, message_id, e)
