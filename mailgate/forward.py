@@ -17,14 +17,14 @@ import secrets
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import srslib
-
 from mailgate.config import Config
 from mailgate.deliver import Deliverer, DeliveryRecord, Result
 from mailgate.message import Envelope
 from mailgate.verdict import DELIVERED, FORWARD_DEFERRED, Verdict
 
 if TYPE_CHECKING:
+    import srslib
+
     from mailgate.resources import Resources
 
 log = logging.getLogger("mailgate.forward")
@@ -65,13 +65,14 @@ class SenderRewriter:
         self.domains = config.domains
         self.secret_path = self.settings.srs_secret_file or os.path.join(config.data_dir,
                                                                          "srs-secret")
-        self._srs: srslib.SRS | None = None
+        self._srs: srslib.SRS | None = None  # made at the first external forward
 
     def rewrite(self, sender: str) -> str:
         if not sender or is_local(sender, self.domains):
             return sender
         if self.settings.bounce_address:
             return self.settings.bounce_address
+        import srslib
         try:
             return self.srs.forward(sender, self.settings.srs_domain or self.domains[0])
         except srslib.Error as e:  # not an address SRS can carry: the bounce goes nowhere
@@ -81,6 +82,7 @@ class SenderRewriter:
     @property
     def srs(self) -> srslib.SRS:
         if self._srs is None:
+            import srslib
             self._srs = srslib.SRS(read_secret(self.secret_path))
         return self._srs
 
