@@ -17,10 +17,11 @@ import secrets
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from mailgate import metrics
 from mailgate.config import Config
 from mailgate.deliver import Deliverer, DeliveryRecord, Result
 from mailgate.message import Envelope
-from mailgate.verdict import DELIVERED, FORWARD_DEFERRED, Verdict
+from mailgate.verdict import DELIVERED, FORWARD_DEFERRED, Action, Verdict
 
 if TYPE_CHECKING:
     import srslib
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
     from mailgate.resources import Resources
 
 log = logging.getLogger("mailgate.forward")
+OWN_MAILBOX = Verdict(Action.REDIRECT, "delivered to its own mailbox", keep_copy=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,6 +183,7 @@ class Forwarder:
         for c in copies:
             reply = sent.replies[c.target]
             status = "sent" if reply.ok else "deferred" if reply.temporary else "bounced"
+            metrics.child(metrics.OUTBOUND, "forward", status).inc()
             out[c] = Result(c.target, reply, sent.relay, status,
                             f"from=<{sender}> {reply.code} {reply.status} {reply.text}")
         return out
@@ -190,6 +193,8 @@ class Forwarder:
                       deadline: float) -> Result:
         """The recipient's answer: 4xx while any copy may still go; else delivered, and a
         target that refused for good leaves the message in the recipient's own mailbox."""
+        if len(copies) == 1 and copies[0].own:  # nothing forwarded: its delivery says it all
+            return done[copies[0]]
         results = {c: done[c] for c in copies}
         failed = [c for c, r in results.items() if not r.ok]
         temporary = next((c for c in failed if results[c].reply.temporary), None)

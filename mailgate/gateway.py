@@ -12,7 +12,7 @@ import logging
 from mailgate import maillog, metrics, trace
 from mailgate.config import Config
 from mailgate.deliver import Deliverer, DeliveryRecord, Result
-from mailgate.forward import Forwarder
+from mailgate.forward import OWN_MAILBOX, Forwarder
 from mailgate.lmtp import Pool
 from mailgate.message import Envelope, parse, unparsed
 from mailgate.outbound import send_after_delivery
@@ -177,15 +177,12 @@ class Gateway:
 
     async def _deliver(self, env: Envelope, targets: list[str], forwards: dict[str, Verdict],
                        head: bytes, raw: bytes, deadline: float) -> dict[str, Result]:
-        async def own() -> dict[str, Result]:
+        if not forwards:
             return dict(zip(targets, await self.deliverer.deliver(env, targets, head + raw,
                                                                   deadline)))
-        if not forwards:
-            return await own()
-        parts = await asyncio.gather(
-            own() if targets else asyncio.sleep(0, {}),
-            self.forwarder.run(env, forwards, head, raw, deadline, self.record))
-        return {**parts[0], **parts[1]}
+        # The others' copies join the forwarders' own copies: one LMTP transaction for all.
+        return await self.forwarder.run(env, {**dict.fromkeys(targets, OWN_MAILBOX), **forwards},
+                                        head, raw, deadline, self.record)
 
     def _send_after(self, env: Envelope, outcome: Outcome, done: dict[str, Result]) -> None:
         """Auto-replies leave only once their recipient's copy is durable, in tasks of their

@@ -13,6 +13,8 @@ import logging
 import re
 import smtplib
 import ssl
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Sequence
@@ -26,6 +28,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("mailgate.outbound")
 THREADS = 4  # sends in flight; a hung relay cannot starve the loop's default pool
+IDLE_SECONDS = 20.0  # a relay connection idle longer is closed, not reused (smtpd waits 300 s)
 _STATUS = re.compile(r"^([245]\.\d{1,3}\.\d{1,3})\s+")
 
 
@@ -83,6 +86,8 @@ class Outbound:
         self.pool = ThreadPoolExecutor(THREADS, thread_name_prefix="outbound")
         self._ses = None
         self._password: str | None = None
+        self._idle: list[tuple[float, smtplib.SMTP]] = []  # open relay connections, for reuse
+        self._lock = threading.Lock()
 
     @property
     def name(self) -> str:
@@ -114,13 +119,17 @@ class Outbound:
     def _smtp_send(self, sender: str, recipients: list[str],
                    data: bytes) -> tuple[dict[str, Reply], str]:
         try:
-            smtp = self._smtp_session()
+            smtp = self._take()
+            options = [] if data.isascii() or not smtp.has_extn("8bitmime") else ["BODY=8BITMIME"]
             try:
-                options = [] if data.isascii() or not smtp.has_extn("8bitmime") \
-                    else ["BODY=8BITMIME"]
                 refused = smtp.sendmail(sender, recipients, data, options)
-            finally:
+            except smtplib.SMTPRecipientsRefused:
+                self._give_back(smtp)  # smtplib has sent RSET: the connection is fine
+                raise
+            except BaseException:
                 _quit(smtp)
+                raise
+            self._give_back(smtp)
         except smtplib.SMTPRecipientsRefused as e:
             refused = e.recipients
         except smtplib.SMTPDataError as e:  # the content, for every recipient
@@ -132,6 +141,27 @@ class Outbound:
             return self._all(recipients, our_failure(f"relay: {type(e).__name__}: {e}")), ""
         ok = Reply(250, "2.0.0", "Ok")
         return {r: relay_reply(*refused[r]) if r in refused else ok for r in recipients}, ""
+
+    def _take(self) -> smtplib.SMTP:
+        """An idle relay connection that still answers NOOP, or a new one."""
+        while True:
+            with self._lock:
+                since, smtp = self._idle.pop() if self._idle else (0.0, None)
+            if smtp is None:
+                return self._smtp_session()
+            try:
+                if time.monotonic() - since < IDLE_SECONDS and smtp.noop()[0] == 250:
+                    return smtp
+            except (smtplib.SMTPException, OSError):
+                pass  # the relay closed it meanwhile
+            smtp.close()
+
+    def _give_back(self, smtp: smtplib.SMTP) -> None:
+        with self._lock:
+            if len(self._idle) < THREADS:
+                self._idle.append((time.monotonic(), smtp))
+                return
+        _quit(smtp)
 
     def _smtp_session(self) -> smtplib.SMTP:
         host, port = parse_hostport(self.settings.smtp, "relay.smtp")
@@ -190,6 +220,10 @@ class Outbound:
 
     async def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for _, smtp in idle:
+            smtp.close()  # no QUIT: close runs on the event loop and must not block
         if self._ses is not None:
             self._ses.close()
 

@@ -146,7 +146,8 @@ def message(mark: str, sender: str = SENDER, to: str = ALICE, head: str = "",
             f"Message-ID: <{mark}@remote.test>\r\n\r\nbody {mark}\r\n").encode()
 
 
-def lmtp(gate: Mailgate, rcpts: list[str], data: bytes, sender: str = SENDER) -> list[tuple[int, str]]:
+def lmtp(gate: Mailgate, rcpts: list[str], data: bytes,
+         sender: str = SENDER) -> list[tuple[int, str]]:
     """One LMTP transaction; the per-recipient replies after DATA (all RCPTs must be taken)."""
     rcpt_replies, replies = lmtp_send(*gate.lmtp, sender, rcpts, data, timeout=REPLY_BOUND)
     assert all(code == 250 for code, _ in rcpt_replies.values()), rcpt_replies

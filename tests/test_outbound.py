@@ -149,3 +149,21 @@ def test_ses_unreachable_is_temporary(moto: Moto, monkeypatch: pytest.MonkeyPatc
     reply = send(ses_relay(moto), "bounces@example.test", ["x@elsewhere.test"]).replies[
         "x@elsewhere.test"]
     assert (reply.code, reply.status) == (451, "4.4.0")
+
+
+def test_kept_connection_survives_a_relay_restart(relay: RelaySink) -> None:
+    """Connections are reused between sends; one the relay dropped is replaced, not failed."""
+    async def run() -> list:
+        outbound = Outbound(Config(hostname="mx.example.test", relay=Relay(smtp=relay.address)))
+        try:
+            first = await outbound.send("", ["x@elsewhere.test"], MESSAGE)
+            relay.stop()
+            relay.start()  # same port; the kept connection is dead now
+            second = await outbound.send("", ["y@elsewhere.test"], MESSAGE)
+            return [first, second]
+        finally:
+            await outbound.close()
+    first, second = asyncio.run(run())
+    assert first.ok and second.ok
+    assert [m.recipients for m in relay.wait_for(2)] == [("x@elsewhere.test",),
+                                                        ("y@elsewhere.test",)]

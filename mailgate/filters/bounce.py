@@ -115,7 +115,8 @@ def build_notice(report: Report, item: dict, to: str, dsn: bytes, hostname: str)
     for f in report.failures:
         lines += [f"  Recipient: {f.recipient}", f"  Result:    {f.action or 'failed'}"
                   f"{' (status ' + f.status + ')' if f.status else ''}",
-                  f"  Reason:    {f.diagnostic or 'not given'}", f"  When:      {f.when or 'not given'}", ""]
+                  f"  Reason:    {f.diagnostic or 'not given'}",
+                  f"  When:      {f.when or 'not given'}", ""]
     lines.append(f"Reported by {report.reporting_mta or 'the sending service'}; "
                  "its report is attached.")
     body = "\n".join(lines) + "\n"

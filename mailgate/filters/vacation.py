@@ -17,6 +17,7 @@ import email.utils
 import hashlib
 import logging
 import re
+import time
 
 from mailgate.config import Config
 from mailgate.message import Message
@@ -39,6 +40,8 @@ CONTROLS = re.compile(r"[\x00-\x1f\x7f]+")
 MSGID = re.compile(r"<[^<>\s]+>")
 SUBJECT_LIMIT = 200  # characters of the reply's subject, before encoding
 REFERENCES_KEPT = 10
+REMEMBERED = 300.0   # seconds a "replied already" answer from the store is reused here
+REMEMBERED_MAX = 10_000
 
 
 def why_not(message: Message, recipient: str) -> str:
@@ -138,6 +141,9 @@ class Vacation:
         self.store = resources.store
         self.hostname = config.hostname
         self.period = config.vacation.period
+        # "Replied already" stays true until the period ends, so it may be reused for a while:
+        # a sender who writes often costs no store call per message. "Not yet" is never kept.
+        self.replied: dict[str, float] = {}
 
     async def check(self, message: Message) -> FilterResult:
         recipients = message.envelope.recipients
@@ -162,14 +168,26 @@ class Vacation:
                 replies.append(mail)
         return FilterResult(verdicts, outbound=tuple(replies))
 
-    async def _reply(self, message: Message, rcpt: str, rule: Rule) -> tuple[str, OutboundMail | None]:
+    async def _replied(self, key: str) -> bool:
+        now = time.monotonic()
+        if self.replied.get(key, 0.0) > now:
+            return True
+        if not await self.store.seen(key):
+            return False
+        if len(self.replied) >= REMEMBERED_MAX:
+            self.replied.clear()
+        self.replied[key] = now + min(REMEMBERED, self.period)
+        return True
+
+    async def _reply(self, message: Message, rcpt: str,
+                     rule: Rule) -> tuple[str, OutboundMail | None]:
         why = why_not(message, rcpt)
         if why:
             return f"no reply: {why}", None
         sender = message.envelope.sender
         key = memory_key(rcpt, sender, rule)
         try:
-            if await self.store.seen(key):
+            if await self._replied(key):
                 return f"no reply: one went to <{sender}> within the period", None
         except StoreUnavailable as e:
             return f"no reply: store unavailable ({e})", None
