@@ -131,6 +131,9 @@ class Store:
     outbound_table: str = "ses-outbound-messages"
     state_table: str = "mailgate-state"
     outage_budget: float = 10 * MINUTES  # how long `rules` defers unknown addresses in an outage
+    timeout: float = 2 * SECONDS       # per request: connect and read (SQLite: busy wait)
+    deadline: float = 5 * SECONDS      # per store call, retries included; < filter_timeout
+    cache_ttl: float = 30 * SECONDS    # dynamodb: how long a read is reused (0 = off)
 
 
 @dataclass(frozen=True)
@@ -363,8 +366,21 @@ def validate(cfg: Config) -> Config:
     if cfg.log.level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ConfigError(f"log.level: {cfg.log.level!r} is not debug, info, warning or error")
     _check_choices(cfg)
+    _check_store(cfg)
     _check_outbound(cfg)
     return cfg
+
+
+def _check_store(cfg: Config) -> None:
+    if cfg.store.backend == "dynamodb" and not cfg.store.region:
+        raise ConfigError("store.region: needed for backend dynamodb (or set AWS_REGION)")
+    for key in ("timeout", "deadline", "outage_budget"):
+        if getattr(cfg.store, key) <= 0:
+            raise ConfigError(f"store.{key}: must be greater than 0")
+    if cfg.store.deadline >= cfg.pipeline.filter_timeout:
+        raise ConfigError("store.deadline: must stay under pipeline.filter_timeout")
+    if cfg.store.cache_ttl < 0:
+        raise ConfigError("store.cache_ttl: must be 0 (off) or more")
 
 
 def _check_outbound(cfg: Config) -> None:

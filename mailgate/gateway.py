@@ -101,6 +101,9 @@ class Gateway:
 
     async def check_recipient(self, server: SMTPServer, address: str) -> Reply:
         reply = await self.recipients.check(address)
+        if reply.ok and self.chain.filters:  # a filter that can refuse before DATA (blocklist)
+            early = await self.chain.check_recipient(server.envelope.mail_from or "", address)
+            reply = early.default_reply() if early is not None else reply
         if not reply.ok:
             client = server.client()
             maillog.reject("RCPT", maillog.client_text(client.name, client.addr),

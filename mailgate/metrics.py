@@ -37,6 +37,8 @@ FILTER_VERDICTS = Counter("mailgate_filter_verdicts_total", "Per-recipient verdi
 FILTER_SECONDS = Histogram("mailgate_filter_duration_seconds", "Time each filter took", ["filter"])
 OUTBOUND = Counter("mailgate_outbound_total", "Mail mailgate sent itself (auto-reply, forward, "
                    "bounce-notice) by result", ["kind", "result"])
+STORE_UNAVAILABLE = Counter("mailgate_store_unavailable_total", "Recipients a filter could not "
+                            "look up in the store, by what it did instead", ["filter", "outcome"])
 PARSE_FAILURES = Counter("mailgate_parse_failures_total", "Messages delivered unparsed")
 ERRORS = Counter("mailgate_errors_total", "Internal errors turned into 451", ["where"])
 

@@ -127,3 +127,23 @@ class Chain:
     def _defer_all(message: Message, reason: str) -> FilterResult:
         verdict = Verdict(Action.DEFER, reason, TEMP_FAILURE)
         return FilterResult({r: verdict for r in message.envelope.recipients})
+
+    async def check_recipient(self, sender: str, rcpt: str) -> Verdict | None:
+        """At RCPT: the first refusal of a filter that can decide before DATA (an optional
+        `check_recipient(sender, rcpt)`). A filter failing here only means "decide after DATA"."""
+        for flt in self.filters:
+            early = getattr(flt, "check_recipient", None)
+            if early is None:
+                continue
+            try:
+                verdict = await asyncio.wait_for(early(sender, rcpt), self.timeout)
+            except asyncio.TimeoutError:
+                continue
+            # XXX a filter bug at RCPT must not refuse anyone: its check after DATA still runs.
+            except Exception:  # noqa: BLE001
+                log.exception("filter=%s failed at RCPT for <%s>", flt.name, rcpt)
+                continue
+            if verdict is not None and verdict.action is Action.REJECT:
+                metrics.child(metrics.FILTER_VERDICTS, flt.name, "reject").inc()
+                return verdict
+        return None
