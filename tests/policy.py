@@ -1,8 +1,8 @@
 """Peers and helpers the policy filter tests share (test_rules, test_vacation, test_bounce).
 
-One Dovecot (and, for the DynamoDB runs, one moto server) per test module; a fresh store, relay
-sink and mailgate per test. `backend` runs a test on SQLite and on DynamoDB in moto server
-mode. Tests reach the store the way mailgate does (mailgate.store.open_store on the gate's own
+One Dovecot (and, for the DynamoDB runs, one moto server: tests/backends.py) per test module;
+a fresh store, relay sink and mailgate per test. `backend` runs a test on SQLite and on DynamoDB
+in moto server mode. Tests reach the store the way mailgate does (mailgate.store.open_store on the gate's own
 config), never through boto3 or sqlite3. Import the fixtures into a test module by name.
 """
 from __future__ import annotations
@@ -11,34 +11,24 @@ import asyncio
 import os
 import shutil
 import smtplib
-import subprocess
-import sys
 import tempfile
 import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pytest
 
+from backends import Backend, backend, cli, moto_server  # noqa: F401 (fixtures)
 from conftest import USERS, base_config, merge, register
 from mailgate.config import load
 from mailgate.store import open_store
-from peers import Dovecot, Mailgate, Moto, lmtp_send
+from peers import Dovecot, Mailgate, lmtp_send
 from relaysink import RelaySink
 
 ALICE, BOB, CAROL = USERS
 SENDER = "sender@remote.test"
 FRIEND = "friend@elsewhere.test"  # an address outside our domains
 REPLY_BOUND = 15.0
-
-
-@dataclass
-class Backend:
-    name: str
-    store: dict[str, Any] = field(default_factory=dict)   # the [store] section
-    env: dict[str, str] = field(default_factory=dict)     # what mailgate needs to reach it
-    moto: Moto | None = None
 
 
 @pytest.fixture(scope="module")
@@ -59,38 +49,17 @@ def dove(policy_root: Path) -> Iterator[Dovecot]:
         server.stop()
 
 
-@pytest.fixture(scope="module")
-def moto_server(policy_root: Path) -> Iterator[Moto]:
-    server = Moto(policy_root / "moto")
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture(params=["sqlite", "dynamodb"])
-def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Backend:
-    if request.param == "sqlite":
-        return Backend("sqlite")
-    moto: Moto = request.getfixturevalue("moto_server")
-    if not moto.running:  # a test before this one took the cloud away
-        moto.start()
-    moto.reset()
-    for name, value in moto.env.items():  # for this process's own store calls
-        monkeypatch.setenv(name, value)
-    return Backend("dynamodb", {"backend": "dynamodb", "endpoint_url": moto.endpoint,
-                                "region": "us-east-1"}, moto.env, moto)
-
-
 GateFactory = Callable[..., Mailgate]
 
 
 @pytest.fixture
 def gates(policy_root: Path, dove: Dovecot, relay: RelaySink, backend: Backend,
-          request: pytest.FixtureRequest) -> Iterator[GateFactory]:
+          request: pytest.FixtureRequest,
+          monkeypatch: pytest.MonkeyPatch) -> Iterator[GateFactory]:
     """`gates(filters=("rules",), overrides=None) -> Mailgate`, started; all gates of one test
     share one store (one SQLite file, or the moto tables) and send to the `relay` sink."""
+    for name, value in backend.env.items():  # for this process's own store calls
+        monkeypatch.setenv(name, value)
     started: list[Mailgate] = []
     test_dir = policy_root / f"t-{uuid.uuid4().hex[:8]}"
     store = {"path": str(test_dir / "store.sqlite3"), **backend.store}
@@ -112,15 +81,6 @@ def gates(policy_root: Path, dove: Dovecot, relay: RelaySink, backend: Backend,
     finally:
         for gate in started:
             gate.stop(timeout=10)
-
-
-def cli(gate: Mailgate, *args: str) -> subprocess.CompletedProcess:
-    """`mailgate ARGS -c` the gate's config, as an operator runs it; fails the test on exit != 0."""
-    env = {**os.environ, **gate.env, "PYTHONPATH": str(Path(__file__).parent.parent)}
-    proc = subprocess.run([sys.executable, "-m", "mailgate", *args, "-c", str(gate.config_path)],
-                          capture_output=True, text=True, timeout=60, env=env)
-    assert proc.returncode == 0, proc.stderr
-    return proc
 
 
 def store_call(gate: Mailgate, method: str, *args: Any) -> Any:

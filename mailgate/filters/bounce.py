@@ -97,11 +97,13 @@ def original_sender(item: dict) -> str:
     return ""
 
 
-def build_notice(report: Report, item: dict, to: str, dsn: bytes, hostname: str) -> bytes:
+def build_notice(report: Report, item: dict, to: str, dsn: bytes, hostname: str,
+                 domain: str) -> bytes:
     """What a person reads: which recipient failed, why and when; the DSN itself attached."""
     notice = email.message.EmailMessage(policy=email.policy.SMTP)
     subject = clean(str(item.get("subject") or report.subject))
-    notice["From"] = f"Mail Delivery System <MAILER-DAEMON@{hostname}>"
+    # From one of our domains: those are what SES has verified, when the notice goes through it
+    notice["From"] = f"Mail Delivery System <MAILER-DAEMON@{domain}>"
     notice["To"] = to
     notice["Subject"] = f"Undelivered: {subject}"[:200].rstrip() if subject else "Undelivered mail"
     notice["Date"] = email.utils.formatdate(localtime=True)
@@ -134,6 +136,7 @@ class Bounce:
     def __init__(self, config: Config, resources):
         self.store = resources.store
         self.hostname = config.hostname
+        self.domain = config.domains[0]
 
     async def check(self, message: Message) -> FilterResult:
         report = read_report(message.headers)
@@ -149,7 +152,7 @@ class Bounce:
         key, item = found
         to = original_sender(item) or recipients[0]
         try:
-            notice = build_notice(report, item, to, message.raw, self.hostname)
+            notice = build_notice(report, item, to, message.raw, self.hostname, self.domain)
         except (ValueError, TypeError, email.errors.MessageError) as e:
             return self._as_is(recipients, f"cannot build the notice ({type(e).__name__}: {e})")
         reason = f"bounce: SES message {key} from <{to}>: notice instead of the DSN"

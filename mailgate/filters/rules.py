@@ -13,6 +13,7 @@ import logging
 import re
 import time
 
+from mailgate import metrics
 from mailgate.config import Config
 from mailgate.message import Message
 from mailgate.pipeline import FilterResult
@@ -90,8 +91,10 @@ class Rules:
         if self.outage_since is None:
             self.outage_since = now
         if now - self.outage_since < self.budget:
+            metrics.child(metrics.STORE_UNAVAILABLE, "rules", "deferred").inc()
             return Verdict(Action.DEFER, f"rules: store unavailable ({error}) and <{rcpt}> "
                                          "never read: try again later", TEMP_FAILURE)
+        metrics.child(metrics.STORE_UNAVAILABLE, "rules", "delivered_locally").inc()
         log.warning("%s: rules: store unavailable for %.0f s (past store.outage_budget): "
                     "<%s> delivered locally, any forward rule not applied", queue_id,
                     now - self.outage_since, rcpt)

@@ -19,6 +19,7 @@ import logging
 import re
 import time
 
+from mailgate import metrics
 from mailgate.config import Config
 from mailgate.message import Message
 from mailgate.outbound import OutboundMail
@@ -152,6 +153,7 @@ class Vacation:
         except StoreUnavailable as e:
             log.warning("%s: vacation: no reply to anyone: store unavailable (%s)",
                         message.envelope.queue_id, e)
+            metrics.child(metrics.STORE_UNAVAILABLE, "vacation", "no_reply").inc()
             return FilterResult({r: Verdict(Action.CONTINUE, f"vacation: no reply: store "
                                             f"unavailable ({e})") for r in recipients})
         verdicts: dict[str, Verdict] = {}

@@ -229,9 +229,10 @@ def test_notice_says_who_why_when() -> None:
     msg = message(SES_DSN, sender="")
     report = read_report(msg.headers)
     data = build_notice(report, {"subject": "Lunch?", "sent_at": "2024-07-01T09:59:58Z"}, ALICE,
-                        msg.raw, "mx.example.test")
+                        msg.raw, "mx.example.test", "example.test")
     notice = parsed(data)
     assert notice["To"] == ALICE and notice["Subject"] == "Undelivered: Lunch?"
+    assert notice["From"] == "Mail Delivery System <MAILER-DAEMON@example.test>"
     text = notice.get_body(("plain",)).get_content()
     for words in ("x@elsewhere.test", "550 5.1.1", "User unknown", "Mon, 1 Jul 2024 10:00:05",
                   "2024-07-01T09:59:58Z", "Lunch?"):
