@@ -142,3 +142,24 @@ def test_store_down_delivers_and_sends_nothing(gates, dove: Dovecot, relay: Rela
     gate.wait_log(rf"vacation for <{ALICE}>: no reply: store unavailable|"
                   rf"auto-reply for <{ALICE}> not sent: store unavailable")
     assert len(relay.received()) == 1
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+def test_no_reply_while_the_message_is_not_delivered(gates, dove: Dovecot,
+                                                     relay: RelaySink) -> None:
+    """Dovecot cannot write alice's mailbox and there is no fallback: 451 and no reply. The
+    next message is delivered: the one reply answers that one."""
+    gate = gates(("vacation",), {"delivery": {"maildir": ""}})
+    store_call(gate, "set_rule", AWAY)
+    first, second = mark(), mark()
+    tmp = dove.maildir(ALICE) / "tmp"
+    tmp.chmod(0o000)  # Dovecot answers 451 4.2.0 after DATA (the recipe's fault injection)
+    try:
+        assert lmtp(gate, [ALICE], message(first))[0][0] == 451
+    finally:
+        tmp.chmod(0o700)
+    assert status(lmtp(gate, [ALICE], message(second))[0]) == (250, "2.0.0")
+    [reply] = relay.wait_for(1)
+    assert parsed(reply.data)["In-Reply-To"] == f"<{second}@remote.test>"
+    gate.wait_log(rf"auto-reply for <{ALICE}>: to=<{SENDER}>")
+    assert gate.log_text().count("auto-reply for") == 1
