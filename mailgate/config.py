@@ -133,7 +133,7 @@ class Store:
     outage_budget: float = 10 * MINUTES  # how long `rules` defers unknown addresses in an outage
     timeout: float = 2 * SECONDS       # per request: connect and read (SQLite: busy wait)
     deadline: float = 5 * SECONDS      # per store call, retries included; < filter_timeout
-    cache_ttl: float = 30 * SECONDS    # dynamodb: how long a read is reused (0 = off)
+    cache_ttl: float = 10 * SECONDS    # dynamodb: how long a read is reused (0 = off)
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from mailgate.outbound import send_after_delivery
 from mailgate.pipeline import Chain, Outcome
 from mailgate.recipients import Recipients
 from mailgate.server import SMTPServer
+from mailgate.store import Store
 from mailgate.verdict import (BARE_NEWLINE, DELIVERED, DELIVERY_DEFERRED, MESSAGE_TIMEOUT,
                               TEMP_FAILURE, Action, Reply, Verdict)
 
@@ -32,10 +33,10 @@ def has_bare_newline(raw: bytes) -> bool:
 
 
 class Gateway:
-    def __init__(self, config: Config, pool: Pool | None, chain: Chain):
+    def __init__(self, config: Config, pool: Pool | None, chain: Chain, store: Store | None = None):
         self.pool = pool
         self.configure(config, chain)
-        self.record = DeliveryRecord(config.delivery.delivery_record)
+        self.record = DeliveryRecord(config.delivery.delivery_record, store)
         self.sessions: set[SMTPServer] = set()
         self.inflight: set[asyncio.Task] = set()
         self.closing = False
@@ -145,6 +146,7 @@ class Gateway:
             for rcpt, result in zip(env.recipients, results):
                 if result.ok:  # keyed by the envelope recipient: that is what a retry names
                     self.record.remember(self.record.key(digest, rcpt))
+            await self.record.flush()  # in the store before the client hears 451
         self._log(env, len(raw), results, server.listener)
         return results
 

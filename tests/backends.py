@@ -49,18 +49,22 @@ def backend(request: pytest.FixtureRequest) -> Backend:
                                 "region": "us-east-1"}, moto.env, moto)
 
 
-def cli(gate: Mailgate, *args: str, user: str | None = None,
-        check: bool = True) -> subprocess.CompletedProcess:
-    """`mailgate ARGS -c CONFIG` with the gate's config and environment; exit 0 unless check=False."""
+def cli(gate: Mailgate, *args: str, user: str | None = None, check: bool = True,
+        config_first: bool = False) -> subprocess.CompletedProcess:
+    """`mailgate ARGS -c CONFIG` (or `-c CONFIG ARGS`) with the gate's config and environment;
+    the test fails on an exit other than 0 unless check=False."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MAILGATE_")}
     env.update(gate.env)
-    python, env["PYTHONPATH"] = sys.executable, str(REPO)
+    python = sys.executable
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (gate.env.get("PYTHONPATH", ""), str(REPO)) if p)
     as_user: dict[str, Any] = {}
     if user is not None:  # the copy of the source Mailgate(user=...) made, and its venv
         python, env["PYTHONPATH"], env["HOME"] = str(UNPRIVILEGED_PYTHON), str(gate.root / "src"), str(gate.root)
         pw = pwd.getpwnam(user)
         as_user = {"user": pw.pw_uid, "group": pw.pw_gid, "extra_groups": []}
-    proc = subprocess.run([python, "-m", "mailgate", *args, "-c", str(gate.config_path)],
+    config = ["-c", str(gate.config_path)]
+    argv = [*config, *args] if config_first else [*args, *config]
+    proc = subprocess.run([python, "-m", "mailgate", *argv],
                           capture_output=True, text=True, timeout=60, env=env,
                           cwd=gate.root, stdin=subprocess.DEVNULL, **as_user)
     if check:
