@@ -130,6 +130,7 @@ class Forwarder:
                 for c in copies:
                     if done[c].ok:
                         record.remember(self._key(record, digest, c))
+        await record.flush()  # in the store before the client hears the 4xx
         return out
 
     @staticmethod

@@ -113,6 +113,21 @@ def test_relay_down_defers_only_the_forwarding_recipient(gates, dove: Dovecot,
     assert len(copies(dove, ALICE, m)) == 1  # the local copy was not delivered twice
 
 
+def test_restart_between_the_relay_failure_and_the_retry(gates, dove: Dovecot,
+                                                         relay: RelaySink) -> None:
+    gate = gates()
+    store_call(gate, "set_rule", Rule(ALICE, forward=(FRIEND,), keep_copy=True))
+    relay.stop()
+    m = mark()
+    data = message(m)
+    assert status(lmtp(gate, [ALICE], data)[0]) == (451, "4.4.0")
+    gate.restart()  # what was delivered is remembered in the store, not only in memory
+    relay.start()
+    assert status(lmtp(gate, [ALICE], data)[0]) == (250, "2.0.0")
+    assert len(relay.wait_for(1)) == 1
+    assert len(copies(dove, ALICE, m)) == 1
+
+
 def test_relay_down_over_smtp_retry_delivers_nothing_twice(gates, dove: Dovecot,
                                                            relay: RelaySink) -> None:
     gate = gates()
