@@ -3,7 +3,8 @@
 A copy for a mailbox of ours goes through the same delivery as any recipient (Dovecot, then the
 maildir); a copy for anyone else leaves through the relay with the envelope sender rewritten
 (SRS, or `rules.bounce_address`) so SPF and DMARC p=reject senders still pass; forwarded copies
-carry `Delivered-To: <recipient>` so a loop is seen. A copy that fails temporarily defers the
+carry `Delivered-To: <recipient>` so a loop is seen; a bounce to an SRS address of ours goes
+back to the original sender. A copy that fails temporarily defers the
 recipient (4xx) and the copies that made it are remembered, so the retry does not double them; a
 target that refuses for good leaves the message in the recipient's own mailbox, logged.
 """
@@ -13,6 +14,7 @@ import asyncio
 import datetime
 import logging
 import os
+import re
 import secrets
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -29,6 +31,7 @@ if TYPE_CHECKING:
     from mailgate.resources import Resources
 
 log = logging.getLogger("mailgate.forward")
+SRS_LOCAL = re.compile(r"^SRS[01][-+=][^=]{4,}=", re.IGNORECASE)  # a hash of 4 or more
 OWN_MAILBOX = Verdict(Action.REDIRECT, "delivered to its own mailbox", keep_copy=True)
 
 
@@ -76,10 +79,28 @@ class SenderRewriter:
             return self.settings.bounce_address
         import srslib
         try:
-            return self.srs.forward(sender, self.settings.srs_domain or self.domains[0])
+            return self.srs.forward(sender, self.srs_domain)
         except srslib.Error as e:  # not an address SRS can carry: the bounce goes nowhere
             log.warning("SRS cannot rewrite <%s> (%s): forwarding with the null sender", sender, e)
             return ""
+
+    def reverse(self, address: str) -> str | None:
+        """Where a bounce to one of our SRS addresses goes: the original sender; None for any
+        other address, a forged one or an expired one."""
+        local, _, domain = address.rpartition("@")
+        # XXX srslib checks a hash only as long as the one given: demand the full length, or a
+        # one-letter hash would be guessed in 32 tries.
+        if domain.lower() != self.srs_domain or not SRS_LOCAL.match(local):
+            return None
+        import srslib
+        try:
+            return self.srs.reverse(address)
+        except srslib.Error:
+            return None
+
+    @property
+    def srs_domain(self) -> str:
+        return self.settings.srs_domain or self.domains[0]
 
     @property
     def srs(self) -> srslib.SRS:

@@ -21,7 +21,7 @@ from mailgate.recipients import Recipients
 from mailgate.server import SMTPServer
 from mailgate.store import Store
 from mailgate.verdict import (BARE_NEWLINE, DELIVERED, DELIVERY_DEFERRED, MESSAGE_TIMEOUT,
-                              TEMP_FAILURE, Action, Reply, Verdict)
+                              RCPT_OK, TEMP_FAILURE, Action, Reply, Verdict)
 
 log = logging.getLogger("mailgate.gateway")
 
@@ -101,6 +101,8 @@ class Gateway:
         return str(TEMP_FAILURE)
 
     async def check_recipient(self, server: SMTPServer, address: str) -> Reply:
+        if not server.envelope.mail_from and self.forwarder.senders.reverse(address):
+            return RCPT_OK  # a bounce of a forward, to its SRS address: goes back to the sender
         reply = await self.recipients.check(address)
         if reply.ok and self.chain.filters:  # a filter that can refuse before DATA (blocklist)
             early = await self.chain.check_recipient(server.envelope.mail_from or "", address)
@@ -169,6 +171,9 @@ class Gateway:
             elif verdict.action is Action.REDIRECT and (
                     verdict.redirect_to or verdict.content is not None):
                 forwards[rcpt] = verdict
+            elif not env.sender and (original := self.forwarder.senders.reverse(rcpt)):
+                forwards[rcpt] = Verdict(Action.REDIRECT, "SRS: back to the original sender",
+                                         redirect_to=(original,))
             else:
                 targets.append(rcpt)
         if targets or forwards:

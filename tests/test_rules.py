@@ -11,7 +11,7 @@ import pytest
 import srslib
 
 from mailgate.store import Rule
-from peers import Dovecot, wait_until
+from peers import Dovecot, lmtp_send, wait_until
 from policy import (ALICE, BOB, CAROL, FRIEND, SENDER, backend, copies, dove, gates,  # noqa: F401
                     lmtp, mark, message, moto_server, policy_root, smtp, status, store_call)
 from relaysink import RelaySink
@@ -37,6 +37,26 @@ def test_forward_without_copy_rewrites_the_envelope_only(gates, dove: Dovecot,
     assert got.data.endswith(original)
     assert copies(dove, ALICE, m) == []
     gate.wait_log(rf"to=<{ALICE}>, relay=relay\[{re.escape(relay.address)}\].*status=sent")
+
+
+def test_bounce_to_the_srs_address_goes_back_to_the_original_sender(gates, dove: Dovecot,
+                                                                    relay: RelaySink) -> None:
+    gate = gates()
+    store_call(gate, "set_rule", Rule(ALICE, forward=(FRIEND,), keep_copy=False))
+    assert status(lmtp(gate, [ALICE], message(mark()))[0]) == (250, "2.0.0")
+    srs = relay.wait_for(1)[0].sender
+    m = mark()
+    bounce = (f"From: MAILER-DAEMON@elsewhere.test\r\nTo: {srs}\r\nSubject: Undelivered {m}"
+              f"\r\n\r\n{FRIEND}: mailbox full\r\n").encode()
+    assert status(lmtp(gate, [srs], bounce, sender="")[0]) == (250, "2.0.0")
+    back = relay.wait_for(2)[1]
+    assert (back.sender, back.recipients) == ("", (SENDER,)) and back.data.endswith(bounce)
+    # Only bounces (null sender), only our own hash: anything else is an unknown user.
+    forged = re.sub(r"^SRS0=[^=]+=", "SRS0=AAAA=", srs)
+    short = re.sub(r"^SRS0=([^=])[^=]*=", r"SRS0=\1=", srs)
+    for address, sender in ((srs, SENDER), (forged, ""), (short, "")):
+        rcpt_replies, _ = lmtp_send(*gate.lmtp, sender, [address], b"x\r\n")
+        assert status(rcpt_replies[address]) == (550, "5.1.1"), (address, sender)
 
 
 def test_forward_with_keep_copy(gates, dove: Dovecot, relay: RelaySink) -> None:
