@@ -1,12 +1,11 @@
 """Forwarding is delivery: a REDIRECT verdict becomes copies, each delivered and answered for.
 
-A copy for a mailbox of ours goes through the same delivery as any recipient (Dovecot, then the
-maildir); a copy for anyone else leaves through the relay with the envelope sender rewritten
-(SRS, or `rules.bounce_address`) so SPF and DMARC p=reject senders still pass; forwarded copies
-carry `Delivered-To: <recipient>` so a loop is seen; a bounce to an SRS address of ours goes
-back to the original sender. A copy that fails temporarily defers the
-recipient (4xx) and the copies that made it are remembered, so the retry does not double them; a
-target that refuses for good leaves the message in the recipient's own mailbox, logged.
+Our mailboxes get their copy through the same delivery as any recipient; other targets through
+the relay, envelope sender rewritten (SRS or `rules.bounce_address`: SPF and DMARC p=reject
+senders still pass), with `Delivered-To: <recipient>` on top so a loop is seen; a bounce to one
+of our SRS addresses goes back to the original sender. A copy failing temporarily defers the
+recipient (4xx) and the copies that made it are remembered, so the retry does not double them;
+a target refusing for good leaves the message in the recipient's own mailbox, logged.
 """
 from __future__ import annotations
 
