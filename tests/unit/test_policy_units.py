@@ -16,7 +16,8 @@ from mailgate.config import Config, Rules
 from mailgate.filters.bounce import build_notice, candidate_ids, read_report
 from mailgate.filters.rules import delivered_to, forwarding
 from mailgate.filters.vacation import active, build_reply, memory_key, why_not
-from mailgate.forward import SenderRewriter, plan, read_secret
+from mailgate.forward import plan
+from mailgate.srs import SenderRewriter, read_secret
 from mailgate.message import Client, Envelope, Message
 from mailgate.outbound import relay_reply
 from mailgate.store import Rule
