@@ -168,7 +168,8 @@ def report(args: argparse.Namespace, runs: list[dict], forwards: int, facts: dic
              f"- load: `smtp-source -s {args.sessions} -m {args.messages} -l {args.size} "
              f"-r {args.recipients}`; (f) = `{args.filters}` on SQLite, rules for 3 of "
              f"{args.recipients} recipients (forward + copy, vacation, blocklist pattern).",
-             f"- forwards the relay sink received during the runs: {forwards}.", "",
+             f"- forwards mailgate handed to the relay (warm-up included): {forwards}; cores "
+             f"busy {min(r['busy'] for r in runs):.0%}–{max(r['busy'] for r in runs):.0%}.", "",
              "| round | (e) empty msg/s | (f) full msg/s | f/e | CPU ms/msg e / f |",
              "|---|---|---|---|---|"]
     for e, f in zip(by["e"], by["f"]):
