@@ -19,10 +19,16 @@ from relaysink import RelaySink
 DMARC_REJECT_SENDER = "ceo@dmarc-reject.test"  # a domain whose DMARC policy is p=reject
 
 
+def alice_forwards(gates, *targets: str, keep_copy: bool = False):
+    """A mailgate with `rules` on, where alice forwards to `targets`."""
+    gate = gates()
+    store_call(gate, "set_rule", Rule(ALICE, forward=targets, keep_copy=keep_copy))
+    return gate
+
+
 def test_forward_without_copy_rewrites_the_envelope_only(gates, dove: Dovecot,
                                                          relay: RelaySink) -> None:
-    gate = gates()
-    store_call(gate, "set_rule", Rule(ALICE, forward=(FRIEND,), keep_copy=False))
+    gate = alice_forwards(gates, FRIEND)
     m = mark()
     original = message(m, sender=DMARC_REJECT_SENDER)
     assert status(lmtp(gate, [ALICE], original, sender=DMARC_REJECT_SENDER)[0]) == (250, "2.0.0")
@@ -41,8 +47,7 @@ def test_forward_without_copy_rewrites_the_envelope_only(gates, dove: Dovecot,
 
 def test_bounce_to_the_srs_address_goes_back_to_the_original_sender(gates, dove: Dovecot,
                                                                     relay: RelaySink) -> None:
-    gate = gates()
-    store_call(gate, "set_rule", Rule(ALICE, forward=(FRIEND,), keep_copy=False))
+    gate = alice_forwards(gates, FRIEND)
     assert status(lmtp(gate, [ALICE], message(mark()))[0]) == (250, "2.0.0")
     srs = relay.wait_for(1)[0].sender
     m = mark()
@@ -60,8 +65,7 @@ def test_bounce_to_the_srs_address_goes_back_to_the_original_sender(gates, dove:
 
 
 def test_forward_with_keep_copy(gates, dove: Dovecot, relay: RelaySink) -> None:
-    gate = gates()
-    store_call(gate, "set_rule", Rule(ALICE, forward=(FRIEND,), keep_copy=True))
+    gate = alice_forwards(gates, FRIEND, keep_copy=True)
     m = mark()
     assert status(lmtp(gate, [ALICE, BOB], message(m))[0]) == (250, "2.0.0")
     [got] = relay.wait_for(1)
@@ -70,8 +74,7 @@ def test_forward_with_keep_copy(gates, dove: Dovecot, relay: RelaySink) -> None:
 
 
 def test_forward_to_a_local_address_never_leaves(gates, dove: Dovecot, relay: RelaySink) -> None:
-    gate = gates()
-    store_call(gate, "set_rule", Rule(ALICE, forward=(BOB,), keep_copy=False))
+    gate = alice_forwards(gates, BOB)
     m = mark()
     assert status(lmtp(gate, [ALICE], message(m))[0]) == (250, "2.0.0")
     [stored] = copies(dove, BOB, m)  # Dovecot stores LF line endings
@@ -91,8 +94,7 @@ def test_no_forward_to_itself(gates, dove: Dovecot, relay: RelaySink) -> None:
 
 def test_no_forward_to_an_address_already_in_delivered_to(gates, dove: Dovecot,
                                                           relay: RelaySink) -> None:
-    gate = gates()
-    store_call(gate, "set_rule", Rule(ALICE, forward=(FRIEND,), keep_copy=False))
+    gate = alice_forwards(gates, FRIEND)
     m = mark()
     looped = message(m, head=f"Delivered-To: {FRIEND}\r\n")
     assert status(lmtp(gate, [ALICE], looped)[0]) == (250, "2.0.0")
@@ -104,8 +106,7 @@ def test_no_forward_to_an_address_already_in_delivered_to(gates, dove: Dovecot,
 def test_forward_loop_through_another_host_ends_here(gates, dove: Dovecot,
                                                      relay: RelaySink) -> None:
     """friend@elsewhere forwards back to alice: the second arrival is kept, not sent again."""
-    gate = gates()
-    store_call(gate, "set_rule", Rule(ALICE, forward=(FRIEND,), keep_copy=False))
+    gate = alice_forwards(gates, FRIEND)
     m = mark()
     assert status(lmtp(gate, [ALICE], message(m))[0]) == (250, "2.0.0")
     [first] = relay.wait_for(1)
@@ -117,8 +118,7 @@ def test_forward_loop_through_another_host_ends_here(gates, dove: Dovecot,
 
 def test_relay_down_defers_only_the_forwarding_recipient(gates, dove: Dovecot,
                                                          relay: RelaySink) -> None:
-    gate = gates()
-    store_call(gate, "set_rule", Rule(ALICE, forward=(FRIEND,), keep_copy=True))
+    gate = alice_forwards(gates, FRIEND, keep_copy=True)
     relay.stop()
     m = mark()
     data = message(m)
@@ -135,8 +135,7 @@ def test_relay_down_defers_only_the_forwarding_recipient(gates, dove: Dovecot,
 
 def test_restart_between_the_relay_failure_and_the_retry(gates, dove: Dovecot,
                                                          relay: RelaySink) -> None:
-    gate = gates()
-    store_call(gate, "set_rule", Rule(ALICE, forward=(FRIEND,), keep_copy=True))
+    gate = alice_forwards(gates, FRIEND, keep_copy=True)
     relay.stop()
     m = mark()
     data = message(m)
@@ -150,8 +149,7 @@ def test_restart_between_the_relay_failure_and_the_retry(gates, dove: Dovecot,
 
 def test_relay_down_over_smtp_retry_delivers_nothing_twice(gates, dove: Dovecot,
                                                            relay: RelaySink) -> None:
-    gate = gates()
-    store_call(gate, "set_rule", Rule(ALICE, forward=(FRIEND, CAROL), keep_copy=True))
+    gate = alice_forwards(gates, FRIEND, CAROL, keep_copy=True)
     relay.refuse_rcpt = "451 4.3.0 try again later"
     m = mark()
     data = message(m)
@@ -165,8 +163,7 @@ def test_relay_down_over_smtp_retry_delivers_nothing_twice(gates, dove: Dovecot,
 
 def test_target_refused_for_good_keeps_the_message_here(gates, dove: Dovecot,
                                                         relay: RelaySink) -> None:
-    gate = gates()
-    store_call(gate, "set_rule", Rule(ALICE, forward=(FRIEND,), keep_copy=False))
+    gate = alice_forwards(gates, FRIEND)
     relay.refuse_rcpt = "550 5.1.1 no such user here"
     m = mark()
     assert status(lmtp(gate, [ALICE], message(m))[0]) == (250, "2.0.0")
@@ -175,8 +172,7 @@ def test_target_refused_for_good_keeps_the_message_here(gates, dove: Dovecot,
 
 
 def test_rule_cleared_means_local_delivery(gates, dove: Dovecot, relay: RelaySink) -> None:
-    gate = gates()
-    store_call(gate, "set_rule", Rule(ALICE, forward=(FRIEND,), keep_copy=False))
+    gate = alice_forwards(gates, FRIEND)
     assert store_call(gate, "clear_rule", ALICE)
     m = mark()
     gate.stop()  # a fresh process: no cached rule
