@@ -75,7 +75,7 @@ def batch_get(client: Any, table: str, keys: list[str]) -> dict[str, dict | None
         for round_ in range(UNPROCESSED_ROUNDS):
             response = client.batch_get_item(RequestItems=request)
             for item in response.get("Responses", {}).get(table, []):
-                plain = from_item(item)
+                plain = _plain(from_item(item))
                 found[plain["email_address"]] = plain
             request = response.get("UnprocessedKeys") or {}
             if not request:

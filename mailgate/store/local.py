@@ -7,7 +7,6 @@ those addresses count as never read.
 """
 from __future__ import annotations
 
-import decimal
 import json
 import logging
 import time
@@ -55,7 +54,7 @@ class LastRead:
         self.worker = Worker(path, timeout)
 
     async def save(self, kind: str, items: Mapping[str, Any]) -> None:
-        rows = [(kind, key, json.dumps(item, default=_plain), time.time())
+        rows = [(kind, key, json.dumps(item), time.time())
                 for key, item in items.items()]
         try:
             await self.worker.call(lambda db: db.executemany(
@@ -79,13 +78,3 @@ class LastRead:
     async def close(self) -> None:
         await self.worker.close()
 
-
-def _plain(value: Any) -> Any:
-    """What boto3 returns that json does not take: numbers as Decimal, string sets as set."""
-    if isinstance(value, decimal.Decimal):
-        return int(value) if value == value.to_integral_value() else float(value)
-    if isinstance(value, (set, frozenset)):
-        return sorted(value)
-    if isinstance(value, (bytes, bytearray)):
-        return value.decode("utf-8", "replace")
-    raise TypeError(f"cannot keep a {type(value).__name__}")

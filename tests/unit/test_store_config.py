@@ -35,7 +35,7 @@ def test_legacy_environment_names_override_the_tables_and_region():
 @pytest.mark.parametrize("text, key", [
     ('[store]\nbackend = "dynamodb"\n', "store.region"),
     ('[store]\nbackend = "redis"\n', "store.backend"),
-    ('[store]\ndeadline = 10\n', "store.deadline"),
+    ('[store]\ndeadline = 0\n', "store.deadline"),
     ('[store]\ntimeout = 0\n', "store.timeout"),
     ('[store]\ncache_ttl = -1\n', "store.cache_ttl"),
     ('[blocklist]\naction = "bounce"\n', "blocklist.action"),
