@@ -19,6 +19,7 @@ from mailgate import maildir
 SECONDS = 1.0
 MINUTES = 60 * SECONDS
 HOURS = 60 * MINUTES
+DAYS = 24 * HOURS
 KiB = 1024
 MiB = 1024 * KiB
 
@@ -87,6 +88,22 @@ class Relay:
     username: str = ""                 # SMTP AUTH, with the password read from password_file
     password_file: str = ""
     ses: bool = False                  # send through the SES API (send_raw_email) instead
+    timeout: float = 30 * SECONDS      # per SMTP command / SES call
+    tls_ca_file: str = ""              # CA bundle to verify the relay's certificate; "" = system
+    region: str = ""                   # ses: AWS region (AWS_REGION)
+    endpoint_url: str = ""             # ses: moto or another endpoint; "" = AWS
+
+
+@dataclass(frozen=True)
+class Rules:
+    bounce_address: str = ""           # envelope sender of forwards; "" = SRS-rewrite the sender
+    srs_domain: str = ""               # domain of SRS addresses; "" = the first of `domains`
+    srs_secret_file: str = ""          # "" = {data_dir}/srs-secret (made at first use, 0600)
+
+
+@dataclass(frozen=True)
+class Vacation:
+    period: float = 7 * DAYS           # at most one auto-reply per sender and recipient per period
 
 
 @dataclass(frozen=True)
@@ -172,6 +189,8 @@ class Config:
     auth: Auth = Auth()
     store: Store = Store()
     blocklist: Blocklist = Blocklist()
+    rules: Rules = Rules()
+    vacation: Vacation = Vacation()
     sync: Sync = Sync()
     metrics: Metrics = Metrics()
     health: Health = Health()
@@ -190,7 +209,7 @@ EMBEDDED = {"delivery": {"maildir": "{data_dir}/mail/{domain}/{user}",
 
 # Names the seed deployments used for whole values.
 LEGACY_VALUES = {
-    "AWS_REGION": (("sync", "region"), ("store", "region")),
+    "AWS_REGION": (("sync", "region"), ("store", "region"), ("relay", "region")),
     "DYNAMODB_RULES_TABLE": (("store", "rules_table"),),
     "DYNAMODB_BLOCKED_TABLE": (("store", "blocked_table"),),
     "DYNAMODB_OUTBOUND_TABLE": (("store", "outbound_table"),),
@@ -349,6 +368,7 @@ def validate(cfg: Config) -> Config:
     _check_choices(cfg)
     _check_dns_auth(cfg)
     _check_store(cfg)
+    _check_outbound(cfg)
     return cfg
 
 
@@ -370,6 +390,18 @@ def _check_store(cfg: Config) -> None:
             raise ConfigError(f"store.{key}: must be greater than 0")
     if cfg.store.cache_ttl < 0:
         raise ConfigError("store.cache_ttl: must be 0 (off) or more")
+
+
+def _check_outbound(cfg: Config) -> None:
+    if cfg.relay.password_file and not cfg.relay.username:
+        raise ConfigError("relay.password_file: needs relay.username")
+    if cfg.rules.bounce_address and "@" not in cfg.rules.bounce_address:
+        raise ConfigError(f"rules.bounce_address: {cfg.rules.bounce_address!r} is not an address")
+    if cfg.rules.srs_domain and not maildir.is_domain(cfg.rules.srs_domain):
+        raise ConfigError(f"rules.srs_domain: {cfg.rules.srs_domain!r} is not a domain name")
+    for key in ("relay.timeout", "vacation.period"):
+        if _get(cfg, key) <= 0:
+            raise ConfigError(f"{key}: must be greater than 0")
 
 
 CHOICES = {

@@ -46,6 +46,8 @@ DNS_FAILURES = Counter("mailgate_dns_failures_total", "DNS lookups without an an
                        ["reason"])
 DNS_CACHE = Counter("mailgate_dns_cache_total", "DNS lookups answered from the cache or not",
                     ["result"])
+OUTBOUND = Counter("mailgate_outbound_total", "Mail mailgate sent itself (auto-reply, forward, "
+                   "bounce-notice) by result", ["kind", "result"])
 STORE_UNAVAILABLE = Counter("mailgate_store_unavailable_total", "Recipients a filter could not "
                             "look up in the store, by what it did instead", ["filter", "outcome"])
 PARSE_FAILURES = Counter("mailgate_parse_failures_total", "Messages delivered unparsed")

@@ -19,6 +19,7 @@ from mailgate.message import Message
 from mailgate.verdict import TEMP_FAILURE, Action, Verdict
 
 if TYPE_CHECKING:
+    from mailgate.outbound import OutboundMail
     from mailgate.resources import Resources
 
 log = logging.getLogger("mailgate.pipeline")
@@ -31,6 +32,7 @@ class FilterResult:
     # (start, end) byte spans of whole header fields of message.raw to remove before delivery:
     # only `auth` uses it, for forged Authentication-Results (RFC 8601 §5).
     drop: tuple[tuple[int, int], ...] = ()
+    outbound: tuple[OutboundMail, ...] = ()  # sent once the recipient's copy is durable
 
 
 class Filter(Protocol):
@@ -87,23 +89,27 @@ class Outcome:
     verdicts: dict[str, Verdict]      # final verdict per recipient
     headers: tuple[bytes, ...]
     drop: tuple[tuple[int, int], ...] = ()  # header spans of the raw message to remove
+    outbound: tuple[OutboundMail, ...] = ()
 
 
 class Chain:
-    def __init__(self, filters: list[Filter], settings: Pipeline):
+    def __init__(self, filters: list[Filter], settings: Pipeline,
+                 resources: Resources | None = None):
         self.filters = filters
+        self.resources = resources  # for what the gateway does after the chain: forwards, replies
         self.timeout = settings.filter_timeout
         self.needs_parse = any(getattr(f, "needs_headers", True) for f in filters)
 
     @classmethod
     def from_config(cls, config: Config, resources: Resources) -> Chain:
         return cls([f(config, resources) for f in resolve_filters(config.pipeline.filters)],
-                   config.pipeline)
+                   config.pipeline, resources)
 
     async def run(self, message: Message) -> Outcome:
         verdicts = {r: Verdict(Action.CONTINUE) for r in message.envelope.recipients}
         headers: list[bytes] = []
         drop: set[tuple[int, int]] = set()
+        outbound: list[OutboundMail] = []
         for flt in self.filters:
             if message.headers is None and getattr(flt, "needs_headers", True):
                 log.info("%s: filter=%s skipped: %s", message.envelope.queue_id, flt.name,
@@ -112,10 +118,11 @@ class Chain:
             result = await self._run_one(flt, message)
             headers.extend(result.headers)
             drop.update(result.drop)
+            outbound.extend(result.outbound)
             for rcpt, verdict in result.verdicts.items():
                 if rcpt in verdicts and verdict.action > verdicts[rcpt].action:
                     verdicts[rcpt] = verdict
-        return Outcome(verdicts, tuple(headers), tuple(sorted(drop)))
+        return Outcome(verdicts, tuple(headers), tuple(sorted(drop)), tuple(outbound))
 
     async def _run_one(self, flt: Filter, message: Message) -> FilterResult:
         started = time.perf_counter()

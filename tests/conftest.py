@@ -20,6 +20,7 @@ if str(Path(__file__).parent) not in sys.path:
     sys.path.insert(0, str(Path(__file__).parent))
 
 from peers import Dovecot, Mailgate, Moto, Postfix, free_port  # noqa: E402
+from relaysink import RelaySink  # noqa: E402
 
 USERS = ["alice@example.test", "bob@example.test", "carol@example.test"]
 LOG_TAIL = 20_000  # characters of each peer's log shown with a failure
@@ -87,6 +88,16 @@ def moto(peer_root: Path, request: pytest.FixtureRequest) -> Iterator[Moto]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture
+def relay(request: pytest.FixtureRequest) -> Iterator[RelaySink]:
+    """A started SMTP relay sink (aiosmtpd) on loopback: what mailgate forwards and replies to."""
+    sink = RelaySink()
+    try:
+        yield sink.start()
+    finally:
+        sink.stop()
 
 
 def merge(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
