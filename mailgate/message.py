@@ -23,6 +23,7 @@ class Client:
     name: str = "unknown"
     helo: str = ""
     proto: str = "ESMTP"
+    ident: str = ""             # XFORWARD IDENT: the sending MTA's queue id (Postfix's)
 
 
 @dataclass(frozen=True, slots=True)

@@ -36,6 +36,8 @@ FILTER_VERDICTS = Counter("mailgate_filter_verdicts_total", "Per-recipient verdi
                           ["filter", "action"])
 FILTER_SECONDS = Histogram("mailgate_filter_duration_seconds", "Time each filter took", ["filter"])
 PARSE_FAILURES = Counter("mailgate_parse_failures_total", "Messages delivered unparsed")
+LOOKUPS = Counter("mailgate_lookups_total", "Postfix socketmap lookups by answer (ok, notfound, "
+                  "temp, perm)", ["result"])
 ERRORS = Counter("mailgate_errors_total", "Internal errors turned into 451", ["where"])
 
 

@@ -868,8 +868,10 @@ class Mailgate:
 
     @property
     def tcp_listeners(self) -> list[tuple[str, int]]:
-        """Every address the config tells mailgate to listen on (SMTP, LMTP, metrics, health)."""
-        keys = [("listen", "smtp"), ("listen", "lmtp"), ("metrics", "listen"), ("health", "listen")]
+        """Every address the config tells mailgate to listen on (SMTP, LMTP, lookup, metrics,
+        health)."""
+        keys = [("listen", "smtp"), ("listen", "lmtp"), ("listen", "lookup"), ("metrics", "listen"),
+                ("health", "listen")]
         return [a for a in (self.address(*key) for key in keys) if a]
 
     @property
@@ -879,6 +881,10 @@ class Mailgate:
     @property
     def lmtp(self) -> tuple[str, int] | None:
         return self.listen("lmtp")
+
+    @property
+    def lookup(self) -> tuple[str, int] | None:
+        return self.listen("lookup")
 
     def _environ(self) -> dict[str, str]:
         environ = {k: v for k, v in os.environ.items()
