@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import logging.handlers
 import os
+import socket
 import sys
 import time
 
@@ -93,7 +94,11 @@ def setup(settings: Log) -> None:
 
 
 def _syslog(settings: Log) -> tuple[logging.Handler | None, str]:
+    """A handler for facility mail, or None and why: the stdlib handler ignores a socket it
+    cannot reach at start (as openlog(3) does), and lines would then go nowhere."""
     try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as probe:
+            probe.connect(settings.syslog_socket)
         handler = logging.handlers.SysLogHandler(
             settings.syslog_socket, facility=logging.handlers.SysLogHandler.LOG_MAIL)
     except OSError as e:
