@@ -58,7 +58,8 @@ def netstring(text: str) -> bytes:
 
 
 class LookupServer:
-    """Answers Postfix's socketmap lookups from `gateway.recipients` (the live one after a reload)."""
+    """Answers Postfix's socketmap lookups from `gateway.recipients` (the live one, also after a
+    reload), so Postfix and the listeners share one cache of Dovecot's answers."""
 
     def __init__(self, gateway):
         self.gateway = gateway

@@ -50,7 +50,8 @@ def src(peer_root: Path) -> Path:
 def test_vmail_runs_check_config_and_status(dovecot, mailgate_factory, peer_root, src) -> None:
     config = install_config(mailgate_factory(), peer_root / "etc")
     checked = as_user("vmail", src, "-m", "mailgate", "check-config", "-c", str(config))
-    assert (checked.returncode, checked.stdout, checked.stderr) == (0, f"{config}: ok\n", ""), checked
+    assert (checked.returncode, checked.stdout, checked.stderr) == (0, f"{config}: ok\n", ""), \
+        checked
     status = as_user("vmail", src, "-m", "mailgate", "status", "-c", str(config))
     assert status.returncode == 0 and ": ok (up " in status.stdout, status
 

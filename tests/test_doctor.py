@@ -199,7 +199,8 @@ def test_maildir_template_disagrees_with_mail_location(site: Site) -> None:
 
 def test_vmail_uid_gid_not_matching(site: Site) -> None:
     """Dovecot's userdb hands out another owner than the vmail user mailgate runs as."""
-    edit(site.dovecot, "default_fields = uid=vmail gid=vmail", "default_fields = uid=nobody gid=nogroup")
+    edit(site.dovecot, "default_fields = uid=vmail gid=vmail",
+         "default_fields = uid=nobody gid=nogroup")
     edit(site.dovecot, "first_valid_uid = 5000", "first_valid_uid = 500")
     edit(site.dovecot, "last_valid_uid = 5000", "last_valid_uid = 0")
     lines = site.findings()

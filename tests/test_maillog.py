@@ -27,7 +27,8 @@ def journal_stream(path: Path) -> str:
     return f"{st.st_dev}:{st.st_ino}"
 
 
-def start_under_journal(factory, overrides: dict | None = None, stream: str | None = None) -> Mailgate:
+def start_under_journal(factory, overrides: dict | None = None,
+                        stream: str | None = None) -> Mailgate:
     """A mailgate whose stderr (its log file) is what JOURNAL_STREAM names, or `stream`."""
     gate = factory(overrides, start=False)
     gate.log_path.touch()

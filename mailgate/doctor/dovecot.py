@@ -90,30 +90,37 @@ def lmtp_listener(conf: Section, config: Config) -> list[Finding]:
         found.append(Finding("dovecot", f"protocols = {protocols} has no lmtp, so Dovecot runs no "
                              "LMTP service", "apt-get install dovecot-lmtpd (it adds lmtp)"))
     listeners = [l for s in conf.find("service", "lmtp") for l in s.children]
-    if target.startswith("unix:"):
-        base = conf.settings.get("base_dir", "/run/dovecot")
-        paths = {f"{base}/lmtp"} | {l.arg if l.arg.startswith("/") else f"{base}/{l.arg}"
-                                    for l in listeners if l.name == "unix_listener"}
-        if target[5:] not in paths:
-            found.append(Finding("dovecot", f"no LMTP socket at {target[5:]} ([delivery] lmtp); "
-                                 f"Dovecot's are {', '.join(sorted(paths))}",
-                                 f"set [delivery] lmtp = \"unix:{base}/lmtp\""))
-        return found
+    check = _unix_listener if target.startswith("unix:") else _inet_listener
+    return found + check(conf, listeners, target)
+
+
+def _unix_listener(conf: Section, listeners: list[Section], target: str) -> list[Finding]:
+    base = conf.settings.get("base_dir", "/run/dovecot")
+    paths = {f"{base}/lmtp"} | {l.arg if l.arg.startswith("/") else f"{base}/{l.arg}"
+                                for l in listeners if l.name == "unix_listener"}
+    if target[5:] in paths:
+        return []
+    return [Finding("dovecot", f"no LMTP socket at {target[5:]} ([delivery] lmtp); Dovecot's "
+                    f"are {', '.join(sorted(paths))}", f'[delivery] lmtp = "unix:{base}/lmtp"')]
+
+
+def _inet_listener(conf: Section, listeners: list[Section], target: str) -> list[Finding]:
     host, port = parse_hostport(target, "delivery.lmtp")
-    tcp = [(l.settings.get("address") or conf.settings.get("listen", "*, ::"), l.settings.get("port", ""))
+    default = conf.settings.get("listen", "*, ::")
+    tcp = [(l.settings.get("address") or default, l.settings.get("port", ""))
            for l in listeners if l.name == "inet_listener"]
-    if not any(p == str(port) and _covers(a, host) for a, p in tcp):
-        where = ", ".join(f"{a} port {p}" for a, p in tcp) or "no TCP port"
-        found.append(Finding("dovecot", f"Dovecot's LMTP listens on {where}, not on {target} "
-                             "([delivery] lmtp)", f"the inet_listener lmtp of {SNIPPET} (address = "
-                             f"{host}, port = {port}), or point [delivery] lmtp at Dovecot's"))
-    return found
+    if any(p == str(port) and _covers(a, host) for a, p in tcp):
+        return []
+    where = ", ".join(f"{a} port {p}" for a, p in tcp) or "no TCP port"
+    return [Finding("dovecot", f"Dovecot's LMTP listens on {where}, not on {target} "
+                    "([delivery] lmtp)", f"the inet_listener lmtp of {SNIPPET} (address = "
+                    f"{host}, port = {port}), or point [delivery] lmtp at Dovecot's")]
 
 
 def _covers(addresses: str, host: str) -> bool:
-    entries = {a.strip("[]") if a != "[::]" else a for a in re.split(r"[\s,]+", addresses) if a}
+    entries = {a for a in re.split(r"[\s,]+", addresses) if a}
     host = "127.0.0.1" if host == "localhost" else host
-    return bool(entries & ANY_ADDRESS) or host in entries
+    return bool(entries & ANY_ADDRESS) or host in {a.strip("[]") for a in entries}
 
 
 def as_template(path: str) -> str:
@@ -148,15 +155,19 @@ def mail_location(conf: Section, config: Config) -> list[Finding]:
 
 
 def mailgate_user() -> tuple[str, str, str]:
-    """(user, group, where that was read): the installed unit's User=/Group=, else the shipped one's."""
+    """(user, group, where that was read): the installed unit's User=/Group=, else the shipped
+    unit's (vmail)."""
     user = group = "vmail"
     origin = "the shipped mailgate.service"
     if UNIT.is_file():
         origin = str(UNIT)
         for line in UNIT.read_text(errors="replace").splitlines():
             key, _, value = line.partition("=")
-            if key.strip() in ("User", "Group") and value.strip():
-                user, group = (value.strip(), group) if key.strip() == "User" else (user, value.strip())
+            key, value = key.strip(), value.strip()
+            if key == "User" and value:
+                user = value
+            elif key == "Group" and value:
+                group = value
     return user, group, origin
 
 
@@ -174,7 +185,7 @@ def mail_user(conf: Section, config: Config) -> list[Finding]:
     uid = fields.get("uid") or conf.settings.get("mail_uid", "")
     gid = fields.get("gid") or conf.settings.get("mail_gid", "")
     user, group, origin = mailgate_user()
-    fix = f"mail_uid = {user} and mail_gid = {group} ({SNIPPET}), and uid=/gid= in the userdb to match"
+    fix = f"mail_uid = {user} and mail_gid = {group} ({SNIPPET}), and uid=/gid= in the userdb"
     if not uid or not gid:
         return [Finding("dovecot", "no mail_uid/mail_gid (nor uid=/gid= in the userdb): Dovecot "
                         f"writes mail as each user's own system uid, mailgate as {user}", fix)]

@@ -87,7 +87,8 @@ def listed(value: str) -> list[str]:
 
 
 def endpoint(text: str) -> tuple[str, str]:
-    """("127.0.0.1", "10024") from "inet:127.0.0.1:10024", "[127.0.0.1]:10024", "localhost:10024"."""
+    """("127.0.0.1", "10024") from "inet:127.0.0.1:10024", "[127.0.0.1]:10024" or
+    "localhost:10024"."""
     host, _, port = text.removeprefix("inet:").rpartition(":")
     host = host.strip("[]").lower()
     return ("127.0.0.1" if host == "localhost" else host), port
@@ -132,7 +133,8 @@ def domains(pf: Postfix, config: Config) -> list[Finding]:
 
 
 def points_at(pf: Postfix, spec: str, address: str, command: str) -> str:
-    """"" when transport:nexthop `spec` reaches `address` through a `command` service; else why not."""
+    """"" when transport:nexthop `spec` reaches `address` through a `command` service, else
+    why not."""
     name, _, nexthop = spec.partition(":")
     service = pf.service(name, "unix")
     if service is None:
@@ -153,7 +155,8 @@ def transport(pf: Postfix, config: Config) -> tuple[str, list[Finding]]:
     if not filters:
         spec = pf.main.get("virtual_transport", "")
         why = points_at(pf, spec, config.listen.lmtp, "lmtp")
-        fix = f"postconf -e 'virtual_transport = lmtp:inet:{config.listen.lmtp or '127.0.0.1:10024'}'"
+        lmtp = config.listen.lmtp or "127.0.0.1:10024"
+        fix = f"postconf -e 'virtual_transport = lmtp:inet:{lmtp}'"
         found = [Finding("postfix", f"virtual_transport = {spec} does not reach mailgate's "
                          f"[listen] lmtp: {why}", fix)] if why else []
         return "mode A, LMTP transport", found
@@ -189,7 +192,8 @@ def rcpt_rejection(pf: Postfix, config: Config) -> list[Finding]:
     found = []
     if pf.main.get("smtpd_reject_unlisted_recipient", "yes") == "no":
         found.append(Finding("postfix", "smtpd_reject_unlisted_recipient = no: unknown users are "
-                             "accepted and bounced later", "postconf -X smtpd_reject_unlisted_recipient"))
+                             "accepted and bounced later",
+                             "postconf -X smtpd_reject_unlisted_recipient"))
     unverified = "reject_unverified_recipient" in pf.main.get("smtpd_recipient_restrictions", "")
     if not maps.strip() and not unverified:
         found.append(Finding("postfix", "virtual_mailbox_maps is empty, so Postfix accepts any "
