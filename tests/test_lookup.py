@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import smtplib
 import socket
+import urllib.request
+
+from prometheus_client.parser import text_string_to_metric_families
 
 from peers import Mailgate, wait_until
 
@@ -69,6 +72,16 @@ def test_known_unknown_foreign_and_catch_all_on_one_connection(dovecot, mailgate
         assert client.ask(BOB).startswith("OK ")
     finally:
         client.close()
+    assert lookups_counted(gate) == {"ok": 2, "notfound": 5}
+
+
+def lookups_counted(gate: Mailgate) -> dict[str, float]:
+    """mailgate_lookups_total by answer, scraped from /metrics."""
+    host, port = gate.address("metrics", "listen")
+    with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=10) as response:
+        families = text_string_to_metric_families(response.read().decode())
+        return {s.labels["result"]: s.value for f in families for s in f.samples
+                if s.name == "mailgate_lookups_total"}
 
 
 def test_dovecot_down_is_temporary_never_notfound(dovecot, mailgate_factory) -> None:
@@ -84,6 +97,7 @@ def test_dovecot_down_is_temporary_never_notfound(dovecot, mailgate_factory) -> 
     finally:
         client.close()
     gate.wait_log(r"warning: lookup nobody@example\.test: TEMP: 451 4\.4\.3 ")
+    assert lookups_counted(gate) == {"temp": 2, "ok": 1, "notfound": 1}
 
 
 def test_dovecot_down_with_fallback_takes_users_whose_maildir_exists(dovecot,
