@@ -115,6 +115,9 @@ class Store:
     outbound_table: str = "ses-outbound-messages"
     state_table: str = "mailgate-state"
     outage_budget: float = 10 * MINUTES  # how long `rules` defers unknown addresses in an outage
+    timeout: float = 2 * SECONDS       # per request: connect and read (SQLite: busy wait)
+    deadline: float = 5 * SECONDS      # per store call, retries included; keep < filter_timeout
+    cache_ttl: float = 10 * SECONDS    # dynamodb: how long a read is reused (0 = off)
 
 
 @dataclass(frozen=True)
@@ -358,7 +361,29 @@ def validate(cfg: Config) -> Config:
     if cfg.log.level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ConfigError(f"log.level: {cfg.log.level!r} is not debug, info, warning or error")
     _check_choices(cfg)
+    _check_dns_auth(cfg)
+    _check_store(cfg)
     return cfg
+
+
+def _check_dns_auth(cfg: Config) -> None:
+    for ns in cfg.dns.nameservers:
+        parse_nameserver(ns)
+    for key in ("dns.timeout", "dns.budget", "auth.max_signatures", "auth.max_key_bits"):
+        if _get(cfg, key) <= 0:
+            raise ConfigError(f"{key}: must be greater than 0")
+    if cfg.auth.max_key_bits < 1024:
+        raise ConfigError("auth.max_key_bits: below 1024 every DKIM key would be refused")
+
+
+def _check_store(cfg: Config) -> None:
+    if cfg.store.backend == "dynamodb" and not cfg.store.region:
+        raise ConfigError("store.region: needed for backend dynamodb (or set AWS_REGION)")
+    for key in ("timeout", "deadline", "outage_budget"):
+        if getattr(cfg.store, key) <= 0:
+            raise ConfigError(f"store.{key}: must be greater than 0")
+    if cfg.store.cache_ttl < 0:
+        raise ConfigError("store.cache_ttl: must be 0 (off) or more")
 
 
 CHOICES = {
@@ -410,6 +435,23 @@ def _check_maildir_template(template: str) -> None:
 def _get(cfg: Config, dotted: str) -> Any:
     section, key = dotted.split(".")
     return getattr(getattr(cfg, section), key)
+
+
+def parse_nameserver(value: str) -> tuple[str, int]:
+    """"addr", "addr:port", "[v6]:port" or a bare IPv6 address -> (addr, port)."""
+    host, port = value, "53"
+    if value.startswith("["):
+        host, _, rest = value[1:].partition("]")
+        port = rest.removeprefix(":") if rest else "53"
+    elif value.count(":") == 1:
+        host, _, port = value.partition(":")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ConfigError(f"dns.nameservers: {value!r} is not an address or address:port") from None
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"dns.nameservers: {value!r} has a bad port")
+    return host, int(port)
 
 
 def parse_hostport(value: str, key: str = "address") -> tuple[str, int]:

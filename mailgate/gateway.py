@@ -17,6 +17,7 @@ from mailgate.message import Envelope, parse, unparsed
 from mailgate.pipeline import Chain, Outcome
 from mailgate.recipients import Recipients
 from mailgate.server import SMTPServer
+from mailgate.store import Store
 from mailgate.verdict import (BARE_NEWLINE, DELIVERED, DELIVERY_DEFERRED, MESSAGE_TIMEOUT,
                               TEMP_FAILURE, Action, Reply, Verdict)
 
@@ -29,11 +30,23 @@ def has_bare_newline(raw: bytes) -> bool:
     return raw.count(b"\r") != pairs or raw.count(b"\n") != pairs
 
 
+def without(raw: bytes, spans: tuple[tuple[int, int], ...]) -> bytes:
+    """`raw` minus the given (start, end) spans (sorted, not overlapping): the removed headers."""
+    if not spans:
+        return raw
+    kept, at = [], 0
+    for start, end in spans:
+        kept.append(raw[at:start])
+        at = max(at, end)
+    kept.append(raw[at:])
+    return b"".join(kept)
+
+
 class Gateway:
-    def __init__(self, config: Config, pool: Pool | None, chain: Chain):
+    def __init__(self, config: Config, pool: Pool | None, chain: Chain, store: Store | None = None):
         self.pool = pool
         self.configure(config, chain)
-        self.record = DeliveryRecord(config.delivery.delivery_record)
+        self.record = DeliveryRecord(config.delivery.delivery_record, store)
         self.sessions: set[SMTPServer] = set()
         self.inflight: set[asyncio.Task] = set()
         self.closing = False
@@ -98,6 +111,9 @@ class Gateway:
 
     async def check_recipient(self, server: SMTPServer, address: str) -> Reply:
         reply = await self.recipients.check(address)
+        if reply.ok and self.chain.filters:  # a filter that can refuse before DATA (blocklist)
+            early = await self.chain.check_recipient(server.envelope.mail_from or "", address)
+            reply = early.default_reply() if early is not None else reply
         if not reply.ok:
             client = server.client()
             maillog.reject("RCPT", maillog.client_text(client.name, client.addr),
@@ -139,6 +155,7 @@ class Gateway:
             for rcpt, result in zip(env.recipients, results):
                 if result.ok:  # keyed by the envelope recipient: that is what a retry names
                     self.record.remember(self.record.key(digest, rcpt))
+            await self.record.flush()  # in the store before the client hears 451
         self._log(env, len(raw), results, server.listener)
         return results
 
@@ -165,7 +182,7 @@ class Gateway:
             header = trace.received(env.client, self.config.hostname,
                                     trace.protocol_word(proto, env.client.proto, env.smtputf8),
                                     env.queue_id, env.recipients)
-            data = header + b"".join(outcome.headers) + raw
+            data = header + b"".join(outcome.headers) + without(raw, outcome.drop)
             results = await self.deliverer.deliver(env, list(targets.values()), data, deadline)
             done.update(zip(targets, results))
         return [done[r] for r in env.recipients]

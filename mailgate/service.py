@@ -19,6 +19,7 @@ from mailgate.notify import notify
 from mailgate.pipeline import Chain, validate
 from mailgate.resources import Resources
 from mailgate.server import LMTPServer, SMTPServer
+from mailgate.store import StoreUnavailable
 
 log = logging.getLogger("mailgate.service")
 RESTART_KEYS = ("listen", "metrics", "health")   # bound sockets
@@ -31,7 +32,20 @@ def make_gateway(config: Config, resources: Resources) -> Gateway:
         pool = Pool(config.delivery.lmtp, config.hostname, config.delivery.lmtp_connections,
                     config.delivery.lmtp_timeout)
         metrics.LMTP_POOL_SIZE.set(config.delivery.lmtp_connections)
-    return Gateway(config, pool, Chain.from_config(config, resources))
+    return Gateway(config, pool, Chain.from_config(config, resources), resources.store)
+
+
+async def prepare_store(resources: Resources, gateway: Gateway) -> None:
+    """Make a missing state table; read back the delivery record. The store unreachable
+    only means both wait: mail flows on (rules and blocklist know how to do without it)."""
+    try:
+        for name in await resources.store.ensure_tables(["state"]):
+            log.info("store: created %s", name)
+    except StoreUnavailable as e:
+        log.warning("store: cannot make sure the state table exists: %s", e)
+    remembered = await gateway.record.load()
+    if remembered:
+        log.info("delivery record: %d recipient(s) remembered from before the start", remembered)
 
 
 def create_maildirs(config: Config) -> None:
@@ -73,6 +87,7 @@ async def serve(config: Config, path: str | None) -> int:
     create_maildirs(config)
     resources = Resources(config)
     gateway = make_gateway(config, resources)
+    await prepare_store(resources, gateway)
     servers = await listen(gateway)
     lookups = LookupServer(gateway)  # Postfix's RCPT-time question: is this address ours?
     if config.listen.lookup:
@@ -99,6 +114,7 @@ async def serve(config: Config, path: str | None) -> int:
     await gateway.shutdown(gateway.config.listen.shutdown_timeout)
     if gateway.pool is not None:
         await gateway.pool.close()
+    await gateway.record.flush()
     await resources.close()
     if httpd is not None:
         httpd.shutdown()

@@ -65,6 +65,8 @@ RELAY_DENIED = Reply(550, "5.7.1", "Relay access denied")
 XFORWARD_DENIED = Reply(550, "5.7.0", "Error: insufficient authorization")
 BARE_NEWLINE = Reply(550, "5.5.2", "Error: bare <CR> or <LF> received")
 FILTER_REJECTED = Reply(550, "5.7.1", "Message rejected")
+DMARC_REJECTED = Reply(550, "5.7.1", "Message rejected: the From domain's DMARC policy says reject")
+SENDER_BLOCKED = Reply(550, "5.7.1", "Sender address rejected: blocked by the recipient")
 TOO_BIG = Reply(552, "5.3.4", "Error: message file too big")
 BAD_PARAMETER = Reply(555, "5.5.4", "Unsupported option")
 

@@ -297,11 +297,13 @@ class _Session:
             raise PeerError(f"{line.split()[0]} answered {code} {text}")
         return code, text
 
-    def open(self, lhlo: str, sender: str) -> None:
+    def open(self, lhlo: str, sender: str, xforward: str = "") -> None:
         code, text = self.reply()
         if code != 220:
             raise PeerError(f"greeting {code} {text}")
         self.command(f"LHLO {lhlo}", 250)
+        if xforward:
+            self.command(f"XFORWARD {xforward}", 250)
         self.command(f"MAIL FROM:<{sender}>", 250)
 
     def close(self) -> None:
@@ -314,15 +316,16 @@ class _Session:
 
 
 def lmtp_send(host: str, port: int | None, sender: str, rcpts: Iterable[str],
-              data: bytes | str, lhlo: str = "client.test",
-              timeout: float = 30) -> tuple[dict[str, tuple[int, str]], list[tuple[int, str]]]:
+              data: bytes | str, lhlo: str = "client.test", timeout: float = 30,
+              xforward: str = "") -> tuple[dict[str, tuple[int, str]], list[tuple[int, str]]]:
     """One LMTP transaction: the reply to each RCPT, then ONE reply per accepted recipient.
 
     `port=None` means `host` is a unix socket path. DATA is skipped when no RCPT got 2xx.
+    `xforward`: attributes for an XFORWARD command after LHLO ("ADDR=192.0.2.1 HELO=x").
     """
     session = _Session(host, port, timeout)
     try:
-        session.open(lhlo, sender)
+        session.open(lhlo, sender, xforward)
         rcpt_replies = {rcpt: session.command(f"RCPT TO:<{rcpt}>") for rcpt in rcpts}
         accepted = [r for r, (code, _) in rcpt_replies.items() if 200 <= code < 300]
         data_replies: list[tuple[int, str]] = []
