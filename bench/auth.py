@@ -97,7 +97,7 @@ def message_files(root: Path, keys: list[bytes], size: int) -> list[Path]:
 def mailgate_config(root: Path, dovecot: Dovecot, dns: DnsServer, auth: bool) -> dict:
     """As bench/throughput.py runs it; with auth: the filter, our DNS, no trusted peers."""
     config = {"hostname": "mx.example.test", "domains": [DOMAIN], "data_dir": str(root / "data"),
-              "listen": {"smtp": f"127.0.0.1:{free_port()}", "lmtp": ""},
+              "listen": {"smtp": f"127.0.0.1:{free_port()}", "lmtp": "", "lookup": ""},
               "delivery": {"lmtp": f"127.0.0.1:{dovecot.lmtp_port}",
                            "maildir": dovecot.maildir_template},
               "metrics": {"listen": f"127.0.0.1:{free_port()}"},

@@ -118,7 +118,7 @@ def mailgate_config(root: Path, dovecot: Dovecot) -> dict:
         "hostname": "mx.example.test",
         "domains": [DOMAIN],
         "data_dir": str(root / "data"),
-        "listen": {"smtp": f"127.0.0.1:{free_port()}", "lmtp": ""},
+        "listen": {"smtp": f"127.0.0.1:{free_port()}", "lmtp": "", "lookup": ""},
         "delivery": {"lmtp": f"127.0.0.1:{dovecot.lmtp_port}",
                      "maildir": dovecot.maildir_template},
         "metrics": {"listen": f"127.0.0.1:{free_port()}"},

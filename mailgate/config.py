@@ -48,6 +48,7 @@ def default_data_dir() -> str:
 class Listen:
     smtp: str = "127.0.0.1:10025"      # content filter / internal port / swaks; "" = off
     lmtp: str = "127.0.0.1:10024"      # Postfix virtual_transport; "" = off
+    lookup: str = "127.0.0.1:10027"    # Postfix socketmap: is this address ours? "" = off
     trusted_networks: tuple[str, ...] = ("127.0.0.0/8", "::1/128")  # may send XFORWARD
     max_sessions: int = 100            # past it: 421 4.3.2
     command_timeout: float = 5 * MINUTES   # idle deadline per command (RFC 5321 §4.5.3.2)
@@ -235,7 +236,19 @@ def find_file(explicit: str | None, environ: Mapping[str, str]) -> Path | None:
         return Path(explicit)
     if environ.get("MAILGATE_CONFIG"):
         return Path(environ["MAILGATE_CONFIG"])
-    return SYSTEM_CONFIG if SYSTEM_CONFIG.exists() else None
+    return SYSTEM_CONFIG if _present(SYSTEM_CONFIG) else None
+
+
+def _present(path: Path) -> bool:
+    """Also true when it cannot be looked at (a 0750 directory): load() then says so in one line,
+    instead of a traceback or a silent run on the embedded defaults."""
+    try:
+        path.stat()
+    except PermissionError:
+        return True
+    except OSError:
+        return False
+    return True
 
 
 def load(path: str | None = None, environ: Mapping[str, str] | None = None) -> Config:
@@ -343,7 +356,8 @@ def validate(cfg: Config) -> Config:
     for domain in cfg.domains:
         if not maildir.is_domain(domain):
             raise ConfigError(f"domains: {domain!r} is not a lower-case domain name")
-    for key in ("listen.smtp", "listen.lmtp", "metrics.listen", "health.listen", "relay.smtp"):
+    for key in ("listen.smtp", "listen.lmtp", "listen.lookup", "metrics.listen", "health.listen",
+                "relay.smtp"):
         value = _get(cfg, key)
         if value:
             parse_hostport(value, key)

@@ -262,7 +262,9 @@ class Gateway:
 
     def _log(self, env: Envelope, size: int, results: list[Result], listener: str) -> None:
         qid = env.queue_id
-        maillog.log.info("%s: client=%s", qid, maillog.client_text(env.client.name, env.client.addr))
+        # orig_queue_id= as Postfix's smtpd logs it: grep one id to follow a message through both.
+        maillog.log.info("%s: client=%s%s", qid, maillog.client_text(env.client.name, env.client.addr),
+                         f", orig_queue_id={env.client.ident}" if env.client.ident else "")
         maillog.log.info("%s: from=<%s>, size=%d, nrcpt=%d", qid, env.sender, size, len(results))
         delay = asyncio.get_running_loop().time() - env.received_at
         for r in results:

@@ -51,6 +51,8 @@ OUTBOUND = Counter("mailgate_outbound_total", "Mail mailgate sent itself (auto-r
 STORE_UNAVAILABLE = Counter("mailgate_store_unavailable_total", "Recipients a filter could not "
                             "look up in the store, by what it did instead", ["filter", "outcome"])
 PARSE_FAILURES = Counter("mailgate_parse_failures_total", "Messages delivered unparsed")
+LOOKUPS = Counter("mailgate_lookups_total", "Postfix socketmap lookups by answer (ok, notfound, "
+                  "temp, perm)", ["result"])
 ERRORS = Counter("mailgate_errors_total", "Internal errors turned into 451", ["where"])
 
 

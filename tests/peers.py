@@ -675,6 +675,16 @@ class Postfix:
         """Mode A: virtual domains are delivered over LMTP to host:port (mailgate or Dovecot)."""
         self.set_main(virtual_transport=f"lmtp:inet:{host}:{port}", content_filter="")
 
+    def set_service(self, service: str, **options: Any) -> None:
+        """Set -o options on one master.cf entry, e.g. set_service(self.public, content_filter=..)."""
+        self.postconf("-P", *(f"{service}/{k}={v}" for k, v in options.items()))
+        self._backdate()
+
+    @property
+    def public(self) -> str:
+        """The master.cf entry of the smtpd tests send to (Debian's "smtp/inet" stands for it)."""
+        return f"127.0.0.1:{self.smtpd_port}/inet"
+
     def use_content_filter(self, port: int, host: str = "127.0.0.1") -> None:
         """Mode B: after-queue filter over SMTP with XFORWARD at [host]:port."""
         self.set_main(content_filter=f"scan:[{host}]:{port}")
@@ -818,6 +828,16 @@ class Moto:
 
 # ---------------------------------------------------------------- mailgate
 
+def readable_source(src: Path) -> Path:
+    """A world-readable copy of this tree's mailgate package under `src` (for PYTHONPATH), for a
+    process running as another user: the repo may not be readable by them."""
+    shutil.copytree(REPO / "mailgate", src / "mailgate", dirs_exist_ok=True,
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    for path in [src, *src.rglob("*")]:
+        os.chmod(path, 0o755 if path.is_dir() else 0o644)
+    return src
+
+
 # Environment names that would override the written config; a test's mailgate must not see them.
 _CONFIG_ENV = ("LMTP_HOST", "LMTP_PORT", "INTERNAL_SMTP_PORT", "SMTP_PORT", "METRICS_PORT",
                "HEALTH_PORT")
@@ -847,11 +867,7 @@ class Mailgate:
         readable by them, and a copy tests this tree, not an installed one), and the root dir,
         data dir and log theirs. Root ignores permissions; only such a process meets them."""
         pw = pwd.getpwnam(user)
-        src = self.root / "src"
-        shutil.copytree(REPO / "mailgate", src / "mailgate", dirs_exist_ok=True,
-                        ignore=shutil.ignore_patterns("__pycache__"))
-        for path in [src, *src.rglob("*")]:
-            os.chmod(path, 0o755 if path.is_dir() else 0o644)
+        readable_source(self.root / "src")
         data_dir = Path(self.config.get("data_dir", self.root / "data"))
         data_dir.mkdir(parents=True, exist_ok=True)
         self.log_path.touch()
@@ -871,8 +887,10 @@ class Mailgate:
 
     @property
     def tcp_listeners(self) -> list[tuple[str, int]]:
-        """Every address the config tells mailgate to listen on (SMTP, LMTP, metrics, health)."""
-        keys = [("listen", "smtp"), ("listen", "lmtp"), ("metrics", "listen"), ("health", "listen")]
+        """Every address the config tells mailgate to listen on (SMTP, LMTP, lookup, metrics,
+        health)."""
+        keys = [("listen", "smtp"), ("listen", "lmtp"), ("listen", "lookup"), ("metrics", "listen"),
+                ("health", "listen")]
         return [a for a in (self.address(*key) for key in keys) if a]
 
     @property
@@ -882,6 +900,10 @@ class Mailgate:
     @property
     def lmtp(self) -> tuple[str, int] | None:
         return self.listen("lmtp")
+
+    @property
+    def lookup(self) -> tuple[str, int] | None:
+        return self.listen("lookup")
 
     def _environ(self) -> dict[str, str]:
         environ = {k: v for k, v in os.environ.items()
