@@ -10,7 +10,6 @@ from statistics import median
 
 TARGET_DIRECT, TARGET_POSTFIX = 0.85, 1.3
 NOTES = "## Notes"
-SYNC = "## SES feed"
 TOP = 15
 LABELS = {"a": "(a) mailgate", "b": "(b) direct", "c": "(c) Postfix"}
 
@@ -177,10 +176,14 @@ def profile_section(prof: dict | None) -> list[str]:
     return lines + [""]
 
 
+# Sections other scripts write (bench/auth.py, bench/sync_feed.py), kept with the notes when
+# this one rewrites.
+KEPT = ("## Auth filter", "## SES feed", NOTES)
+
+
 def kept_notes(path: Path) -> list[str]:
     text = path.read_text() if path.exists() else ""
-    # bench/sync_feed.py's section sits before the notes and is kept with them
-    at = min((i for i in (text.find("\n" + SYNC), text.find("\n" + NOTES)) if i >= 0), default=-1)
+    at = min((i for i in (text.find("\n" + k) for k in KEPT) if i >= 0), default=-1)
     if at < 0:
         return [NOTES, "", "Readings and caveats written by hand; kept across runs.", ""]
     return [text[at + 1:].rstrip("\n"), ""]

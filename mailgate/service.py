@@ -14,6 +14,7 @@ from mailgate import __version__, health, maildir, maillog, metrics
 from mailgate.config import Config, ConfigError, load, parse_hostport
 from mailgate.gateway import Gateway
 from mailgate.lmtp import Pool
+from mailgate.lookup import LookupServer
 from mailgate.notify import notify
 from mailgate.pipeline import Chain, validate
 from mailgate.resources import Resources
@@ -88,14 +89,18 @@ async def serve(config: Config, path: str | None) -> int:
     gateway = make_gateway(config, resources)
     await prepare_store(resources, gateway)
     servers = await listen(gateway)
+    lookups = LookupServer(gateway)  # Postfix's RCPT-time question: is this address ours?
+    if config.listen.lookup:
+        await lookups.start(config.listen.lookup)
     metrics.serve(config.metrics.listen)
     httpd = health.serve(config)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, reload, gateway, resources, path, httpd)
-    log.info("mailgate %s ready: smtp=%s lmtp=%s delivery=%s maildir=%s domains=%s", __version__,
-             config.listen.smtp or "off", config.listen.lmtp or "off",
+    log.info("mailgate %s ready: smtp=%s lmtp=%s lookup=%s delivery=%s maildir=%s domains=%s",
+             __version__, config.listen.smtp or "off", config.listen.lmtp or "off",
+             config.listen.lookup or "off",
              config.delivery.lmtp or "off", config.maildir_template() or "off",
              ",".join(config.domains))
     notify("READY=1")
@@ -105,6 +110,7 @@ async def serve(config: Config, path: str | None) -> int:
              gateway.config.listen.shutdown_timeout)
     for server in servers:
         server.close()
+    lookups.close()
     await gateway.shutdown(gateway.config.listen.shutdown_timeout)
     if gateway.pool is not None:
         await gateway.pool.close()
