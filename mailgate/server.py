@@ -3,7 +3,8 @@
 Added or changed here, because aiosmtpd 1.4.6 lacks or gets them wrong for us: XFORWARD from
 trusted networks; the null sender <>; DSN parameters (NOTIFY, ORCPT, ENVID, RET) accepted instead
 of 555; enhanced status codes on every reply; a session cap (421 4.3.2); an idle deadline that
-counts from the last byte received and never fires while a message is being processed.
+counts from the last byte received and never fires while a message is being processed, and a
+line that takes longer than twice that deadline ends the session too (a slowloris).
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ class SMTPServer(SMTP):
     """One client session. The mail decisions live in the Gateway (aiosmtpd's handler)."""
 
     protocol_name = "SMTP"
+    last_line = 0.0  # when a line last ended (a LF arrived); set from connection_made on
 
     def __init__(self, gateway: Gateway, listener: str):
         config = gateway.config
@@ -49,7 +51,7 @@ class SMTPServer(SMTP):
 
     # -- connection life ------------------------------------------------------------------
     def connection_made(self, transport) -> None:
-        self.last_activity = self.loop.time()
+        self.last_activity = self.last_line = self.loop.time()
         if self.transport is None:  # not the STARTTLS re-entry
             self.trusted = is_trusted(transport.get_extra_info("peername"),
                                       self.gateway.config.listen.trusted_networks)
@@ -69,15 +71,21 @@ class SMTPServer(SMTP):
 
     def data_received(self, data: bytes) -> None:
         self.last_activity = self.loop.time()
+        if b"\n" in data:
+            self.last_line = self.last_activity
         super().data_received(data)
 
     def _timeout_cb(self) -> None:
         if self.processing:  # bounded by limits.message_timeout instead
             self._reset_timeout()
             return
-        idle = self.loop.time() - self.last_activity
-        if idle < self._timeout_duration:  # bytes arrived (e.g. during DATA): not idle
-            self._reset_timeout(self._timeout_duration - idle)
+        now, timeout = self.loop.time(), self._timeout_duration
+        # XXX bytes arriving (during DATA, say) are not idleness; but a client that sends a
+        # byte now and then and never ends its line holds a session forever: a line gets
+        # twice the timeout at most (Postfix's smtpd_per_record_deadline, relaxed).
+        left = min(timeout - (now - self.last_activity), 2 * timeout - (now - self.last_line))
+        if left > 0:
+            self._reset_timeout(left)
             return
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(f"{IDLE_TIMEOUT}\r\n".encode())
@@ -91,7 +99,7 @@ class SMTPServer(SMTP):
             return await super()._call_handler_hook(command, *args)
         finally:
             if self.processing:
-                self.last_activity = self.loop.time()
+                self.last_activity = self.last_line = self.loop.time()
             self.processing = False
 
     async def _handle_client(self) -> None:
