@@ -52,16 +52,18 @@ class Deliverer:
         self.domains = config.domains
 
     async def deliver(self, envelope: Envelope, recipients: list[str],
-                      data: bytes | Sequence[bytes], deadline: float) -> list[Result]:
+                      data: bytes | Sequence[bytes], deadline: float,
+                      crlf_checked: bool = False) -> list[Result]:
         """`data`: the message in CRLF form, whole or as pieces in a row (trace headers, then
-        the message as received), so that a large message is never copied to be sent."""
+        the message as received), so that a large message is never copied to be sent.
+        `crlf_checked`: no bare CR or LF in it (wireform.data_chunks)."""
         parts = (data,) if isinstance(data, bytes) else tuple(data)
         replies: list[LMTPReply | None] = [None] * len(recipients)
         error = "LMTP delivery disabled"
         if self.pool is not None:
             started = time.perf_counter()
             replies, error = await self.pool.deliver(envelope.sender, recipients, parts,
-                                                     envelope.body_8bit, deadline)
+                                                     envelope.body_8bit, deadline, crlf_checked)
             if not error:  # a refused connection is not a delivery time
                 metrics.child(metrics.DELIVERY_SECONDS, "lmtp").observe(time.perf_counter() - started)
             if any(reply is not None and reply.code == 250 for reply in replies):

@@ -193,9 +193,11 @@ class Gateway:
             header = trace.received(env.client, self.config.hostname,
                                     trace.protocol_word(proto, env.client.proto, env.smtputf8),
                                     env.queue_id, env.recipients)
-            # Two pieces, not one copy: a 30 MB message is handed on as received.
+            # Two pieces, not one copy: a 30 MB message is handed on as received; handle_DATA
+            # refused bare CR and LF, so delivery need not count them again.
             parts = (header + b"".join(outcome.headers), raw)
-            results = await self.deliverer.deliver(env, list(targets.values()), parts, deadline)
+            results = await self.deliverer.deliver(env, list(targets.values()), parts, deadline,
+                                                   crlf_checked=True)
             done.update(zip(targets, results))
         return [done[r] for r in env.recipients]
 

@@ -66,13 +66,23 @@ class Connection:
         try:
             async with asyncio.timeout_at(conn.limit()):
                 conn.expect(await conn.read_reply(), 220)
-                conn.writer.write(f"LHLO {hostname}\r\n".encode())
+                conn.send(f"LHLO {hostname}\r\n".encode())
                 conn.expect(await conn.read_reply(), 250)
         except (LMTPError, TimeoutError) as e:
             conn.close()
             raise LMTPError(f"greeting from {target}: {str(e) or TIMED_OUT}") from None
         conn.deadline = float("inf")
         return conn
+
+    def send(self, data: bytes | memoryview) -> None:
+        # XXX uvloop raises RuntimeError, not OSError, for a transport the peer already
+        # reset (Dovecot restarted under an idle pooled connection): the caller needs LMTPError.
+        if self.writer.transport.is_closing():
+            raise LMTPError("connection closed by Dovecot")
+        try:
+            self.writer.write(data)
+        except RuntimeError as e:
+            raise LMTPError(f"writing to Dovecot: {e}") from None
 
     def limit(self) -> float:
         """When the next reply is due: lmtp_timeout from now, never past the message budget."""
@@ -104,7 +114,7 @@ class Connection:
         body = " BODY=8BITMIME" if body_8bit else ""
         commands = [f"MAIL FROM:<{_clean(sender)}>{body}\r\n"]
         commands += [f"RCPT TO:<{_clean(r)}>\r\n" for r in recipients]
-        self.writer.write("".join(commands).encode("utf-8") + b"DATA\r\n")
+        self.send("".join(commands).encode("utf-8") + b"DATA\r\n")
         try:
             async with asyncio.timeout_at(self.limit()) as limit:
                 accepted = await self._envelope_replies(len(recipients), results)
@@ -114,7 +124,7 @@ class Connection:
                 faults.point("before-lmtp-dot")
                 # From here on Dovecot may deliver: a lost reply is "unknown", not "not taken".
                 self.data_sent = True
-                self.writer.write(last + b".\r\n")  # a small message: one write in all
+                self.send(last + b".\r\n")  # a small message: one write in all
                 for i in accepted:  # Dovecot delivers one by one: each gets lmtp_timeout
                     limit.reschedule(self.limit())
                     results[i] = await self.read_reply()
@@ -128,8 +138,9 @@ class Connection:
         pending = None
         for chunk in chunks:
             if pending is not None:
-                self.writer.write(pending)
+                self.send(pending)
                 await self.writer.drain()
+                await asyncio.sleep(0)  # drain() returns at once on loopback: let others run
                 limit.reschedule(self.limit())
             pending = chunk
         return b"" if pending is None else bytes(pending)
@@ -148,13 +159,13 @@ class Connection:
         if go_ahead.code == 354:
             return accepted
         self.expect(go_ahead, 354 if accepted else go_ahead.code)
-        self.writer.write(b"RSET\r\n")
+        self.send(b"RSET\r\n")
         self.expect(await self.read_reply(), 250)
         return None
 
     async def probe(self, recipient: str) -> LMTPReply:
         """Ask Dovecot's userdb about one address (MAIL, RCPT, RSET; nothing delivered)."""
-        self.writer.write(f"MAIL FROM:<>\r\nRCPT TO:<{_clean(recipient)}>\r\nRSET\r\n"
+        self.send(f"MAIL FROM:<>\r\nRCPT TO:<{_clean(recipient)}>\r\nRSET\r\n"
                           .encode("utf-8"))
         try:
             async with asyncio.timeout_at(self.limit()):
@@ -186,11 +197,13 @@ class Pool:
         return f"dovecot[{self.target}]"
 
     async def deliver(self, sender: str, recipients: list[str], parts: Sequence[bytes],
-                      body_8bit: bool, deadline: float) -> tuple[list[LMTPReply | None], str]:
+                      body_8bit: bool, deadline: float,
+                      crlf_checked: bool = False) -> tuple[list[LMTPReply | None], str]:
         """Replies per recipient and an error text. None: Dovecot never took that recipient.
 
         `parts` (trace headers, the message) are sent one after the other, unchanged but for
         line endings and dot-stuffing; the whole transaction ends by `deadline` (loop time).
+        `crlf_checked`: see wireform.data_chunks.
         """
         results: list[LMTPReply | None] = [None] * len(recipients)
         if sum(map(len, parts)) <= CHUNK:  # small: one write; copying it costs less than a send
@@ -199,8 +212,9 @@ class Pool:
         async def send(conn: Connection) -> None:
             conn.deadline = deadline
             try:
-                await conn.transaction(sender, recipients, data_chunks(parts), body_8bit,
-                                       results)
+                await conn.transaction(sender, recipients,
+                                       data_chunks(parts, crlf_checked=crlf_checked),
+                                       body_8bit, results)
             finally:
                 conn.deadline = float("inf")
         return results, await self._with_connection(send, results, deadline)

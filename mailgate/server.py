@@ -8,17 +8,19 @@ line that takes longer than twice that deadline ends the session too (a slowlori
 """
 from __future__ import annotations
 
+import asyncio
 from typing import TYPE_CHECKING
 
 from aiosmtpd.smtp import SMTP
 
-from mailgate import metrics
+from mailgate import dataphase, metrics
 from mailgate.aiosmtpd_setup import FAST_INIT, fast_init
 from mailgate.commands import (IGNORED_MAIL_PARAMS, IGNORED_RCPT_PARAMS,
                                XFORWARD_ATTRS, is_trusted, parse_path, xtext_decode)
 from mailgate.message import Client
 from mailgate.verdict import (BAD_ARGUMENTS, BAD_PARAMETER, BAD_RECIPIENT, BAD_SENDER,
-                              BAD_SEQUENCE, BAD_SYNTAX, IDLE_TIMEOUT, RCPT_OK, SENDER_OK, SHUTTING_DOWN,
+                              BAD_SEQUENCE, BAD_SYNTAX, DATA_GO_AHEAD, IDLE_TIMEOUT, RCPT_OK,
+                              SENDER_OK, SHUTTING_DOWN,
                               TOO_BIG, TOO_MANY_RECIPIENTS, TOO_MANY_SESSIONS, XFORWARD_DENIED,
                               XFORWARD_OK, Reply, enhance)
 
@@ -261,13 +263,38 @@ class SMTPServer(SMTP):
     async def smtp_DATA(self, arg: str | None) -> None:
         self.busy = True
         try:
-            await super().smtp_DATA(arg)
+            await self._data(arg)
         finally:
             self.busy = False
             self.gateway.transaction_ended()
         if self.close_after_transaction():
             await self.push(str(SHUTTING_DOWN))
             self.transport.close()
+
+    async def _data(self, arg: str | None) -> None:
+        """aiosmtpd's smtp_DATA with mailgate's reader of the message (dataphase.py: why)."""
+        if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
+            return
+        if not self.envelope.rcpt_tos:
+            await self.reply(BAD_SEQUENCE, "Error: need RCPT command; ")
+            return
+        if arg:
+            await self.reply(BAD_ARGUMENTS)
+            return
+        await self.push(f"{DATA_GO_AHEAD.code} {DATA_GO_AHEAD.text}")
+        try:
+            content = await dataphase.read_message(self._reader, self.data_size_limit)
+        except asyncio.CancelledError:  # the client went away mid-DATA (as aiosmtpd does)
+            self._writer.close()
+            raise
+        if content is None:
+            self._set_post_data_state()
+            await self.push(str(TOO_BIG))
+            return
+        self.envelope.content = self.envelope.original_content = content
+        status = await self._call_handler_hook("DATA")
+        self._set_post_data_state()
+        await self.push(status)
 
 
 class LMTPServer(SMTPServer):

@@ -54,7 +54,8 @@ def check_data_dir(path: str) -> None:
 
 
 def cannot_listen(key: str, address: str, error: OSError) -> ConfigError:
-    return ConfigError(f"{key}: cannot listen on {address}: {error.strerror or error}; "
+    reason = os.strerror(error.errno) if error.errno else str(error)  # uvloop's text is long
+    return ConfigError(f"{key}: cannot listen on {address}: {reason}; "
                        f"change {key} or stop what holds that address")
 
 
