@@ -23,7 +23,6 @@ LOCAL_PART = re.compile(r"[a-z0-9_+=-]+(?:\.[a-z0-9_+=-]+)*\Z")
 LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\Z")
 _counter = itertools.count(1)
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-WRITE_CHUNK = 1 << 20  # bytes converted and written at a time
 
 
 class MaildirError(Exception):
@@ -158,7 +157,7 @@ def _write_lf(fd: int, parts: tuple[bytes, ...]) -> int:
     a time: no whole copy of a large message, and the GIL is let go between windows."""
     size = 0
     for part in parts:
-        for start, end in windows(part, WRITE_CHUNK):
+        for start, end in windows(part):
             view = memoryview(part[start:end].replace(b"\r\n", b"\n"))
             size += len(view)
             while view:

@@ -7,11 +7,10 @@ counted by a unique token in the maildir files themselves, whoever wrote them.
 from __future__ import annotations
 
 import smtplib
-import socket
 import uuid
 from pathlib import Path
 
-from peers import Dovecot, Mailgate
+from peers import Dovecot, Mailgate, _dot_stuff, _Session, lmtp_send
 
 ALICE, BOB, CAROL = "alice@example.test", "bob@example.test", "carol@example.test"
 SENDER = "sender@remote.test"
@@ -66,28 +65,11 @@ def send(gate: Mailgate, rcpts: list[str], data: bytes) -> tuple[dict, tuple[int
         return answers, client.data(data)
 
 
-class Raw:
-    """A raw SMTP or LMTP session, for what smtplib hides (LMTP, a client that vanishes)."""
+class Raw(_Session):
+    """peers' raw SMTP/LMTP client, for what smtplib hides (LMTP, a client that vanishes)."""
 
     def __init__(self, address: tuple[str, int], timeout: float = REPLY_BOUND):
-        self.sock = socket.create_connection(address, timeout=timeout)
-        self.file = self.sock.makefile("rb")
-
-    def reply(self) -> tuple[int, str]:
-        """One reply, lines joined by newline; (0, "") once the server has closed."""
-        texts = []
-        while True:
-            line = self.file.readline()
-            if not line:
-                return 0, "\n".join(texts)
-            text = line.decode("utf-8", "replace").rstrip("\r\n")
-            texts.append(text[4:])
-            if text[3:4] != "-":
-                return int(text[:3]), "\n".join(texts)
-
-    def command(self, line: str) -> tuple[int, str]:
-        self.sock.sendall(line.encode() + b"\r\n")
-        return self.reply()
+        super().__init__(*address, timeout)
 
     def to_data(self, *rcpts: str, lmtp: bool = False) -> None:
         """Greeting, hello, MAIL, the RCPTs (each must pass), up to DATA's 354."""
@@ -100,13 +82,20 @@ class Raw:
 
     def send_data(self, data: bytes) -> None:
         """The message, dot-stuffed, and the final "."."""
-        stuffed = b"\r\n".join(b"." + line if line.startswith(b".") else line
-                               for line in data.split(b"\r\n"))
-        self.sock.sendall(stuffed + (b"" if stuffed.endswith(b"\r\n") else b"\r\n") + b".\r\n")
+        self.sock.sendall(_dot_stuff(data))
 
     def close(self) -> None:
+        """Gone, without QUIT (a client that vanishes)."""
         self.file.close()
         self.sock.close()
+
+
+def lmtp(gate: Mailgate, rcpts: list[str], data: bytes) -> list[tuple[int, str]]:
+    """One LMTP transaction whose RCPTs all pass: the reply for each recipient after DATA."""
+    rcpt_replies, data_replies = lmtp_send(*gate.lmtp, SENDER, rcpts, data, timeout=REPLY_BOUND)
+    for reply in rcpt_replies.values():
+        assert_reply(reply, "250 2.1.5")
+    return data_replies
 
 
 def maildir_files(dovecot: Dovecot, addr: str, *subs: str) -> list[Path]:

@@ -13,8 +13,8 @@ import smtplib
 
 import pytest
 
-from faultkit import (ALICE, BOB, SENDER, Raw, assert_reply, copies, maildir_files, message,
-                      send, smtp, token)
+from faultkit import (ALICE, BOB, SENDER, Raw, assert_reply, copies, lmtp, maildir_files,
+                      message, send, smtp, token)
 from peers import swaks, wait_until
 
 # point, whether Dovecot is up (else the maildir fallback delivers), copies after the retry
@@ -55,12 +55,12 @@ def test_bug_at_rcpt_is_451_4_3_0_and_the_session_goes_on(dovecot, mailgate_fact
         client.mail(SENDER)
         assert_reply(client.rcpt(ALICE), "451 4.3.0")
         assert client.noop()[0] == 250
-    lmtp = Raw(gate.lmtp)
-    assert lmtp.reply()[0] == 220
-    assert lmtp.command("LHLO client.test")[0] == 250
-    assert_reply(lmtp.command(f"MAIL FROM:<{SENDER}>"), "250 2.1.0")
-    assert_reply(lmtp.command(f"RCPT TO:<{ALICE}>"), "451 4.3.0")
-    lmtp.close()
+    session = Raw(gate.lmtp)
+    assert session.reply()[0] == 220
+    assert session.command("LHLO client.test")[0] == 250
+    assert_reply(session.command(f"MAIL FROM:<{SENDER}>"), "250 2.1.0")
+    assert_reply(session.command(f"RCPT TO:<{ALICE}>"), "451 4.3.0")
+    session.close()
     gate.wait_log(r"error: internal error, answered 451 4\.3\.0")
 
 
@@ -73,12 +73,8 @@ def test_bug_while_processing_is_451_4_3_0_per_recipient_and_leaves_nothing(
     gate = mailgate_factory(env={"MAILGATE_FAULT": f"{point}:raise"})
     mark = token()
     assert_reply(send(gate, [ALICE], message(mark))[1], "451 4.3.0")
-    lmtp = Raw(gate.lmtp)
-    lmtp.to_data(ALICE, BOB, lmtp=True)
-    lmtp.send_data(message(mark))
-    assert_reply(lmtp.reply(), "451 4.3.0")
-    assert_reply(lmtp.reply(), "451 4.3.0")
-    lmtp.close()
+    for reply in lmtp(gate, [ALICE, BOB], message(mark)):
+        assert_reply(reply, "451 4.3.0")
     for addr in (ALICE, BOB):
         assert maildir_files(dovecot, addr, "new", "cur", "tmp") == []
     gate.wait_log(r"internal error while processing")

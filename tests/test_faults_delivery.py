@@ -1,4 +1,4 @@
-"""Delivery faults: Dovecot restarted, unreachable, silent, slow, full; the fallback's disk full.
+"""Delivery faults at Dovecot: restarted, unreachable, a reply lost or late, quota full.
 
 Real `mailgate serve`, real Dovecot, and between them tests/faultproxy.py where a fault must be
 placed exactly (a reply lost after the final dot, a reply that never comes). Replies are pinned
@@ -6,20 +6,17 @@ with literals; copies are counted by a token in the maildir files (docs/RELIABIL
 """
 from __future__ import annotations
 
-import os
 import re
-import resource
-import subprocess
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from faultkit import (ALICE, BOB, CAROL, SENDER, Raw, assert_reply, big_body, copies,
-                      maildir_files, message, send, smtp, token, written_by_dovecot)
 from conftest import USERS
-from peers import PASSWORD, VMAIL_GID, VMAIL_UID, wait_until
+from faultkit import (ALICE, BOB, CAROL, SENDER, Raw, assert_reply, big_body, copies, lmtp,
+                      maildir_files, message, send, smtp, token, written_by_dovecot)
+from peers import PASSWORD, wait_until
 
 
 def dovecot_relay(gate) -> str:
@@ -75,12 +72,8 @@ def test_dovecot_unreachable_defers_then_its_return_costs_nothing(dovecot, fault
     assert_reply(answers[ALICE], "250 2.1.5")
     assert_reply(answers[CAROL], "451 4.4.3")
     assert_reply(reply, "451 4.3.0")
-    lmtp = Raw(gate.lmtp)
-    lmtp.to_data(ALICE, BOB, lmtp=True)
-    lmtp.send_data(message(mark))
-    assert_reply(lmtp.reply(), "451 4.3.0")
-    assert_reply(lmtp.reply(), "451 4.3.0")
-    lmtp.close()
+    for reply in lmtp(gate, [ALICE, BOB], message(mark)):
+        assert_reply(reply, "451 4.3.0")
     assert copies(dovecot, ALICE, mark) == copies(dovecot, BOB, mark) == 0
 
     fault_proxy.accept()
@@ -149,121 +142,13 @@ def test_quota_full_is_552_5_2_2_for_that_recipient_never_the_fallback(dovecot,
     gate = mailgate_factory()  # fallback on: a permanent answer must not be routed around
     mark = token()
     data = message(mark, body=big_body(4096))
-    lmtp = Raw(gate.lmtp)
-    lmtp.to_data(ALICE, BOB, lmtp=True)
-    lmtp.send_data(data)
-    assert_reply(lmtp.reply(), "250 2.0.0")
-    assert_reply(lmtp.reply(), "552 5.2.2")
-    lmtp.close()
+    alice, bob = lmtp(gate, [ALICE, BOB], data)
+    assert_reply(alice, "250 2.0.0")
+    assert_reply(bob, "552 5.2.2")
     assert_reply(send(gate, [BOB], data)[1], "552 5.2.2")
     assert copies(dovecot, ALICE, mark) == 1
     assert maildir_files(dovecot, BOB, "new", "cur", "tmp") == []
     assert "relay=maildir" not in gate.log_text()
-
-
-# ---------------------------------------------------------------- the fallback's disk
-
-@pytest.fixture
-def small_tmpfs(dovecot):
-    """alice's maildir on a 128 KB tmpfs (skipped where mounting is not permitted)."""
-    path = dovecot.maildir(ALICE)
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=128k,mode=0700,uid=5000,gid=5000",
-                              "tmpfs", str(path)], capture_output=True, text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.strip()}); "
-                    "the RLIMIT_FSIZE case stands for a full disk")
-    try:
-        for sub in ("cur", "new", "tmp"):
-            (path / sub).mkdir(mode=0o700)
-            os.chown(path / sub, VMAIL_UID, VMAIL_GID)
-        yield path
-    finally:
-        subprocess.run(["umount", str(path)], check=True)
-
-
-@pytest.mark.parametrize("full", ["fsize", "tmpfs"])
-def test_disk_full_under_the_fallback_is_451_and_leaves_nothing(dovecot, mailgate_factory,
-                                                                request, full):
-    dovecot.stop()
-    gate = mailgate_factory()
-    unlimited = resource.RLIM_INFINITY
-    if full == "fsize":  # mailgate may write no file past 64 KB (EFBIG, as a full disk)
-        resource.prlimit(gate.pid, resource.RLIMIT_FSIZE, (64 * 1024, unlimited))
-    else:
-        request.getfixturevalue("small_tmpfs")
-    mark = token()
-    data = message(mark, body=big_body(300 * 1024))
-    assert_reply(send(gate, [ALICE], data)[1], "451 4.3.0")
-    assert maildir_files(dovecot, ALICE, "new", "cur", "tmp") == []
-    gate.wait_log(rf"to=<{ALICE}>, relay=maildir, .*status=deferred .*"
-                  r"(File too large|No space left on device)")
-
-    if full == "fsize":
-        resource.prlimit(gate.pid, resource.RLIMIT_FSIZE, (unlimited, unlimited))
-        assert_reply(send(gate, [ALICE], data)[1], "250 2.0.0")
-        assert copies(dovecot, ALICE, mark) == 1
-
-
-def test_two_fallback_deliveries_in_the_same_second_are_distinct_files(dovecot,
-                                                                       mailgate_factory):
-    dovecot.stop()
-    gate = mailgate_factory()
-    for _ in range(5):  # bounded: two back-to-back deliveries nearly always share a second
-        marks = [token(), token()]
-        with smtp(gate) as client:
-            for mark in marks:
-                client.sendmail(SENDER, [ALICE], message(mark))
-        names = [f.name for f in maildir_files(dovecot, ALICE, "new")
-                 if any(m.encode() in f.read_bytes() for m in marks)]
-        if len({name.split(".")[0] for name in names}) == 1:
-            break
-    else:
-        pytest.fail("no two deliveries fell in the same second in 5 tries")
-    assert len(names) == len(set(names)) == 2
-    assert [copies(dovecot, ALICE, m) for m in marks] == [1, 1]
-
-
-# ---------------------------------------------------------------- slow peers, large mail
-
-def test_slow_5mb_upload_while_dovecot_answers_slowly_is_never_cut(dovecot, fault_proxy,
-                                                                   mailgate_factory):
-    """command_timeout 1 s; the upload takes seconds (gaps under 1 s), Dovecot's reply 2.5 s:
-    neither is idleness; the message arrives whole."""
-    gate = mailgate_factory({"listen": {"command_timeout": 1},
-                             "delivery": {"lmtp": fault_proxy.target}})
-    fault_proxy.mode, fault_proxy.delay = "delay", 2.5
-    mark = token()
-    data = message(mark, body=big_body(5 << 20, dots_every=50))
-    session = Raw(gate.smtp)
-    session.to_data(ALICE)
-    stuffed = b"\r\n".join(b"." + ln if ln.startswith(b".") else ln for ln in data.split(b"\r\n"))
-    pieces = [stuffed[i:i + (1 << 18)] for i in range(0, len(stuffed), 1 << 18)]
-    for piece in pieces:
-        session.sock.sendall(piece)
-        time.sleep(0.15)  # the slow client under test, not a wait for a result
-    session.sock.sendall(b".\r\n")
-    assert_reply(session.reply(), "250 2.0.0")
-    session.close()
-    [stored] = [f.read_bytes() for f in maildir_files(dovecot, ALICE) if mark.encode() in f.read_bytes()]
-    assert stored.endswith(data.replace(b"\r\n", b"\n"))  # Dovecot stores LF line endings
-
-
-@pytest.mark.parametrize("path", ["dovecot", "fallback"])
-def test_large_message_arrives_byte_for_byte(dovecot, mailgate_factory, path):
-    """Invariant 4 across the windows the body is sent and written in: every line of the
-    first half starts with a dot (stuffed in every window), the second half has none."""
-    if path == "fallback":
-        dovecot.stop()
-    gate = mailgate_factory()
-    mark = token()
-    data = message(mark, body=big_body(3 << 19, dots_every=1) + big_body(3 << 19) + b".\r\n")
-    assert_reply(send(gate, [ALICE], data)[1], "250 2.0.0")
-    [stored] = [f.read_bytes() for f in maildir_files(dovecot, ALICE) if mark.encode() in f.read_bytes()]
-    body = data.replace(b"\r\n", b"\n")
-    assert stored.endswith(body)
-    added = stored[:-len(body)].decode().splitlines()
-    assert {line.split(":")[0] for line in added if line[:1] not in " \t"} <= {
-        "Return-Path", "Delivered-To", "Received"}, added
 
 
 # ---------------------------------------------------------------- the client goes away
