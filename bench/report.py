@@ -176,9 +176,13 @@ def profile_section(prof: dict | None) -> list[str]:
     return lines + [""]
 
 
+# Sections other scripts write (bench/auth.py), kept with the notes when this one rewrites.
+KEPT = ("## Auth filter", NOTES)
+
+
 def kept_notes(path: Path) -> list[str]:
     text = path.read_text() if path.exists() else ""
-    at = text.find("\n" + NOTES)
+    at = min((i for i in (text.find("\n" + k) for k in KEPT) if i >= 0), default=-1)
     if at < 0:
         return [NOTES, "", "Readings and caveats written by hand; kept across runs.", ""]
     return [text[at + 1:].rstrip("\n"), ""]

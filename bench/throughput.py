@@ -118,7 +118,7 @@ def mailgate_config(root: Path, dovecot: Dovecot) -> dict:
         "hostname": "mx.example.test",
         "domains": [DOMAIN],
         "data_dir": str(root / "data"),
-        "listen": {"smtp": f"127.0.0.1:{free_port()}", "lmtp": ""},
+        "listen": {"smtp": f"127.0.0.1:{free_port()}", "lmtp": "", "lookup": ""},
         "delivery": {"lmtp": f"127.0.0.1:{dovecot.lmtp_port}",
                      "maildir": dovecot.maildir_template},
         "metrics": {"listen": f"127.0.0.1:{free_port()}"},
@@ -191,6 +191,11 @@ def settle(env: SimpleNamespace) -> None:
     (for up to QUIET_WAIT seconds) no one else keeping the cores busy."""
     wait_until(env.postfix.queue_empty, 120, interval=0.2, what="postfix queue empty")
     time.sleep(SETTLE_SECONDS)
+    wait_quiet()
+
+
+def wait_quiet() -> None:
+    """Up to QUIET_WAIT seconds for other processes to stop keeping the cores busy."""
     deadline, told = time.monotonic() + QUIET_WAIT, False
     while time.monotonic() < deadline:
         before = probes.system_ticks()
@@ -276,12 +281,26 @@ def delivery_relays(env: SimpleNamespace) -> dict[str, int]:
             for relay in ("dovecot", "maildir")}
 
 
+@contextmanager
+def scratch(prefix: str, keep: bool) -> Iterator[Path]:
+    """A temp dir for the peers; removed afterwards unless `keep` or the run failed."""
+    root = Path(tempfile.mkdtemp(prefix=prefix))
+    root.chmod(0o755)  # Dovecot's lmtp runs as vmail and must reach ROOT/mail
+    try:
+        yield root
+    except BaseException:
+        keep = True
+        raise
+    finally:
+        if keep:
+            print(f"kept {root}", file=sys.stderr)
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    root = Path(tempfile.mkdtemp(prefix="mailgate-bench-"))
-    root.chmod(0o755)  # Dovecot's lmtp runs as vmail and must reach ROOT/mail
-    keep = args.keep
-    try:
+    with scratch("mailgate-bench-", args.keep) as root:
         facts = probes.describe(root)  # before mailgate starts: the revision it runs
         with peers(root, args) as env:
             warm_up(env, args)
@@ -291,14 +310,6 @@ def main(argv: list[str] | None = None) -> int:
             relays = delivery_relays(env)
         args.output.write_text(report.render(facts, args, runs, rss, relays, prof, args.output))
         print(f"wrote {args.output}", file=sys.stderr)
-    except BaseException:
-        keep = True
-        raise
-    finally:
-        if keep:
-            print(f"kept {root}", file=sys.stderr)
-        else:
-            shutil.rmtree(root, ignore_errors=True)
     return 0
 
 

@@ -19,6 +19,7 @@ from mailgate import maildir
 SECONDS = 1.0
 MINUTES = 60 * SECONDS
 HOURS = 60 * MINUTES
+DAYS = 24 * HOURS
 KiB = 1024
 MiB = 1024 * KiB
 
@@ -47,6 +48,7 @@ def default_data_dir() -> str:
 class Listen:
     smtp: str = "127.0.0.1:10025"      # content filter / internal port / swaks; "" = off
     lmtp: str = "127.0.0.1:10024"      # Postfix virtual_transport; "" = off
+    lookup: str = "127.0.0.1:10027"    # Postfix socketmap: is this address ours? "" = off
     trusted_networks: tuple[str, ...] = ("127.0.0.0/8", "::1/128")  # may send XFORWARD
     max_sessions: int = 100            # past it: 421 4.3.2
     command_timeout: float = 5 * MINUTES   # idle deadline per command (RFC 5321 §4.5.3.2)
@@ -87,6 +89,22 @@ class Relay:
     username: str = ""                 # SMTP AUTH, with the password read from password_file
     password_file: str = ""
     ses: bool = False                  # send through the SES API (send_raw_email) instead
+    timeout: float = 30 * SECONDS      # per SMTP command / SES call
+    tls_ca_file: str = ""              # CA bundle to verify the relay's certificate; "" = system
+    region: str = ""                   # ses: AWS region (AWS_REGION)
+    endpoint_url: str = ""             # ses: moto or another endpoint; "" = AWS
+
+
+@dataclass(frozen=True)
+class Rules:
+    bounce_address: str = ""           # envelope sender of forwards; "" = SRS-rewrite the sender
+    srs_domain: str = ""               # domain of SRS addresses; "" = the first of `domains`
+    srs_secret_file: str = ""          # "" = {data_dir}/srs-secret (made at first use, 0600)
+
+
+@dataclass(frozen=True)
+class Vacation:
+    period: float = 7 * DAYS           # at most one auto-reply per sender and recipient per period
 
 
 @dataclass(frozen=True)
@@ -114,6 +132,9 @@ class Store:
     outbound_table: str = "ses-outbound-messages"
     state_table: str = "mailgate-state"
     outage_budget: float = 10 * MINUTES  # how long `rules` defers unknown addresses in an outage
+    timeout: float = 2 * SECONDS       # per request: connect and read (SQLite: busy wait)
+    deadline: float = 5 * SECONDS      # per store call, retries included; keep < filter_timeout
+    cache_ttl: float = 10 * SECONDS    # dynamodb: how long a read is reused (0 = off)
 
 
 @dataclass(frozen=True)
@@ -169,6 +190,8 @@ class Config:
     auth: Auth = Auth()
     store: Store = Store()
     blocklist: Blocklist = Blocklist()
+    rules: Rules = Rules()
+    vacation: Vacation = Vacation()
     sync: Sync = Sync()
     metrics: Metrics = Metrics()
     health: Health = Health()
@@ -187,7 +210,7 @@ EMBEDDED = {"delivery": {"maildir": "{data_dir}/mail/{domain}/{user}",
 
 # Names the seed deployments used for whole values.
 LEGACY_VALUES = {
-    "AWS_REGION": (("sync", "region"), ("store", "region")),
+    "AWS_REGION": (("sync", "region"), ("store", "region"), ("relay", "region")),
     "DYNAMODB_RULES_TABLE": (("store", "rules_table"),),
     "DYNAMODB_BLOCKED_TABLE": (("store", "blocked_table"),),
     "DYNAMODB_OUTBOUND_TABLE": (("store", "outbound_table"),),
@@ -213,7 +236,19 @@ def find_file(explicit: str | None, environ: Mapping[str, str]) -> Path | None:
         return Path(explicit)
     if environ.get("MAILGATE_CONFIG"):
         return Path(environ["MAILGATE_CONFIG"])
-    return SYSTEM_CONFIG if SYSTEM_CONFIG.exists() else None
+    return SYSTEM_CONFIG if _present(SYSTEM_CONFIG) else None
+
+
+def _present(path: Path) -> bool:
+    """Also true when it cannot be looked at (a 0750 directory): load() then says so in one line,
+    instead of a traceback or a silent run on the embedded defaults."""
+    try:
+        path.stat()
+    except PermissionError:
+        return True
+    except OSError:
+        return False
+    return True
 
 
 def load(path: str | None = None, environ: Mapping[str, str] | None = None) -> Config:
@@ -325,7 +360,8 @@ def validate(cfg: Config) -> Config:
     for domain in cfg.domains:
         if not maildir.is_domain(domain):
             raise ConfigError(f"domains: {domain!r} is not a lower-case domain name")
-    for key in ("listen.smtp", "listen.lmtp", "metrics.listen", "health.listen", "relay.smtp"):
+    for key in ("listen.smtp", "listen.lmtp", "listen.lookup", "metrics.listen", "health.listen",
+                "relay.smtp"):
         value = _get(cfg, key)
         if value:
             parse_hostport(value, key)
@@ -348,7 +384,42 @@ def validate(cfg: Config) -> Config:
     if cfg.log.level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ConfigError(f"log.level: {cfg.log.level!r} is not debug, info, warning or error")
     _check_choices(cfg)
+    _check_dns_auth(cfg)
+    _check_store(cfg)
+    _check_outbound(cfg)
     return cfg
+
+
+def _check_dns_auth(cfg: Config) -> None:
+    for ns in cfg.dns.nameservers:
+        parse_nameserver(ns)
+    for key in ("dns.timeout", "dns.budget", "auth.max_signatures", "auth.max_key_bits"):
+        if _get(cfg, key) <= 0:
+            raise ConfigError(f"{key}: must be greater than 0")
+    if cfg.auth.max_key_bits < 1024:
+        raise ConfigError("auth.max_key_bits: below 1024 every DKIM key would be refused")
+
+
+def _check_store(cfg: Config) -> None:
+    if cfg.store.backend == "dynamodb" and not cfg.store.region:
+        raise ConfigError("store.region: needed for backend dynamodb (or set AWS_REGION)")
+    for key in ("timeout", "deadline", "outage_budget"):
+        if getattr(cfg.store, key) <= 0:
+            raise ConfigError(f"store.{key}: must be greater than 0")
+    if cfg.store.cache_ttl < 0:
+        raise ConfigError("store.cache_ttl: must be 0 (off) or more")
+
+
+def _check_outbound(cfg: Config) -> None:
+    if cfg.relay.password_file and not cfg.relay.username:
+        raise ConfigError("relay.password_file: needs relay.username")
+    if cfg.rules.bounce_address and "@" not in cfg.rules.bounce_address:
+        raise ConfigError(f"rules.bounce_address: {cfg.rules.bounce_address!r} is not an address")
+    if cfg.rules.srs_domain and not maildir.is_domain(cfg.rules.srs_domain):
+        raise ConfigError(f"rules.srs_domain: {cfg.rules.srs_domain!r} is not a domain name")
+    for key in ("relay.timeout", "vacation.period"):
+        if _get(cfg, key) <= 0:
+            raise ConfigError(f"{key}: must be greater than 0")
 
 
 CHOICES = {
@@ -400,6 +471,23 @@ def _check_maildir_template(template: str) -> None:
 def _get(cfg: Config, dotted: str) -> Any:
     section, key = dotted.split(".")
     return getattr(getattr(cfg, section), key)
+
+
+def parse_nameserver(value: str) -> tuple[str, int]:
+    """"addr", "addr:port", "[v6]:port" or a bare IPv6 address -> (addr, port)."""
+    host, port = value, "53"
+    if value.startswith("["):
+        host, _, rest = value[1:].partition("]")
+        port = rest.removeprefix(":") if rest else "53"
+    elif value.count(":") == 1:
+        host, _, port = value.partition(":")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ConfigError(f"dns.nameservers: {value!r} is not an address or address:port") from None
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"dns.nameservers: {value!r} has a bad port")
+    return host, int(port)
 
 
 def parse_hostport(value: str, key: str = "address") -> tuple[str, int]:

@@ -8,6 +8,7 @@ Dovecot may already hold the message (a duplicate is worse than a retry).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import time
@@ -20,6 +21,7 @@ from mailgate import faults, maildir, metrics
 from mailgate.config import Config
 from mailgate.lmtp import LMTPReply, Pool
 from mailgate.message import Envelope
+from mailgate.store import Store, StoreUnavailable
 from mailgate.verdict import DELIVERED, DELIVERY_DEFERRED, OUTCOME_UNKNOWN, Reply
 
 log = logging.getLogger("mailgate.deliver")
@@ -110,16 +112,47 @@ class Deliverer:
 
 
 class DeliveryRecord:
-    """Recipients that already have a message whose sender was not told so (bounded, in memory).
+    """Recipients that already have a message whose sender was not told so (bounded).
 
     SMTP has one reply per message: after a partial failure we say 451, and the sender's retry
     must not deliver again to the recipients that got it. Also used when the client vanished
-    before it heard our reply. Lost on restart: a retry after a restart may duplicate.
+    before it heard our reply. Checked in memory; written through to the store's state table
+    and read back at start, so a restart between the failure and the retry forgets nothing.
+    The store unreachable: memory only, logged (a restart then may duplicate).
     """
+    PREFIX = "delivered:"
 
-    def __init__(self, ttl: float, max_entries: int = 100_000):
+    def __init__(self, ttl: float, store: Store | None = None, max_entries: int = 100_000):
         self.ttl, self.max_entries = ttl, max_entries
         self.entries: OrderedDict[bytes, float] = OrderedDict()
+        self.store = store
+        self.writes: set[asyncio.Task] = set()
+
+    async def load(self) -> int:
+        """Read back what the store remembers (at start: one scan, not a read per message)."""
+        if self.store is None:
+            return 0
+        try:
+            keys = await self.store.keys(self.PREFIX)
+        except StoreUnavailable as e:
+            log.warning("delivery record: not read back from the store: %s", e)
+            return 0
+        expires = time.monotonic() + self.ttl
+        for key in keys:
+            with contextlib.suppress(ValueError):  # not ours: someone else's key
+                self.entries[bytes.fromhex(key[len(self.PREFIX):])] = expires
+        return len(keys)
+
+    async def flush(self) -> None:
+        """Wait for the store writes under way (before answering, and at shutdown)."""
+        if self.writes:
+            await asyncio.wait(list(self.writes))
+
+    async def _persist(self, key: bytes) -> None:
+        try:
+            await self.store.claim(self.PREFIX + key.hex(), self.ttl)
+        except StoreUnavailable as e:
+            log.warning("delivery record: kept in memory only: %s", e)
 
     @staticmethod
     async def digest(envelope: Envelope, raw: bytes) -> bytes:
@@ -141,6 +174,10 @@ class DeliveryRecord:
         self.entries.move_to_end(key)
         while len(self.entries) > self.max_entries:
             self.entries.popitem(last=False)
+        if self.store is not None:
+            task = asyncio.ensure_future(self._persist(key))
+            self.writes.add(task)
+            task.add_done_callback(self.writes.discard)
 
     def seen(self, key: bytes) -> bool:
         expires = self.entries.get(key)

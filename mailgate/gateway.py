@@ -13,12 +13,15 @@ from typing import Any, Protocol
 from mailgate import faults, maillog, metrics, trace
 from mailgate.config import Config
 from mailgate.deliver import Deliverer, DeliveryRecord, Result
+from mailgate.forward import OWN_MAILBOX, Forwarder
 from mailgate.lmtp import Pool
 from mailgate.message import Client, Envelope, parse, unparsed
+from mailgate.outbound import send_after_delivery
 from mailgate.pipeline import Chain, Outcome
 from mailgate.recipients import Recipients
+from mailgate.store import Store
 from mailgate.verdict import (BARE_NEWLINE, DELIVERED, DELIVERY_DEFERRED, MESSAGE_TIMEOUT,
-                              TEMP_FAILURE, Action, Reply, Verdict)
+                              RCPT_OK, TEMP_FAILURE, Action, Reply, Verdict)
 from mailgate.wireform import windows
 
 log = logging.getLogger("mailgate.gateway")
@@ -54,11 +57,23 @@ async def scan_bare_newline(raw: bytes) -> bool:
     return False
 
 
+def without(raw: bytes, spans: tuple[tuple[int, int], ...]) -> bytes:
+    """`raw` minus the given (start, end) spans (sorted, not overlapping): the removed headers."""
+    if not spans:
+        return raw
+    kept, at = [], 0
+    for start, end in spans:
+        kept.append(raw[at:start])
+        at = max(at, end)
+    kept.append(raw[at:])
+    return b"".join(kept)
+
+
 class Gateway:
-    def __init__(self, config: Config, pool: Pool | None, chain: Chain):
+    def __init__(self, config: Config, pool: Pool | None, chain: Chain, store: Store | None = None):
         self.pool = pool
         self.configure(config, chain)
-        self.record = DeliveryRecord(config.delivery.delivery_record)
+        self.record = DeliveryRecord(config.delivery.delivery_record, store)
         self.sessions: set[Session] = set()
         self.inflight: set[asyncio.Task] = set()
         self.closing = False
@@ -69,6 +84,7 @@ class Gateway:
         self.config, self.chain = config, chain
         self.recipients = Recipients(config, self.pool)
         self.deliverer = Deliverer(config, self.pool)
+        self.forwarder = Forwarder(config, self.deliverer, chain.resources)
 
     # -- sessions -------------------------------------------------------------------------
     def session_opened(self, server: Session) -> None:
@@ -123,7 +139,12 @@ class Gateway:
 
     async def check_recipient(self, server: Session, address: str) -> Reply:
         faults.point("rcpt")
+        if not server.envelope.mail_from and self.forwarder.senders.reverse(address):
+            return RCPT_OK  # a bounce of a forward, to its SRS address: goes back to the sender
         reply = await self.recipients.check(address)
+        if reply.ok and self.chain.filters:  # a filter that can refuse before DATA (blocklist)
+            early = await self.chain.check_recipient(server.envelope.mail_from or "", address)
+            reply = early.default_reply() if early is not None else reply
         if not reply.ok:
             client = server.client()
             maillog.reject("RCPT", maillog.client_text(client.name, client.addr),
@@ -167,6 +188,7 @@ class Gateway:
             for rcpt, result in zip(env.recipients, results):
                 if result.ok:  # keyed by the envelope recipient: that is what a retry names
                     self.record.remember(self.record.key(digest, rcpt))
+            await self.record.flush()  # in the store before the client hears 451
         self._log(env, len(raw), results, server.listener)
         return results
 
@@ -174,7 +196,8 @@ class Gateway:
         deadline = env.received_at + self.config.limits.message_timeout
         outcome = await self._run_chain(env, raw, deadline)
         done: dict[str, Result] = {}
-        targets: dict[str, str] = {}  # recipient -> the mailbox that gets its copy
+        targets: list[str] = []  # recipients delivered to their own mailbox
+        forwards: dict[str, Verdict] = {}  # recipients whose copies go elsewhere (forward.py)
         digest = await self.record.digest(env, raw) if self.record.entries else b""
         for rcpt in env.recipients:
             verdict = outcome.verdicts.get(rcpt, Verdict(Action.CONTINUE))
@@ -185,21 +208,44 @@ class Gateway:
                 status = {Action.DISCARD: "discarded", Action.DEFER: "deferred"}.get(
                     verdict.action, "bounced")
                 done[rcpt] = Result(rcpt, verdict.default_reply(), "none", status, verdict.reason)
-            elif verdict.action is Action.REDIRECT and verdict.redirect_to:
-                targets[rcpt] = verdict.redirect_to  # XXX local mailboxes only: no relay yet
+            elif verdict.action is Action.REDIRECT and (
+                    verdict.redirect_to or verdict.content is not None):
+                forwards[rcpt] = verdict
+            elif not env.sender and (original := self.forwarder.senders.reverse(rcpt)):
+                forwards[rcpt] = Verdict(Action.REDIRECT, "SRS: back to the original sender",
+                                         redirect_to=(original,))
             else:
-                targets[rcpt] = rcpt
-        if targets:
-            header = trace.received(env.client, self.config.hostname,
-                                    trace.protocol_word(proto, env.client.proto, env.smtputf8),
-                                    env.queue_id, env.recipients)
-            # Two pieces, not one copy: a 30 MB message is handed on as received; handle_DATA
-            # refused bare CR and LF, so delivery need not count them again.
-            parts = (header + b"".join(outcome.headers), raw)
-            results = await self.deliverer.deliver(env, list(targets.values()), parts, deadline,
-                                                   crlf_checked=True)
-            done.update(zip(targets, results))
+                targets.append(rcpt)
+        if targets or forwards:
+            head = trace.received(env.client, self.config.hostname,
+                                  trace.protocol_word(proto, env.client.proto, env.smtputf8),
+                                  env.queue_id, env.recipients) + b"".join(outcome.headers)
+            done.update(await self._deliver(env, targets, forwards, head,
+                                            without(raw, outcome.drop), deadline))
+        if outcome.outbound and self.chain.resources is not None:
+            self._send_after(env, outcome, done)
         return [done[r] for r in env.recipients]
+
+    async def _deliver(self, env: Envelope, targets: list[str], forwards: dict[str, Verdict],
+                       head: bytes, raw: bytes, deadline: float) -> dict[str, Result]:
+        if not forwards:  # two pieces, not one copy: a 30 MB message is handed on as received;
+            # handle_DATA refused bare CR and LF, so delivery need not count them again
+            return dict(zip(targets, await self.deliverer.deliver(
+                env, targets, (head, raw), deadline, crlf_checked=True)))
+        # The others' copies join the forwarders' own copies: one LMTP transaction for all.
+        return await self.forwarder.run(env, {**dict.fromkeys(targets, OWN_MAILBOX), **forwards},
+                                        head, raw, deadline, self.record)
+
+    def _send_after(self, env: Envelope, outcome: Outcome, done: dict[str, Result]) -> None:
+        """Auto-replies leave only once their recipient's copy is durable, in tasks of their
+        own: they never delay nor fail the reply to the client."""
+        for mail in outcome.outbound:
+            result = done.get(mail.after)
+            if result is not None and result.status == "sent":
+                task = asyncio.ensure_future(send_after_delivery(mail, self.chain.resources,
+                                                                 env.queue_id))
+                self.inflight.add(task)
+                task.add_done_callback(self.inflight.discard)
 
     async def _run_chain(self, env: Envelope, raw: bytes, deadline: float) -> Outcome:
         if not self.chain.filters:
@@ -245,7 +291,9 @@ class Gateway:
 
     def _log(self, env: Envelope, size: int, results: list[Result], listener: str) -> None:
         qid = env.queue_id
-        maillog.log.info("%s: client=%s", qid, maillog.client_text(env.client.name, env.client.addr))
+        # orig_queue_id= as Postfix's smtpd logs it: grep one id to follow a message through both.
+        maillog.log.info("%s: client=%s%s", qid, maillog.client_text(env.client.name, env.client.addr),
+                         f", orig_queue_id={env.client.ident}" if env.client.ident else "")
         maillog.log.info("%s: from=<%s>, size=%d, nrcpt=%d", qid, env.sender, size, len(results))
         delay = asyncio.get_running_loop().time() - env.received_at
         for r in results:

@@ -5,11 +5,16 @@
     4F2A1C9B07: from=<a@x.test>, to=<b@example.test>, relay=dovecot[127.0.0.1:24],
         delay=0.02, dsn=2.0.0, status=sent (250 2.0.0 <b@example.test> xyz Saved)
     NOQUEUE: reject: RCPT from localhost[127.0.0.1]: 550 5.1.1 <x@example.test>: ...
+
+Under systemd (JOURNAL_STREAM) journald adds the time and tag; with log.syslog the lines go to
+facility mail (mail.log, next to Postfix's) and not also to stderr, so the journal has each once.
 """
 from __future__ import annotations
 
 import logging
 import logging.handlers
+import os
+import socket
 import sys
 import time
 
@@ -18,12 +23,21 @@ from mailgate.config import Log
 log = logging.getLogger("mailgate")
 
 
-class _Format(logging.Formatter):
-    """Postfix's "warning:" / "error:" prefixes; the time text is made once per second."""
+# RFC 5424 severities: journald reads "<N>" at the start of a stderr line as the priority.
+_PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3,
+             logging.CRITICAL: 2}
 
-    def __init__(self, with_time: bool):
+
+class _Format(logging.Formatter):
+    """Postfix's "warning:" / "error:" prefixes; the time text is made once per second.
+
+    `stamp`: the time and "mailgate[pid]:" in front, as in a maillog file. Under journald the
+    journal adds both itself, so a line carries only its priority ("<6>") and the message.
+    """
+
+    def __init__(self, stamp: bool, tag: bool = True, priority: bool = False):
         super().__init__()
-        self.with_time = with_time
+        self.stamp, self.tag, self.priority = stamp, tag, priority
         self._second, self._stamp = -1, ""
 
     def format(self, record: logging.LogRecord) -> str:
@@ -32,8 +46,11 @@ class _Format(logging.Formatter):
             text = f"{record.levelname.lower()}: {text}"
         if record.exc_info:
             text += "\n" + self.formatException(record.exc_info)
-        text = f"mailgate[{record.process}]: {text}"
-        return f"{self._time(record.created)} {text}" if self.with_time else text
+        if self.tag:
+            text = f"mailgate[{record.process}]: {text}"
+        if self.priority:
+            text = f"<{_PRIORITY.get(record.levelno, 6)}>{text}"
+        return f"{self._time(record.created)} {text}" if self.stamp else text
 
     def _time(self, created: float) -> str:
         second = int(created)
@@ -42,22 +59,52 @@ class _Format(logging.Formatter):
         return self._stamp
 
 
+def under_journal(stream=None) -> bool:
+    """True when `stream` (stderr) is the journal stream systemd gave us (JOURNAL_STREAM=dev:ino),
+    not a file or pipe it was redirected to later (sd_journal_stream_fd(3))."""
+    expected = os.environ.get("JOURNAL_STREAM", "")
+    try:
+        st = os.fstat((stream or sys.stderr).fileno())
+    except (OSError, ValueError, AttributeError):
+        return False
+    return expected == f"{st.st_dev}:{st.st_ino}"
+
+
 def setup(settings: Log) -> None:
+    """Where lines go. Under systemd with syslog on: syslog only, since journald keeps what
+    reaches /dev/log too; a copy on stderr would stand twice in the journal."""
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
-    # XXX lines are written on the event loop, as Postfix writes to syslog: a journald that
-    # stops reading would stall mailgate. A QueueListener thread would cost a hand-off per line.
-    stderr = logging.StreamHandler(sys.stderr)
-    stderr.setFormatter(_Format(with_time=True))
-    root.addHandler(stderr)
-    if settings.syslog:
-        syslog = logging.handlers.SysLogHandler(
-            settings.syslog_socket, facility=logging.handlers.SysLogHandler.LOG_MAIL)
-        syslog.setFormatter(_Format(with_time=False))  # syslog stamps its own time
+    journal = under_journal()
+    syslog, problem = _syslog(settings) if settings.syslog else (None, "")
+    if syslog is None or not journal:
+        # XXX lines are written on the event loop, as Postfix writes to syslog: a journald that
+        # stops reading would stall mailgate. A QueueListener thread would cost a hand-off per line.
+        stderr = logging.StreamHandler(sys.stderr)
+        stderr.setFormatter(_Format(stamp=not journal, tag=not journal, priority=journal))
+        root.addHandler(stderr)
+    if syslog is not None:
         root.addHandler(syslog)
     root.setLevel(settings.level.upper())
     logging.getLogger("mail.log").setLevel(logging.WARNING)  # aiosmtpd's per-command chatter
+    if problem:
+        log.warning("syslog: cannot write to %s (%s): logging to stderr only",
+                    settings.syslog_socket, problem)
+
+
+def _syslog(settings: Log) -> tuple[logging.Handler | None, str]:
+    """A handler for facility mail, or None and why: the stdlib handler ignores a socket it
+    cannot reach at start (as openlog(3) does), and lines would then go nowhere."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as probe:
+            probe.connect(settings.syslog_socket)
+        handler = logging.handlers.SysLogHandler(
+            settings.syslog_socket, facility=logging.handlers.SysLogHandler.LOG_MAIL)
+    except OSError as e:
+        return None, e.strerror or str(e)
+    handler.setFormatter(_Format(stamp=False))  # syslog stamps its own time
+    return handler, ""
 
 
 def client_text(name: str, addr: str) -> str:

@@ -23,6 +23,10 @@ class Client:
     name: str = "unknown"
     helo: str = ""
     proto: str = "ESMTP"
+    # A trusted peer that named no other client (no XFORWARD ADDR): mail submitted on this
+    # host or by a trusted system, not received from the Internet (auth does no SPF for it).
+    local: bool = False
+    ident: str = ""             # XFORWARD IDENT: the sending MTA's queue id (Postfix's)
 
 
 @dataclass(frozen=True, slots=True)

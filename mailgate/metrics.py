@@ -37,7 +37,24 @@ FALLBACK = Counter("mailgate_fallback_deliveries_total", "Maildir fallback attem
 FILTER_VERDICTS = Counter("mailgate_filter_verdicts_total", "Per-recipient verdicts by filter",
                           ["filter", "action"])
 FILTER_SECONDS = Histogram("mailgate_filter_duration_seconds", "Time each filter took", ["filter"])
+AUTH_RESULTS = Counter("mailgate_auth_results_total", "Authentication results by method (spf, "
+                       "dkim per signature, dmarc, arc) and RFC 8601 result", ["method", "result"])
+AUTH_FORGED = Counter("mailgate_auth_forged_headers_removed_total",
+                      "Incoming Authentication-Results claiming our authserv-id, removed")
+DNS_SECONDS = Histogram("mailgate_dns_lookup_seconds", "DNS queries sent (cache misses) by type",
+                        ["type"], buckets=(.001, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10))
+DNS_FAILURES = Counter("mailgate_dns_failures_total", "DNS lookups without an answer "
+                       "(timeout, error: SERVFAIL/REFUSED, budget: the message's budget spent)",
+                       ["reason"])
+DNS_CACHE = Counter("mailgate_dns_cache_total", "DNS lookups answered from the cache or not",
+                    ["result"])
+OUTBOUND = Counter("mailgate_outbound_total", "Mail mailgate sent itself (auto-reply, forward, "
+                   "bounce-notice) by result", ["kind", "result"])
+STORE_UNAVAILABLE = Counter("mailgate_store_unavailable_total", "Recipients a filter could not "
+                            "look up in the store, by what it did instead", ["filter", "outcome"])
 PARSE_FAILURES = Counter("mailgate_parse_failures_total", "Messages delivered unparsed")
+LOOKUPS = Counter("mailgate_lookups_total", "Postfix socketmap lookups by answer (ok, notfound, "
+                  "temp, perm)", ["result"])
 ERRORS = Counter("mailgate_errors_total", "Internal errors turned into 451", ["where"])
 LOOP_TICK = 0.01  # seconds between the event loop's heartbeats
 EVENT_LOOP_LAG = Histogram("mailgate_event_loop_lag_seconds",

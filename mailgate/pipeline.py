@@ -19,6 +19,7 @@ from mailgate.message import Message
 from mailgate.verdict import TEMP_FAILURE, Action, Verdict
 
 if TYPE_CHECKING:
+    from mailgate.outbound import OutboundMail
     from mailgate.resources import Resources
 
 log = logging.getLogger("mailgate.pipeline")
@@ -28,6 +29,10 @@ log = logging.getLogger("mailgate.pipeline")
 class FilterResult:
     verdicts: dict[str, Verdict] = field(default_factory=dict)  # per recipient; absent = CONTINUE
     headers: tuple[bytes, ...] = ()   # complete header lines ("Name: value\r\n") to prepend
+    # (start, end) byte spans of whole header fields of message.raw to remove before delivery:
+    # only `auth` uses it, for forged Authentication-Results (RFC 8601 §5).
+    drop: tuple[tuple[int, int], ...] = ()
+    outbound: tuple[OutboundMail, ...] = ()  # sent once the recipient's copy is durable
 
 
 class Filter(Protocol):
@@ -54,9 +59,17 @@ def resolve_filters(names: tuple[str, ...]) -> list[type]:
     return [_resolve(name) for name in names]
 
 
+DNS_ROOM = 1.0  # seconds a filter keeps after its DNS budget, to work on the answers
+
+
 def validate(config: Config) -> Config:
     """The config, once its filter names resolve: what config.py (pure data) cannot check."""
-    resolve_filters(config.pipeline.filters)
+    classes = resolve_filters(config.pipeline.filters)
+    if any(getattr(cls, "uses_dns", False) for cls in classes):
+        budget, timeout = config.dns.budget, config.pipeline.filter_timeout
+        if budget + DNS_ROOM > timeout:
+            raise ConfigError(f"dns.budget: {budget:g} s leaves no room inside pipeline."
+                              f"filter_timeout ({timeout:g} s); keep it {DNS_ROOM:g} s shorter")
     return config
 
 
@@ -75,22 +88,28 @@ def _resolve(name: str) -> type:
 class Outcome:
     verdicts: dict[str, Verdict]      # final verdict per recipient
     headers: tuple[bytes, ...]
+    drop: tuple[tuple[int, int], ...] = ()  # header spans of the raw message to remove
+    outbound: tuple[OutboundMail, ...] = ()
 
 
 class Chain:
-    def __init__(self, filters: list[Filter], settings: Pipeline):
+    def __init__(self, filters: list[Filter], settings: Pipeline,
+                 resources: Resources | None = None):
         self.filters = filters
+        self.resources = resources  # for what the gateway does after the chain: forwards, replies
         self.timeout = settings.filter_timeout
         self.needs_parse = any(getattr(f, "needs_headers", True) for f in filters)
 
     @classmethod
     def from_config(cls, config: Config, resources: Resources) -> Chain:
         return cls([f(config, resources) for f in resolve_filters(config.pipeline.filters)],
-                   config.pipeline)
+                   config.pipeline, resources)
 
     async def run(self, message: Message) -> Outcome:
         verdicts = {r: Verdict(Action.CONTINUE) for r in message.envelope.recipients}
         headers: list[bytes] = []
+        drop: set[tuple[int, int]] = set()
+        outbound: list[OutboundMail] = []
         for flt in self.filters:
             if message.headers is None and getattr(flt, "needs_headers", True):
                 log.info("%s: filter=%s skipped: %s", message.envelope.queue_id, flt.name,
@@ -98,10 +117,12 @@ class Chain:
                 continue
             result = await self._run_one(flt, message)
             headers.extend(result.headers)
+            drop.update(result.drop)
+            outbound.extend(result.outbound)
             for rcpt, verdict in result.verdicts.items():
                 if rcpt in verdicts and verdict.action > verdicts[rcpt].action:
                     verdicts[rcpt] = verdict
-        return Outcome(verdicts, tuple(headers))
+        return Outcome(verdicts, tuple(headers), tuple(sorted(drop)), tuple(outbound))
 
     async def _run_one(self, flt: Filter, message: Message) -> FilterResult:
         started = time.perf_counter()
@@ -120,3 +141,23 @@ class Chain:
     def _defer_all(message: Message, reason: str) -> FilterResult:
         verdict = Verdict(Action.DEFER, reason, TEMP_FAILURE)
         return FilterResult({r: verdict for r in message.envelope.recipients})
+
+    async def check_recipient(self, sender: str, rcpt: str) -> Verdict | None:
+        """At RCPT: the first refusal of a filter that can decide before DATA (an optional
+        `check_recipient(sender, rcpt)`). A filter failing here only means "decide after DATA"."""
+        for flt in self.filters:
+            early = getattr(flt, "check_recipient", None)
+            if early is None:
+                continue
+            try:
+                verdict = await asyncio.wait_for(early(sender, rcpt), self.timeout)
+            except asyncio.TimeoutError:
+                continue
+            # XXX a filter bug at RCPT must not refuse anyone: its check after DATA still runs.
+            except Exception:  # noqa: BLE001
+                log.exception("filter=%s failed at RCPT for <%s>", flt.name, rcpt)
+                continue
+            if verdict is not None and verdict.action is Action.REJECT:
+                metrics.child(metrics.FILTER_VERDICTS, flt.name, "reject").inc()
+                return verdict
+        return None

@@ -160,7 +160,9 @@ class SMTPServer(SMTP):
             name = "unknown"
         return Client(addr=fwd.get("ADDR", addr), name=fwd.get("NAME", name),
                       helo=fwd.get("HELO", self.session.host_name or ""),
-                      proto=fwd.get("PROTO", "ESMTP" if self.session.extended_smtp else "SMTP"))
+                      proto=fwd.get("PROTO", "ESMTP" if self.session.extended_smtp else "SMTP"),
+                      local=self.trusted and "ADDR" not in fwd,
+                      ident=fwd.get("IDENT", ""))
 
     # -- verbs ----------------------------------------------------------------------------
     async def smtp_EHLO(self, hostname: str) -> None:

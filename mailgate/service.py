@@ -17,10 +17,12 @@ from mailgate import __version__, health, maildir, maillog, metrics
 from mailgate.config import Config, ConfigError, find_file, load, parse_hostport
 from mailgate.gateway import Gateway
 from mailgate.lmtp import Pool
+from mailgate.lookup import LookupServer
 from mailgate.notify import notify
 from mailgate.pipeline import Chain, validate
 from mailgate.resources import Resources
 from mailgate.server import LMTPServer, SMTPServer
+from mailgate.store import StoreUnavailable
 
 log = logging.getLogger("mailgate.service")
 RESTART_KEYS = ("listen", "metrics", "health")   # bound sockets
@@ -33,7 +35,20 @@ def make_gateway(config: Config, resources: Resources) -> Gateway:
         pool = Pool(config.delivery.lmtp, config.hostname, config.delivery.lmtp_connections,
                     config.delivery.lmtp_timeout)
         metrics.LMTP_POOL_SIZE.set(config.delivery.lmtp_connections)
-    return Gateway(config, pool, Chain.from_config(config, resources))
+    return Gateway(config, pool, Chain.from_config(config, resources), resources.store)
+
+
+async def prepare_store(resources: Resources, gateway: Gateway) -> None:
+    """Make a missing state table; read back the delivery record. The store unreachable
+    only means both wait: mail flows on (rules and blocklist know how to do without it)."""
+    try:
+        for name in await resources.store.ensure_tables(["state"]):
+            log.info("store: created %s", name)
+    except StoreUnavailable as e:
+        log.warning("store: cannot make sure the state table exists: %s", e)
+    remembered = await gateway.record.load()
+    if remembered:
+        log.info("delivery record: %d recipient(s) remembered from before the start", remembered)
 
 
 def create_maildirs(config: Config) -> None:
@@ -132,12 +147,20 @@ async def serve(config: Config, path: str | None) -> int:
     create_maildirs(config)
     resources = Resources(config)
     gateway = make_gateway(config, resources)
+    await prepare_store(resources, gateway)
     servers = await listen(gateway)
+    lookups = LookupServer(gateway)  # Postfix's RCPT-time question: is this address ours?
+    if config.listen.lookup:
+        try:
+            await lookups.start(config.listen.lookup)
+        except OSError as e:
+            raise cannot_listen("listen.lookup", config.listen.lookup, e) from None
     httpd = serve_http(config)
     loop.add_signal_handler(signal.SIGHUP, reload, gateway, resources, path, httpd)
     ticker = asyncio.ensure_future(metrics.watch_event_loop())
-    log.info("mailgate %s ready: smtp=%s lmtp=%s delivery=%s maildir=%s domains=%s", __version__,
-             config.listen.smtp or "off", config.listen.lmtp or "off",
+    log.info("mailgate %s ready: smtp=%s lmtp=%s lookup=%s delivery=%s maildir=%s domains=%s",
+             __version__, config.listen.smtp or "off", config.listen.lmtp or "off",
+             config.listen.lookup or "off",
              config.delivery.lmtp or "off", config.maildir_template() or "off",
              ",".join(config.domains))
     notify("READY=1")
@@ -147,10 +170,12 @@ async def serve(config: Config, path: str | None) -> int:
              gateway.config.listen.shutdown_timeout)
     for server in servers:
         server.close()
+    lookups.close()
     ticker.cancel()
     await gateway.shutdown(gateway.config.listen.shutdown_timeout)
     if gateway.pool is not None:
         await gateway.pool.close()
+    await gateway.record.flush()
     await resources.close()
     if httpd is not None:
         httpd.shutdown()

@@ -54,6 +54,7 @@ DELIVERY_DEFERRED = Reply(451, "4.3.0", "Error: delivery failed, try again later
 OUTCOME_UNKNOWN = Reply(451, "4.4.2", "Error: Dovecot did not confirm delivery, try again later")
 USERDB_UNAVAILABLE = Reply(451, "4.4.3", "Recipient address verification unavailable, try again later")
 FILTER_DEFERRED = Reply(451, "4.7.1", "Try again later")
+FORWARD_DEFERRED = Reply(451, "4.4.0", "Error: forwarding failed, try again later")
 TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Error: too many recipients")
 
 BAD_SYNTAX = Reply(500, "5.5.2", "Error: bad syntax")
@@ -66,6 +67,8 @@ RELAY_DENIED = Reply(550, "5.7.1", "Relay access denied")
 XFORWARD_DENIED = Reply(550, "5.7.0", "Error: insufficient authorization")
 BARE_NEWLINE = Reply(550, "5.5.2", "Error: bare <CR> or <LF> received")
 FILTER_REJECTED = Reply(550, "5.7.1", "Message rejected")
+DMARC_REJECTED = Reply(550, "5.7.1", "Message rejected: the From domain's DMARC policy says reject")
+SENDER_BLOCKED = Reply(550, "5.7.1", "Sender address rejected: blocked by the recipient")
 TOO_BIG = Reply(552, "5.3.4", "Error: message file too big")
 BAD_PARAMETER = Reply(555, "5.5.4", "Unsupported option")
 
@@ -95,7 +98,7 @@ class Action(enum.IntEnum):
     """What a filter decided for one recipient; higher values win when filters disagree."""
     CONTINUE = 0   # no opinion: the next filter decides
     ACCEPT = 1     # deliver; later filters still run (they may annotate)
-    REDIRECT = 2   # deliver to another address instead
+    REDIRECT = 2   # deliver to other addresses instead (or as well: keep_copy)
     DISCARD = 3    # accept and drop, logged (e.g. a blocklisted sender)
     DEFER = 4      # 4xx: the sender retries
     REJECT = 5     # 5xx: the sender bounces
@@ -106,7 +109,9 @@ class Verdict:
     action: Action
     reason: str = ""
     reply: Reply | None = None      # overrides the default reply for DEFER/REJECT
-    redirect_to: str | None = None  # for REDIRECT
+    redirect_to: tuple[str, ...] = ()  # REDIRECT: local mailboxes or external addresses
+    keep_copy: bool = False         # REDIRECT: the recipient's own mailbox gets a copy too
+    content: bytes | None = None    # REDIRECT: deliver these bytes instead (a rewritten bounce)
 
     def default_reply(self) -> Reply:
         if self.reply is not None:

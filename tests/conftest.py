@@ -21,6 +21,7 @@ if str(Path(__file__).parent) not in sys.path:
 
 from faultproxy import FaultProxy  # noqa: E402
 from peers import Dovecot, Mailgate, Moto, Postfix, free_port  # noqa: E402
+from relaysink import RelaySink  # noqa: E402
 
 USERS = ["alice@example.test", "bob@example.test", "carol@example.test"]
 LOG_TAIL = 20_000  # characters of each peer's log shown with a failure
@@ -102,6 +103,16 @@ def moto(peer_root: Path, request: pytest.FixtureRequest) -> Iterator[Moto]:
         server.stop()
 
 
+@pytest.fixture
+def relay(request: pytest.FixtureRequest) -> Iterator[RelaySink]:
+    """A started SMTP relay sink (aiosmtpd) on loopback: what mailgate forwards and replies to."""
+    sink = RelaySink()
+    try:
+        yield sink.start()
+    finally:
+        sink.stop()
+
+
 def merge(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
     """`base` with `overrides` laid over it, tables merged key by key."""
     out = copy.deepcopy(dict(base))
@@ -118,7 +129,8 @@ def base_config(root: Path, dovecot: Dovecot) -> dict[str, Any]:
         "hostname": "mx.example.test",
         "domains": ["example.test"],
         "data_dir": str(root / "data"),
-        "listen": {"smtp": f"127.0.0.1:{free_port()}", "lmtp": f"127.0.0.1:{free_port()}"},
+        "listen": {"smtp": f"127.0.0.1:{free_port()}", "lmtp": f"127.0.0.1:{free_port()}",
+                   "lookup": f"127.0.0.1:{free_port()}"},
         "delivery": {"lmtp": f"127.0.0.1:{dovecot.lmtp_port}",
                      "maildir": dovecot.maildir_template},
         "metrics": {"listen": f"127.0.0.1:{free_port()}"},

@@ -53,5 +53,6 @@ class RedirectCarolToBob(_Filter):
     name = "redirect"
 
     async def check(self, message: Message) -> FilterResult:
-        return FilterResult({r: Verdict(Action.REDIRECT, "carol is away", redirect_to="bob@example.test")
+        return FilterResult({r: Verdict(Action.REDIRECT, "carol is away",
+                                        redirect_to=("bob@example.test",))
                              for r in message.envelope.recipients if r == "carol@example.test"})

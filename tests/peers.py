@@ -297,11 +297,13 @@ class _Session:
             raise PeerError(f"{line.split()[0]} answered {code} {text}")
         return code, text
 
-    def open(self, lhlo: str, sender: str) -> None:
+    def open(self, lhlo: str, sender: str, xforward: str = "") -> None:
         code, text = self.reply()
         if code != 220:
             raise PeerError(f"greeting {code} {text}")
         self.command(f"LHLO {lhlo}", 250)
+        if xforward:
+            self.command(f"XFORWARD {xforward}", 250)
         self.command(f"MAIL FROM:<{sender}>", 250)
 
     def close(self) -> None:
@@ -314,15 +316,16 @@ class _Session:
 
 
 def lmtp_send(host: str, port: int | None, sender: str, rcpts: Iterable[str],
-              data: bytes | str, lhlo: str = "client.test",
-              timeout: float = 30) -> tuple[dict[str, tuple[int, str]], list[tuple[int, str]]]:
+              data: bytes | str, lhlo: str = "client.test", timeout: float = 30,
+              xforward: str = "") -> tuple[dict[str, tuple[int, str]], list[tuple[int, str]]]:
     """One LMTP transaction: the reply to each RCPT, then ONE reply per accepted recipient.
 
     `port=None` means `host` is a unix socket path. DATA is skipped when no RCPT got 2xx.
+    `xforward`: attributes for an XFORWARD command after LHLO ("ADDR=192.0.2.1 HELO=x").
     """
     session = _Session(host, port, timeout)
     try:
-        session.open(lhlo, sender)
+        session.open(lhlo, sender, xforward)
         rcpt_replies = {rcpt: session.command(f"RCPT TO:<{rcpt}>") for rcpt in rcpts}
         accepted = [r for r, (code, _) in rcpt_replies.items() if 200 <= code < 300]
         data_replies: list[tuple[int, str]] = []
@@ -672,6 +675,16 @@ class Postfix:
         """Mode A: virtual domains are delivered over LMTP to host:port (mailgate or Dovecot)."""
         self.set_main(virtual_transport=f"lmtp:inet:{host}:{port}", content_filter="")
 
+    def set_service(self, service: str, **options: Any) -> None:
+        """Set -o options on one master.cf entry, e.g. set_service(self.public, content_filter=..)."""
+        self.postconf("-P", *(f"{service}/{k}={v}" for k, v in options.items()))
+        self._backdate()
+
+    @property
+    def public(self) -> str:
+        """The master.cf entry of the smtpd tests send to (Debian's "smtp/inet" stands for it)."""
+        return f"127.0.0.1:{self.smtpd_port}/inet"
+
     def use_content_filter(self, port: int, host: str = "127.0.0.1") -> None:
         """Mode B: after-queue filter over SMTP with XFORWARD at [host]:port."""
         self.set_main(content_filter=f"scan:[{host}]:{port}")
@@ -815,6 +828,16 @@ class Moto:
 
 # ---------------------------------------------------------------- mailgate
 
+def readable_source(src: Path) -> Path:
+    """A world-readable copy of this tree's mailgate package under `src` (for PYTHONPATH), for a
+    process running as another user: the repo may not be readable by them."""
+    shutil.copytree(REPO / "mailgate", src / "mailgate", dirs_exist_ok=True,
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    for path in [src, *src.rglob("*")]:
+        os.chmod(path, 0o755 if path.is_dir() else 0o644)
+    return src
+
+
 # Environment names that would override the written config; a test's mailgate must not see them.
 _CONFIG_ENV = ("LMTP_HOST", "LMTP_PORT", "INTERNAL_SMTP_PORT", "SMTP_PORT", "METRICS_PORT",
                "HEALTH_PORT")
@@ -844,11 +867,7 @@ class Mailgate:
         readable by them, and a copy tests this tree, not an installed one), and the root dir,
         data dir and log theirs. Root ignores permissions; only such a process meets them."""
         pw = pwd.getpwnam(user)
-        src = self.root / "src"
-        shutil.copytree(REPO / "mailgate", src / "mailgate", dirs_exist_ok=True,
-                        ignore=shutil.ignore_patterns("__pycache__"))
-        for path in [src, *src.rglob("*")]:
-            os.chmod(path, 0o755 if path.is_dir() else 0o644)
+        readable_source(self.root / "src")
         data_dir = Path(self.config.get("data_dir", self.root / "data"))
         data_dir.mkdir(parents=True, exist_ok=True)
         self.log_path.touch()
@@ -868,8 +887,10 @@ class Mailgate:
 
     @property
     def tcp_listeners(self) -> list[tuple[str, int]]:
-        """Every address the config tells mailgate to listen on (SMTP, LMTP, metrics, health)."""
-        keys = [("listen", "smtp"), ("listen", "lmtp"), ("metrics", "listen"), ("health", "listen")]
+        """Every address the config tells mailgate to listen on (SMTP, LMTP, lookup, metrics,
+        health)."""
+        keys = [("listen", "smtp"), ("listen", "lmtp"), ("listen", "lookup"), ("metrics", "listen"),
+                ("health", "listen")]
         return [a for a in (self.address(*key) for key in keys) if a]
 
     @property
@@ -879,6 +900,10 @@ class Mailgate:
     @property
     def lmtp(self) -> tuple[str, int] | None:
         return self.listen("lmtp")
+
+    @property
+    def lookup(self) -> tuple[str, int] | None:
+        return self.listen("lookup")
 
     def _environ(self) -> dict[str, str]:
         environ = {k: v for k, v in os.environ.items()

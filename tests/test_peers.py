@@ -161,8 +161,8 @@ async def main():
 
     if os.environ.get("STUB_DEAF"):
         await asyncio.Event().wait()
-    for section, key in (("listen", "smtp"), ("listen", "lmtp"), ("metrics", "listen"),
-                         ("health", "listen")):
+    for section, key in (("listen", "smtp"), ("listen", "lmtp"), ("listen", "lookup"),
+                         ("metrics", "listen"), ("health", "listen")):
         if config.get(section, {}).get(key):
             host, _, port = config[section][key].rpartition(":")
             await asyncio.start_server(greet, host, int(port))
@@ -193,7 +193,7 @@ def test_mailgate_runner_starts_waits_and_stops(mailgate_factory, stub_env, dove
     written = tomllib.loads(gate.config_path.read_text())
     assert written["listen"]["lmtp"] == "" and written["limits"] == {"max_recipients": 5}
     assert written["delivery"]["lmtp"] == f"127.0.0.1:{dovecot.lmtp_port}"
-    assert gate.lmtp is None and len(gate.tcp_listeners) == 3
+    assert gate.lmtp is None and len(gate.tcp_listeners) == 4
     assert all(port_open(port, host) for host, port in gate.tcp_listeners)
     gate.wait_log("stub config")
 
@@ -224,7 +224,7 @@ def test_mailgate_runner_kills_what_ignores_sigterm(mailgate_factory, stub_env) 
                     reason="python -m mailgate does not exist yet")
 def test_real_mailgate_serves_with_the_base_config(mailgate_factory) -> None:
     gate = mailgate_factory()
-    assert len(gate.tcp_listeners) == 4
+    assert len(gate.tcp_listeners) == 5
     assert all(port_open(port, host) for host, port in gate.tcp_listeners)
     assert gate.stop() == 0, gate.log_text()
     assert not any(port_open(port, host) for host, port in gate.tcp_listeners)

@@ -114,7 +114,8 @@ def test_content_filter_received_header_shows_xforward_client(postfix: Postfix, 
     assert f"id {queue_id}" in ours
     assert received.index(ours) < next(i for i, h in enumerate(received) if "(Postfix)" in h)
     # mailgate's log names the forwarded client: NAME is not "localhost" (the peer's own name).
-    client = gate.wait_log(rf"^.*{queue_id}: client=(\S+)\[127\.0\.0\.1\]$").group(1)
+    client = gate.wait_log(rf"^.*{queue_id}: client=(\S+)\[127\.0\.0\.1\], orig_queue_id=\w+$"
+                           ).group(1)
     assert client != "localhost"
     gate.wait_log(rf"NOQUEUE: reject: RCPT from {re.escape(client)}\[127\.0\.0\.1\]: "
                   rf"550 5\.1\.1 <{NOBODY}>: .* helo=<{re.escape(SWAKS_HELO)}>")

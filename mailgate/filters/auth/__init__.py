@@ -1,0 +1,87 @@
+"""The `auth` filter: SPF, DKIM, DMARC and ARC, reported in one Authentication-Results header.
+
+The checks' DNS lookups run concurrently through the shared resolver, within the message's DNS
+budget; a lookup that fails makes that check `temperror`, never a rejection. Incoming
+Authentication-Results that claim our authserv-id are removed (RFC 8601 §5). Only a DMARC
+failure under p=reject with `dmarc_action = "reject"` refuses mail (550 5.7.1).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from mailgate import metrics
+from mailgate.config import Config
+from mailgate.filters.auth import dmarc, fields, sender, signatures
+from mailgate.filters.auth.results import Result, render
+from mailgate.message import Message
+from mailgate.pipeline import FilterResult
+from mailgate.resources import Resources
+from mailgate.verdict import DMARC_REJECTED, Action, Verdict
+
+log = logging.getLogger("mailgate.auth")
+QUARANTINE = b"X-Mailgate-Quarantine: dmarc\r\n"
+
+
+class Auth:
+    name = "auth"
+    needs_headers = False  # reads the raw bytes itself: messages the parser gave up on too
+    uses_dns = True        # pipeline.validate: dns.budget must fit inside filter_timeout
+
+    def __init__(self, config: Config, resources: Resources):
+        self.hostname = config.hostname
+        self.settings = config.auth
+        self.dns = resources.dns
+        dmarc.load()
+
+    async def check(self, message: Message) -> FilterResult:
+        env = message.envelope
+        header = fields.read(message.raw)
+        from_domain, from_problem = fields.from_domain(header)
+        budget = self.dns.budget()
+        spf, (dkims, arc), found = await asyncio.gather(
+            sender.check(self.dns, budget, env.client, env.sender, self.hostname),
+            signatures.check(self.dns, budget, message.raw, header,
+                             self.settings.max_signatures, self.settings.max_key_bits),
+            self._policy(budget, from_domain, from_problem))
+        dmarc_result, disposition = dmarc.judge(from_domain, from_problem, found, spf, dkims)
+        results = [spf, *dkims, dmarc_result, arc]
+        forged = fields.forged_results(header, self.hostname)
+        self._account(env.queue_id, results, forged)
+        action = self._action(disposition, env.client.local)
+        headers = [render(self.hostname, results, env.feed_verdicts)]
+        if action in ("quarantine", "reject"):
+            headers.append(QUARANTINE)
+        verdicts = {}
+        if action == "reject":
+            log.info("%s: DMARC reject: header.from=%s", env.queue_id, from_domain)
+            verdict = Verdict(Action.REJECT, f"DMARC policy of {from_domain}: reject",
+                              DMARC_REJECTED)
+            verdicts = {rcpt: verdict for rcpt in env.recipients}
+        return FilterResult(verdicts, tuple(headers), tuple((f.start, f.end) for f in forged))
+
+    async def _policy(self, budget, from_domain: str, from_problem: str):
+        if from_problem:
+            return None, False, ""
+        return await dmarc.find_policy(self.dns, budget, from_domain)
+
+    def _action(self, disposition: str, local: bool) -> str:
+        """What we do about a DMARC failure: the domain's wish, as far as dmarc_action allows.
+        Local mail (a trusted peer without XFORWARD) is annotated only."""
+        wanted = self.settings.dmarc_action
+        if local or wanted == "annotate" or disposition == "none":
+            return "annotate"
+        if disposition == "reject" and wanted == "reject":
+            return "reject"
+        return "quarantine"
+
+    @staticmethod
+    def _account(queue_id: str, results: list[Result], forged: tuple) -> None:
+        for r in results:
+            metrics.child(metrics.AUTH_RESULTS, r.method, r.result).inc()
+        if forged:
+            metrics.AUTH_FORGED.inc(len(forged))
+            log.info("%s: removed %d Authentication-Results claiming to be ours", queue_id,
+                     len(forged))
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%s: auth: %s", queue_id, " ".join(f"{r.method}={r.result}" for r in results))

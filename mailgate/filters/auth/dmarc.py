@@ -1,0 +1,138 @@
+"""DMARC (RFC 7489): does an SPF or DKIM pass align with the From domain, and what does the
+From domain's owner ask for when none does?
+
+The policy lookup (_dmarc.<From domain>, else _dmarc.<organizational domain>) asks both names at
+once. The organizational domain comes from publicsuffixlist. A DNS failure is `temperror`; an
+unusable record `permerror`; no record `none`. Nothing here rejects: the filter decides that.
+"""
+from __future__ import annotations
+
+import asyncio
+import functools
+import random
+from dataclasses import dataclass
+
+from publicsuffixlist import PublicSuffixList
+
+from mailgate.dns import Budget, DnsError, Resolver
+from mailgate.filters.auth.results import Result
+
+POLICIES = ("none", "quarantine", "reject")
+
+
+@functools.lru_cache(maxsize=1)
+def _suffixes() -> PublicSuffixList:
+    return PublicSuffixList()  # ~90 ms to load: once per process
+
+
+def load() -> None:
+    """Load the public suffix list now (at start), not on the first message."""
+    _suffixes()
+
+
+def org_domain(domain: str) -> str:
+    """The organizational domain (RFC 7489 §3.2): the registrable domain, or `domain` itself."""
+    return _suffixes().privatesuffix(domain) or domain.lower()
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    p: str
+    sp: str
+    adkim: str = "r"
+    aspf: str = "r"
+    pct: int = 100
+
+
+def parse_record(text: str) -> Policy | None:
+    """A DMARC record's tags; None when it is not usable (RFC 7489 §6.3, §6.6.3 step 6)."""
+    tags = {}
+    for part in text.split(";"):
+        name, eq, value = part.partition("=")
+        if eq:
+            tags[name.strip().lower()] = value.strip()
+    p = tags.get("p", "").lower()
+    if p not in POLICIES:
+        if "rua" not in tags:
+            return None
+        p = "none"  # an invalid p= with reports asked for: act as p=none (§6.6.3)
+    sp = tags.get("sp", p).lower()
+    pct = tags.get("pct", "100")
+    return Policy(p, sp if sp in POLICIES else p,
+                  "s" if tags.get("adkim", "r").lower() == "s" else "r",
+                  "s" if tags.get("aspf", "r").lower() == "s" else "r",
+                  min(100, int(pct)) if pct.isdigit() else 100)
+
+
+def _records(answer) -> list[str]:
+    texts = [b"".join(strings).decode("ascii", "replace") for strings in answer.records]
+    return [t for t in texts if t.startswith("v=DMARC1") and t[8:9] in ("", ";", " ", "\t")]
+
+
+async def find_policy(resolver: Resolver, budget: Budget,
+                      domain: str) -> tuple[Policy | None, bool, str]:
+    """(policy, found at the organizational domain, problem); problem is "temperror" or
+    "permerror: why" when there is no usable answer."""
+    org = org_domain(domain)
+    names = [f"_dmarc.{domain}"] + ([f"_dmarc.{org}"] if org != domain else [])
+    answers = await asyncio.gather(*(resolver.lookup(n, "TXT", budget) for n in names),
+                                   return_exceptions=True)
+    for at_org, answer in enumerate(answers):
+        if isinstance(answer, DnsError):
+            return None, False, "temperror"
+        if isinstance(answer, BaseException):
+            raise answer
+        records = _records(answer)
+        if len(records) > 1:
+            return None, False, "permerror: several DMARC records"
+        if records:
+            policy = parse_record(records[0])
+            return (policy, bool(at_org), "") if policy else (None, False, "permerror: bad record")
+    return None, False, ""
+
+
+def published(policy: Policy, at_org: bool, from_domain: str) -> str:
+    """p=, or sp= for a subdomain whose policy came from its organizational domain."""
+    return policy.sp if at_org and from_domain != org_domain(from_domain) else policy.p
+
+
+def aligned(domain: str, from_domain: str, mode: str) -> bool:
+    if not domain:
+        return False
+    if mode == "s":
+        return domain == from_domain
+    return org_domain(domain) == org_domain(from_domain)
+
+
+def evaluate(from_domain: str, policy: Policy | None, at_org: bool, spf: Result,
+             dkims: list[Result]) -> tuple[str, str]:
+    """(dmarc result, requested disposition: none, quarantine or reject)."""
+    if policy is None:
+        return "none", "none"
+    if aligned(spf.domain, from_domain, policy.aspf) or any(
+            aligned(d.domain, from_domain, policy.adkim) for d in dkims):
+        return "pass", "none"
+    requested = published(policy, at_org, from_domain)
+    if policy.pct < 100 and random.random() * 100 >= policy.pct:
+        # §6.6.4: outside the sampled share, the next less strict policy applies
+        requested = POLICIES[max(0, POLICIES.index(requested) - 1)]
+    return "fail", requested
+
+
+def judge(from_domain: str, from_problem: str, found: tuple[Policy | None, bool, str],
+          spf: Result, dkims: list[Result]) -> tuple[Result, str]:
+    """The dmarc Result and the disposition the From domain asks for; `found` is what
+    find_policy returned (looked up while SPF and DKIM ran)."""
+    if from_problem:
+        return Result("dmarc", "permerror", from_problem), "none"
+    policy, at_org, problem = found
+    props = (("header", "from", from_domain),)
+    if problem:
+        word, _, why = problem.partition(": ")
+        return Result("dmarc", word, why, props), "none"
+    result, disposition = evaluate(from_domain, policy, at_org, spf, dkims)
+    if policy is None:
+        return Result("dmarc", result, "no policy", props), disposition
+    return Result("dmarc", result, f"p={policy.p} sp={policy.sp} dis={disposition}",
+                  props + (("policy", "dmarc", published(policy, at_org, from_domain)),)), \
+        disposition

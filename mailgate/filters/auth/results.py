@@ -1,0 +1,78 @@
+"""What each check found, and the one Authentication-Results header (RFC 8601) they become.
+
+Clauses are modelled and rendered by authres; this module only keeps hostile values (a d= with
+a semicolon, a comment with parentheses) from breaking the header's syntax, and folds the header
+one clause per line. Parsing the header back with authres gives the same clauses.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import authres
+import authres.arc
+import authres.dkim_b
+import authres.dmarc
+
+# The RFC 8601 result words; a check never reports anything else.
+WORDS = ("pass", "fail", "softfail", "neutral", "none", "temperror", "permerror", "policy")
+_TOKEN = re.compile(r"[A-Za-z0-9][A-Za-z0-9.\-_]*")
+_ADDRESS = re.compile(r"[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@[A-Za-z0-9.-]+")
+_KEYWORD = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?")
+_UNSAFE = re.compile(r"[^\x20-\x7e]|[()\\]")
+COMMENT_CHARS = 120
+# To parse what we render (tests, Sieve-minded tools): the methods this header carries.
+FEATURES = authres.FeatureContext(authres.dkim_b, authres.dmarc, authres.arc)
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    """One result clause: `method=result (comment) ptype.property=value ...`."""
+    method: str                                  # spf, dkim, dmarc, arc
+    result: str                                  # one of WORDS
+    comment: str = ""
+    props: tuple[tuple[str, str, str], ...] = ()  # (ptype, property, value)
+    domain: str = ""                             # the authenticated domain, for DMARC alignment
+
+
+def safe_comment(text: str) -> str:
+    return _UNSAFE.sub("?", text)[:COMMENT_CHARS]
+
+
+def safe_value(value: str) -> str | None:
+    """A property value authres can write without breaking the header: an address, a token
+    or base64 (quoted by authres); None for anything else, which is then left out."""
+    if _ADDRESS.fullmatch(value) or _TOKEN.fullmatch(value):
+        return value
+    if re.fullmatch(r"[A-Za-z0-9+/=]+", value):
+        return value
+    return None
+
+
+def _clause(result: Result) -> authres.AuthenticationResult:
+    props = [authres.AuthenticationResultProperty(ptype, name, value)
+             for ptype, name, value in result.props if value and safe_value(value)]
+    return FEATURES.result(result.method, result=result.result,
+                           result_comment=safe_comment(result.comment) or None, properties=props)
+
+
+def feed_clauses(verdicts: tuple[tuple[str, str], ...]) -> list[authres.AuthenticationResult]:
+    """The trusted feed's own verdicts (e.g. x-ses-spam=pass), one clause each, as given;
+    a pair that is not a method keyword and a result word is left out."""
+    return [authres.AuthenticationResult(method.lower(), result=result.lower())
+            for method, result in verdicts
+            if _KEYWORD.fullmatch(method) and _KEYWORD.fullmatch(result)]
+
+
+def render(authserv_id: str, results: list[Result],
+           feed: tuple[tuple[str, str], ...] = ()) -> bytes:
+    """The header line, folded one clause per line, CRLF-terminated."""
+    clauses = [str(_clause(r)) for r in results] + [str(c) for c in feed_clauses(feed)]
+    value = ";\r\n\t".join([authserv_id.lower(), *clauses]) if clauses else f"{authserv_id}; none"
+    return f"Authentication-Results: {value}\r\n".encode("ascii", "replace")
+
+
+def parse(header: bytes | str) -> authres.AuthenticationResultsHeader:
+    """The header parsed back by authres (unfolded first, as it expects)."""
+    text = header.decode() if isinstance(header, bytes) else header
+    return FEATURES.parse(re.sub(r"\r?\n[ \t]", " ", text).strip())

@@ -1,0 +1,197 @@
+"""DKIM (RFC 6376) and ARC (RFC 8617) verification with dkimpy.
+
+dkimpy resolves synchronously and does RSA in pure Python, so: the keys of every signature are
+fetched first, concurrently, through mailgate's resolver; then one worker thread per message
+checks each key's size and exponent (huge ones are refused before any RSA work: a 16k-bit key
+costs seconds of CPU) and verifies, with dkimpy reading only the keys already fetched.
+Measured: 1.0 ms of CPU per 2 KB message with one RSA-2048 signature, hence the thread.
+"""
+from __future__ import annotations
+
+import asyncio
+import binascii
+import functools
+import logging
+from dataclasses import dataclass
+
+import dkim
+import dkim.util
+
+from mailgate.dns import Budget, DnsError, Resolver
+from mailgate.filters.auth.fields import Header
+from mailgate.filters.auth.results import Result
+
+log = logging.getLogger("mailgate.auth")
+# dkimpy logs every bad signature at ERROR; our own line says what the header says.
+_QUIET = logging.getLogger("mailgate.auth.dkimpy")
+_QUIET.propagate = False
+_QUIET.addHandler(logging.NullHandler())
+MAX_EXPONENT_BITS = 64
+MAX_ARC_SETS = 50   # RFC 8617 §4.2.1: i= runs 1..50
+MISSING, FAILED = "missing", "failed"   # a key that does not exist; one DNS did not give
+
+
+@dataclass(frozen=True, slots=True)
+class Signature:
+    """A DKIM-Signature as read before verification."""
+    domain: str
+    selector: str
+    b: str          # the first 8 characters of b= (RFC 6008 header.b)
+    problem: str    # a syntax problem: not verified (neutral)
+
+    @property
+    def key_name(self) -> str:
+        return f"{self.selector}._domainkey.{self.domain}".lower()
+
+
+def read_signature(value: bytes, arc: bool = False) -> Signature:
+    try:
+        tags = dkim.util.parse_tag_value(value)
+    except dkim.util.InvalidTagValueList as e:
+        return Signature("", "", "", f"bad tag list: {e}")
+    text = {k.decode("ascii", "replace"): v.decode("ascii", "replace") for k, v in tags.items()}
+    sig = Signature(text.get("d", "").rstrip("."), text.get("s", ""),
+                    "".join(text.get("b", "").split())[:8], "")
+    try:
+        required = [b"i", b"a", b"b", b"d", b"s"] if arc else [b"v", b"a", b"b", b"bh", b"d",
+                                                                  b"h", b"s"]
+        dkim.validate_signature_fields(tags, required, arc)
+    except dkim.DKIMException as e:
+        return Signature(sig.domain, sig.selector, sig.b, str(e))
+    # XXX dkimpy's checks crash on some hostile values (IndexError for i= equal to d=); what
+    # it cannot read is a signature with a syntax problem, not a reason to defer the mail.
+    except Exception as e:  # noqa: BLE001
+        return Signature(sig.domain, sig.selector, sig.b, f"unreadable: {type(e).__name__}")
+    return sig
+
+
+@functools.lru_cache(maxsize=1024)  # the same senders' keys, judged once: ~0.1 ms each
+def key_problem(record: bytes, max_bits: int) -> str:
+    """Why this key record cannot be used ("" if it can), decided before any RSA work."""
+    try:
+        if dkim.util.parse_tag_value(record).get(b"p", None) == b"":
+            return "key revoked"
+        pk, bits, ktag, _ = dkim.evaluate_pk(b"key", record)
+    except (dkim.DKIMException, dkim.util.InvalidTagValueList, binascii.Error, ValueError) as e:
+        return f"bad key: {e}"[:80]
+    if ktag == b"rsa":
+        if bits > max_bits:
+            return f"{bits}-bit key over auth.max_key_bits"
+        if pk["publicExponent"].bit_length() > MAX_EXPONENT_BITS:
+            return "key exponent over 64 bits"
+    return ""
+
+
+async def fetch_keys(resolver: Resolver, budget: Budget, names: set[str]) -> dict[str, object]:
+    """name -> TXT record bytes, MISSING or FAILED; all names at once."""
+    async def one(name: str) -> object:
+        try:
+            answer = await resolver.lookup(name, "TXT", budget)
+        except DnsError:
+            return FAILED
+        return b"".join(answer.records[0]) if answer.records else MISSING
+    names = sorted(names)
+    return dict(zip(names, await asyncio.gather(*(one(n) for n in names))))
+
+
+# -------------------------------------------------------------- in the worker thread
+
+class _Keys:
+    """The keys fetched for one message, each judged once; dkimpy reads only usable ones, so a
+    seal or signature with a refused key fails without any RSA work."""
+
+    def __init__(self, fetched: dict[str, object], max_bits: int):
+        self.fetched = fetched
+        self.problems = {name: key_problem(record, max_bits)
+                         for name, record in fetched.items() if isinstance(record, bytes)}
+
+    def get_txt(self, name: bytes, timeout: float = 0) -> bytes | None:
+        key = name.decode("ascii", "replace").rstrip(".").lower()
+        return None if self.problems.get(key, "missing") else self.fetched[key]
+
+    def judge(self, name: str) -> tuple[str, str] | None:
+        """(result, comment) when the key decides the signature's result; None to verify."""
+        record = self.fetched.get(name)
+        if record is FAILED:
+            return "temperror", "key lookup failed"
+        if not isinstance(record, bytes):
+            return "permerror", "no key"
+        return ("permerror", self.problems[name]) if self.problems[name] else None
+
+
+def _verify_one(verifier: dkim.DKIM, index: int, sig: Signature, keys: _Keys) -> tuple[str, str]:
+    """(result, comment) for the index-th DKIM-Signature."""
+    if sig.problem:
+        return "neutral", sig.problem[:80]
+    judged = keys.judge(sig.key_name)
+    if judged:
+        return judged
+    try:
+        ok = verifier.verify(index, dnsfunc=keys.get_txt)
+    except dkim.ValidationError as e:
+        return "fail", str(e)[:60]
+    except dkim.KeyFormatError as e:
+        return "permerror", str(e)[:60]
+    except dkim.DKIMException as e:
+        return "neutral", str(e)[:60]
+    return ("pass", "") if ok else ("fail", "signature did not verify")
+
+
+def verify(raw: bytes, sigs: list[Signature], fetched: dict[str, object], max_bits: int,
+           arc: tuple[int, bool]) -> tuple[list[tuple[str, str]], tuple[str, str]]:
+    """DKIM (result, comment) per signature, and the ARC chain's; runs in a worker thread.
+    `arc`: (number of ARC sets, whether one of their key lookups failed)."""
+    keys = _Keys(fetched, max_bits)
+    try:
+        verifier = dkim.DKIM(raw, logger=_QUIET)
+        dkim_results = [_verify_one(verifier, i, sig, keys) for i, sig in enumerate(sigs)]
+    # XXX dkimpy parses untrusted bytes and has crashed on some (IndexError on a header that
+    # starts with a continuation line): the message could not be processed, so neutral.
+    except Exception as e:  # noqa: BLE001
+        log.info("dkimpy could not read the message: %s: %s", type(e).__name__, e)
+        dkim_results = [("neutral", "message not readable")] * len(sigs)
+    return dkim_results, _verify_arc(raw, keys, *arc)
+
+
+def _verify_arc(raw: bytes, keys: _Keys, sets: int, lookup_failed: bool) -> tuple[str, str]:
+    if sets == 0:
+        return "none", ""
+    if sets > MAX_ARC_SETS:
+        return "fail", f"more than {MAX_ARC_SETS} ARC sets"
+    if lookup_failed:
+        return "temperror", "key lookup failed"
+    try:
+        cv, _, why = dkim.ARC(raw, logger=_QUIET).verify(dnsfunc=keys.get_txt)
+    except Exception as e:  # noqa: BLE001 - untrusted bytes, as above
+        return "fail", f"{type(e).__name__}"
+    if cv == dkim.CV_Pass:
+        return "pass", ""
+    return "fail", str(why)[:60]
+
+
+# -------------------------------------------------------------- on the event loop
+
+async def check(resolver: Resolver, budget: Budget, raw: bytes, header: Header,
+                max_signatures: int, max_bits: int) -> tuple[list[Result], Result]:
+    """A dkim Result per signature checked (dkim=none without any) and the arc Result."""
+    values = header.values(b"dkim-signature")
+    sigs = [read_signature(v) for v in values[:max_signatures]]
+    arc = [read_signature(v, arc=True) for name in (b"arc-seal", b"arc-message-signature")
+           for v in header.values(name)]
+    arc_sets = len(header.values(b"arc-seal"))
+    if not sigs and not arc_sets:
+        return [Result("dkim", "none")], Result("arc", "none")
+    arc_names = {s.key_name for s in arc[:2 * MAX_ARC_SETS] if s.domain and s.selector}
+    keys = await fetch_keys(resolver, budget,
+                            arc_names | {s.key_name for s in sigs if s.domain and s.selector})
+    arc_failed = any(keys[name] is FAILED for name in arc_names)
+    dkim_results, (arc_result, arc_why) = await asyncio.to_thread(
+        verify, raw, sigs, keys, max_bits, (arc_sets, arc_failed))
+    if len(values) > max_signatures:
+        log.info("%d DKIM signatures, checked the first %d (auth.max_signatures)",
+                 len(values), max_signatures)
+    results = [Result("dkim", result, why, (("header", "d", s.domain), ("header", "s", s.selector),
+                                            ("header", "b", s.b)),
+                      s.domain.lower() if result == "pass" else "")
+               for s, (result, why) in zip(sigs, dkim_results)]
+    return results or [Result("dkim", "none")], Result("arc", arc_result, arc_why)

@@ -1,0 +1,202 @@
+"""`vacation`: out-of-office replies, as RFC 3834 and Dovecot Pigeonhole's vacation send them.
+
+No reply to the null sender, to automatic or list mail, to system senders, nor to mail that does
+not name the recipient in To/Cc/Bcc/Resent-*; at most one per sender per `[vacation] period`,
+claimed in the store only once the recipient's copy is durable (hosts sharing the store share
+the memory). The reply is built by the stdlib email package. Store unreachable: no reply; the
+message is delivered as ever. This filter never changes a verdict.
+"""
+from __future__ import annotations
+
+import datetime
+import email.errors
+import email.header
+import email.message
+import email.policy
+import email.utils
+import hashlib
+import logging
+import re
+import time
+
+from mailgate import metrics
+from mailgate.config import Config
+from mailgate.message import Message
+from mailgate.outbound import OutboundMail
+from mailgate.pipeline import FilterResult
+from mailgate.store import Rule, StoreUnavailable
+from mailgate.verdict import Action, Verdict
+
+log = logging.getLogger("mailgate.vacation")
+
+DEFAULT_BODY = "I am away and will read your message when I am back.\n"
+LIST_HEADERS = ("List-Id", "List-Help", "List-Subscribe", "List-Unsubscribe", "List-Post",
+                "List-Owner", "List-Archive")
+ADDRESS_HEADERS = ("To", "Cc", "Bcc", "Resent-To", "Resent-Cc", "Resent-Bcc")
+# Senders that are programs (RFC 3834 §2, Pigeonhole's list, and the usual no-reply names).
+SYSTEM_SENDER = re.compile(
+    r"^(mailer-daemon|listserv|majordomo|owner-.*|.*-request|.*-owner|"
+    r"no[-_.]?reply(-.*)?|do[-_.]?not[-_.]?reply(-.*)?|bounces?([-+].*)?)@", re.IGNORECASE)
+CONTROLS = re.compile(r"[\x00-\x1f\x7f]+")
+MSGID = re.compile(r"<[^<>\s]+>")
+SUBJECT_LIMIT = 200  # characters of the reply's subject, before encoding
+REFERENCES_KEPT = 10
+REMEMBERED = 300.0   # seconds a "replied already" answer from the store is reused here
+REMEMBERED_MAX = 10_000
+
+
+def why_not(message: Message, recipient: str) -> str:
+    """Why no reply may go to this message's sender for `recipient`; "" when one may."""
+    sender, headers = message.envelope.sender, message.headers
+    if not sender:
+        return "null sender"
+    auto = (headers.get("Auto-Submitted") or "").strip()
+    if auto and auto.split(";")[0].strip().lower() != "no":
+        return f"Auto-Submitted: {clean(auto)[:40]}"
+    listed = next((h for h in LIST_HEADERS if h in headers), None)
+    if listed:
+        return f"list mail ({listed})"
+    precedence = (headers.get("Precedence") or "").strip().lower()
+    if precedence in ("bulk", "list", "junk"):
+        return f"Precedence: {precedence}"
+    if not sender.isascii():  # an SMTPUTF8 address cannot be written in a plain header
+        return "internationalized sender address"
+    if SYSTEM_SENDER.match(sender):
+        return f"system sender <{sender}>"
+    if sender.lower() == recipient.lower():
+        return "sent by the recipient"
+    named = {a.lower() for _, a in email.utils.getaddresses(
+        [str(v) for h in ADDRESS_HEADERS for v in headers.get_all(h, [])])}
+    if recipient.lower() not in named:
+        return "recipient not in To/Cc/Bcc/Resent-*"
+    return ""
+
+
+def active(rule: Rule, now: datetime.datetime) -> bool:
+    """Inside the rule's start/end (ISO 8601; a date alone covers that whole day, local time)."""
+    start = _bound(rule.start, now, end=False)
+    end = _bound(rule.end, now, end=True)
+    return (start is None or start <= now) and (end is None or now < end)
+
+
+def _bound(text: str, now: datetime.datetime, end: bool) -> datetime.datetime | None:
+    if not text:
+        return None
+    try:
+        when = datetime.datetime.fromisoformat(text)
+    except ValueError:
+        log.warning("vacation: unreadable date %r ignored", text)
+        return None
+    if end and len(text) == 10:  # a date: through the end of that day
+        when += datetime.timedelta(days=1)
+    return when if when.tzinfo else when.replace(tzinfo=now.tzinfo)
+
+
+def clean(text: str) -> str:
+    """One line of text: controls (CR, LF, NUL, ...) become spaces; whitespace collapsed."""
+    return " ".join(CONTROLS.sub(" ", text).split())
+
+
+def decoded(value: str | None) -> str:
+    """A header's text with RFC 2047 words decoded; undecodable words are kept as they are."""
+    if not value:
+        return ""
+    try:
+        return str(email.header.make_header(email.header.decode_header(str(value))))
+    except (email.errors.HeaderParseError, UnicodeError, LookupError, ValueError):
+        return str(value)
+
+
+def build_reply(message: Message, recipient: str, rule: Rule, hostname: str) -> bytes:
+    """The auto-reply (RFC 3834 §3): headers set one by one, encoded by the email package."""
+    headers = message.headers
+    reply = email.message.EmailMessage(policy=email.policy.SMTP)
+    reply["From"] = recipient
+    reply["To"] = message.envelope.sender
+    subject = clean(rule.subject) or "Auto: " + clean(decoded(headers.get("Subject")))
+    reply["Subject"] = subject[:SUBJECT_LIMIT].rstrip()
+    reply["Date"] = email.utils.formatdate(localtime=True)
+    reply["Message-ID"] = email.utils.make_msgid(domain=hostname)
+    original = MSGID.findall(str(headers.get("Message-ID") or ""))[:1]
+    if original:
+        reply["In-Reply-To"] = original[0]
+        earlier = MSGID.findall(str(headers.get("References") or headers.get("In-Reply-To") or ""))
+        reply["References"] = " ".join((earlier + original)[-REFERENCES_KEPT:])
+    reply["Auto-Submitted"] = "auto-replied (vacation)"
+    body = rule.body or DEFAULT_BODY
+    reply.set_content(body, cte="7bit" if body.isascii() else "quoted-printable")
+    return reply.as_bytes()
+
+
+def memory_key(recipient: str, sender: str, rule: Rule) -> str:
+    """Per recipient, sender and notice: a changed notice answers everyone once more."""
+    notice = hashlib.sha256(f"{rule.subject}\0{rule.body}\0{rule.start}\0{rule.end}".encode())
+    return f"vacation:{recipient.lower()}:{sender.lower()}:{notice.hexdigest()[:12]}"
+
+
+class Vacation:
+    name = "vacation"
+    needs_headers = True
+
+    def __init__(self, config: Config, resources):
+        self.store = resources.store
+        self.hostname = config.hostname
+        self.period = config.vacation.period
+        # "Replied already" stays true until the period ends, so it may be reused for a while:
+        # a sender who writes often costs no store call per message. "Not yet" is never kept.
+        self.replied: dict[str, float] = {}
+
+    async def check(self, message: Message) -> FilterResult:
+        recipients = message.envelope.recipients
+        try:
+            rules = await self.store.rules(recipients)
+        except StoreUnavailable as e:
+            log.warning("%s: vacation: no reply to anyone: store unavailable (%s)",
+                        message.envelope.queue_id, e)
+            metrics.child(metrics.STORE_UNAVAILABLE, "vacation", "no_reply").inc()
+            return FilterResult({r: Verdict(Action.CONTINUE, f"vacation: no reply: store "
+                                            f"unavailable ({e})") for r in recipients})
+        verdicts: dict[str, Verdict] = {}
+        replies: list[OutboundMail] = []
+        now = datetime.datetime.now().astimezone()
+        for rcpt in recipients:
+            rule = rules.get(rcpt) or rules.get(rcpt.lower())
+            if rule is None or not rule.vacation or not active(rule, now):
+                continue
+            why, mail = await self._reply(message, rcpt, rule)
+            log.info("%s: vacation for <%s>: %s", message.envelope.queue_id, rcpt, why)
+            verdicts[rcpt] = Verdict(Action.CONTINUE, f"vacation: {why}")
+            if mail is not None:
+                replies.append(mail)
+        return FilterResult(verdicts, outbound=tuple(replies))
+
+    async def _replied(self, key: str) -> bool:
+        now = time.monotonic()
+        if self.replied.get(key, 0.0) > now:
+            return True
+        if not await self.store.seen(key):
+            return False
+        if len(self.replied) >= REMEMBERED_MAX:
+            self.replied.clear()
+        self.replied[key] = now + min(REMEMBERED, self.period)
+        return True
+
+    async def _reply(self, message: Message, rcpt: str,
+                     rule: Rule) -> tuple[str, OutboundMail | None]:
+        why = why_not(message, rcpt)
+        if why:
+            return f"no reply: {why}", None
+        sender = message.envelope.sender
+        key = memory_key(rcpt, sender, rule)
+        try:
+            if await self._replied(key):
+                return f"no reply: one went to <{sender}> within the period", None
+        except StoreUnavailable as e:
+            return f"no reply: store unavailable ({e})", None
+        try:
+            data = build_reply(message, rcpt, rule, self.hostname)
+        except (ValueError, TypeError, email.errors.MessageError) as e:
+            # XXX a sender or subject the email package cannot encode: no reply, delivery goes on
+            return f"no reply: cannot build it ({type(e).__name__}: {e})", None
+        return f"reply to <{sender}> once delivered", OutboundMail(
+            rcpt, "", (sender,), data, "auto-reply", key, self.period)

@@ -1,0 +1,138 @@
+"""The `bounce` filter end to end: an SES bounce DSN for a message we sent becomes a readable
+notice for its sender; anything else arrives as it is. Real mailgate, Dovecot and store (both
+backends); the outbound table's items are written through the store, as mailgate writes them.
+"""
+from __future__ import annotations
+
+import email
+import email.policy
+import json
+import urllib.request
+
+import pytest
+
+from mailgate.store import Rule
+from peers import Dovecot
+from policy import (ALICE, BOB, CAROL, FRIEND, SENDER, backend, copies, dove, gates,  # noqa: F401
+                    lmtp, mark, message, moto_server, policy_root, status, store_call)
+from relaysink import RelaySink
+
+
+def dsn(m: str, ses_id: str, to: str = ALICE) -> bytes:
+    """A bounce as SES's mailer sends it (RFC 3464), for the message SES knows as `ses_id`."""
+    return f"""From: MAILER-DAEMON@amazonses.com
+To: {to}
+Subject: Delivery Status Notification (Failure)
+Message-ID: <dsn-{m}@email.amazonses.com>
+MIME-Version: 1.0
+Content-Type: multipart/report; report-type=delivery-status; boundary="b-{m}"
+
+--b-{m}
+Content-Type: text/plain; charset=UTF-8
+
+An error occurred while trying to deliver the mail to the following recipients:
+{FRIEND}
+--b-{m}
+Content-Type: message/delivery-status
+
+Reporting-MTA: dns; a8-52.smtp-out.amazonses.com
+Arrival-Date: Mon, 1 Jul 2024 10:00:00 +0000
+
+Final-Recipient: rfc822; {FRIEND}
+Action: failed
+Status: 5.1.1
+Diagnostic-Code: smtp; 550 5.1.1 <{FRIEND}>: Recipient address rejected: User unknown
+Last-Attempt-Date: Mon, 1 Jul 2024 10:00:05 +0000
+
+--b-{m}
+Content-Type: text/rfc822-headers
+
+From: {ALICE}
+To: {FRIEND}
+Subject: Lunch {m}?
+Message-ID: <{ses_id}@email.amazonses.com>
+
+--b-{m}--
+""".replace("\n", "\r\n").encode()
+
+
+def parsed(data: bytes) -> email.message.EmailMessage:
+    return email.message_from_bytes(data, policy=email.policy.default)
+
+
+def test_matched_bounce_becomes_a_notice_for_the_sender(gates, dove: Dovecot) -> None:
+    gate = gates(("bounce",))
+    m = mark()
+    ses_id = f"0100019{m}-000000"
+    store_call(gate, "put_outbound", ses_id, {"original_sender": ALICE, "subject": f"Lunch {m}?",
+                                              "sent_at": "2024-07-01T09:59:58+00:00"})
+    assert status(lmtp(gate, [ALICE], dsn(m, ses_id), sender="")[0]) == (250, "2.0.0")
+    [stored] = copies(dove, ALICE, m)
+    notice = parsed(stored)
+    assert notice["Subject"] == f"Undelivered: Lunch {m}?"
+    assert notice["Auto-Submitted"] == "auto-replied"
+    text = notice.get_body(("plain",)).get_content()
+    for words in (FRIEND, "550 5.1.1", "User unknown", "Mon, 1 Jul 2024 10:00:05 +0000",
+                  "2024-07-01T09:59:58+00:00"):
+        assert words in text, words
+    [attached] = notice.iter_attachments()
+    assert attached.get_content_type() == "message/rfc822"
+    assert f"<{ses_id}@email.amazonses.com>" in attached.as_string()
+
+
+def test_notice_goes_to_the_sender_not_the_bounce_mailbox(gates, dove: Dovecot) -> None:
+    gate = gates(("bounce",))
+    m = mark()
+    ses_id = f"0100019{m}-000000"
+    store_call(gate, "put_outbound", ses_id, {"original_sender": BOB})
+    assert status(lmtp(gate, [CAROL], dsn(m, ses_id, to=CAROL), sender="")[0]) == (250, "2.0.0")
+    [stored] = copies(dove, BOB, m)
+    assert parsed(stored)["Subject"] == f"Undelivered: Lunch {m}?"
+    assert copies(dove, CAROL, m) == []
+
+
+def test_unmatched_bounce_is_delivered_as_it_is(gates, dove: Dovecot) -> None:
+    gate = gates(("bounce",))
+    m = mark()
+    original = dsn(m, "0100019-never-sent-000000")
+    assert status(lmtp(gate, [ALICE], original, sender="")[0]) == (250, "2.0.0")
+    [stored] = copies(dove, ALICE, m)
+    assert stored.endswith(original.replace(b"\r\n", b"\n"))  # Dovecot stores LF endings
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+def test_plain_mail_passes_untouched(gates, dove: Dovecot) -> None:
+    gate = gates(("bounce",))
+    m = mark()
+    original = message(m)
+    assert status(lmtp(gate, [ALICE], original)[0]) == (250, "2.0.0")
+    [stored] = copies(dove, ALICE, m)
+    assert stored.endswith(original.replace(b"\r\n", b"\n"))
+
+
+def ses_sent(endpoint: str) -> list[dict]:
+    with urllib.request.urlopen(f"{endpoint}/moto-api/data.json", timeout=10) as r:
+        return json.load(r)["ses"]["RawMessage"]
+
+
+@pytest.mark.parametrize("backend", ["dynamodb"], indirect=True)
+def test_forward_through_ses_then_its_bounce_reaches_the_original_sender(
+        gates, dove: Dovecot, relay: RelaySink, backend) -> None:
+    """alice forwards to friend@elsewhere through SES; SES bounces it to our bounce mailbox
+    (carol); the notice goes to the original, external sender, through SES again."""
+    moto = backend.moto
+    moto.client("ses").verify_domain_identity(Domain="example.test")
+    gate = gates(("bounce", "rules"), {"relay": {"ses": True, "region": "us-east-1",
+                                                 "endpoint_url": moto.endpoint},
+                                       "rules": {"bounce_address": CAROL}})
+    store_call(gate, "set_rule", Rule(ALICE, forward=(FRIEND,), keep_copy=False))
+    m = mark()
+    assert status(lmtp(gate, [ALICE], message(m))[0]) == (250, "2.0.0")
+    [forward] = ses_sent(moto.endpoint)
+    assert forward["source"] == CAROL and m in forward["raw_data"]
+    assert status(lmtp(gate, [CAROL], dsn(m, forward["id"], to=CAROL), sender="")[0]) == \
+        (250, "2.0.0")
+    notice = ses_sent(moto.endpoint)[1]
+    assert SENDER in notice["destinations"]
+    assert f"Undelivered: Lunch {m}?" in notice["raw_data"]
+    assert copies(dove, CAROL, m) == [] and relay.received() == []

@@ -1,0 +1,198 @@
+"""The store's contract, the same cases on SQLite and on DynamoDB (moto in server mode).
+
+Each test talks to the store the way filters and the CLI do (open_store on a config), and
+checks what a user of the store sees: rules and patterns per address, first-claim-wins, expiry.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any, Awaitable, Callable
+
+import pytest
+
+from backends import moto_server  # noqa: F401 (fixture)
+from mailgate.admin import with_store
+from mailgate.config import Config, Store as StoreSection
+from mailgate.store import Rule, StoreUnavailable, open_store
+from peers import AWS_TEST_ENV, Moto, wait_until
+
+ALICE, BOB, CAROL = "alice@example.test", "bob@example.test", "carol@example.test"
+
+
+@pytest.fixture(params=["sqlite", "dynamodb"])
+def config(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch) -> Config:
+    if request.param == "sqlite":
+        return Config(domains=("example.test",), data_dir=str(tmp_path),
+                      store=StoreSection(path=str(tmp_path / "store.sqlite3")))
+    moto: Moto = request.getfixturevalue("moto_server")
+    moto.reset()
+    for name, value in AWS_TEST_ENV.items():
+        monkeypatch.setenv(name, value)
+    cfg = Config(domains=("example.test",), data_dir=str(tmp_path),
+                 store=StoreSection(backend="dynamodb", endpoint_url=moto.endpoint,
+                                    region="us-east-1", cache_ttl=0))
+    run(cfg, lambda store: store.ensure_tables())
+    return cfg
+
+
+def run(config: Config, body: Callable[[Any], Awaitable[Any]]) -> Any:
+    """body(store) on a store opened for this call and closed after it, as a CLI call does."""
+    return with_store(config, body)
+
+
+def test_rules_batch_read_keyed_as_asked_and_case_insensitive(config):
+    rule = Rule("Alice@Example.Test", forward=("friend@elsewhere.test",), keep_copy=False,
+                vacation=True, subject="Away", body="Back on Monday.\n",
+                start="2030-01-01", end="2030-01-31T18:00:00+01:00")
+    run(config, lambda s: s.set_rule(rule))
+    found = run(config, lambda s: s.rules(["ALICE@example.test", BOB, CAROL]))
+    assert list(found) == ["ALICE@example.test"]
+    got = found["ALICE@example.test"]
+    assert (got.forward, got.keep_copy, got.vacation) == (("friend@elsewhere.test",), False, True)
+    assert (got.subject, got.body) == ("Away", "Back on Monday.\n")
+    assert (got.start, got.end) == ("2030-01-01", "2030-01-31T18:00:00+01:00")
+
+
+def test_rule_set_replaces_and_clear_removes(config):
+    run(config, lambda s: s.set_rule(Rule(ALICE, forward=("a@x.test", "b@x.test"))))
+    run(config, lambda s: s.set_rule(Rule(ALICE, vacation=True)))
+    assert run(config, lambda s: s.rules([ALICE]))[ALICE] == Rule(ALICE, vacation=True)
+    assert run(config, lambda s: s.clear_rule(ALICE)) is True
+    assert run(config, lambda s: s.clear_rule(ALICE)) is False
+    assert run(config, lambda s: s.rules([ALICE])) == {}
+
+
+def test_blocked_patterns_per_address(config):
+    async def body(s):
+        assert await s.add_block(ALICE, "*@Spam.Test") is True
+        assert await s.add_block(ALICE, "*@spam.test") is False   # the same, case aside
+        assert await s.add_block(ALICE, "*.bad.test") is True
+        assert await s.add_block(BOB, "eve@evil.test") is True
+        return await s.blocked([ALICE, "Bob@Example.Test", CAROL])
+    assert run(config, body) == {ALICE: ("*.bad.test", "*@spam.test"),
+                                 "Bob@Example.Test": ("eve@evil.test",)}
+    assert run(config, lambda s: s.remove_block(ALICE, "*@SPAM.test")) is True
+    assert run(config, lambda s: s.remove_block(ALICE, "*@spam.test")) is False
+    assert run(config, lambda s: s.remove_block(BOB, "eve@evil.test")) is True
+    assert run(config, lambda s: s.blocked([ALICE, BOB])) == {ALICE: ("*.bad.test",)}
+
+
+def test_claim_first_caller_wins_until_it_expires_or_is_forgotten(config):
+    async def body(s):
+        firsts = await asyncio.gather(*(s.claim("k:1", 60) for _ in range(5)))
+        return firsts, await s.seen("k:1"), await s.seen("k:2")
+    firsts, seen, unseen = run(config, body)
+    assert sorted(firsts) == [False, False, False, False, True]
+    assert (seen, unseen) == (True, False)
+    run(config, lambda s: s.forget("k:1"))
+    assert run(config, lambda s: s.seen("k:1")) is False
+    assert run(config, lambda s: s.claim("k:1", 0.5)) is True
+    wait_until(lambda: not run(config, lambda s: s.seen("k:1")), 5, what="claim expired")
+    assert run(config, lambda s: s.claim("k:1", 60)) is True
+
+
+def test_claims_are_shared_between_store_instances(config):
+    async def body(_):
+        one, two = open_store(config), open_store(config)
+        try:
+            return await one.claim("shared", 60), await two.claim("shared", 60), \
+                await two.seen("shared")
+        finally:
+            await one.close()
+            await two.close()
+    assert run(config, body) == (True, False, True)
+
+
+def test_keys_by_prefix_leave_out_expired_and_others(config):
+    async def body(s):
+        for key, ttl in (("delivered:a", 60), ("delivered:b", 60), ("delivered:c", 0),
+                         ("vacation:a", 60)):   # ttl 0: expired as soon as written
+            await s.claim(key, ttl)
+        return sorted(await s.keys("delivered:"))
+    assert run(config, body) == ["delivered:a", "delivered:b"]
+
+
+def test_outbound_items_round_trip(config):
+    item = {"original_sender": "me@example.test", "recipients": ["x@remote.test"],
+            "sent_at": "2030-01-01T00:00:00+00:00"}
+    run(config, lambda s: s.put_outbound("0100018c-abc", item))
+    got = run(config, lambda s: s.outbound("0100018c-abc"))
+    expires = got.pop("expires_at")   # the TTL attribute: 30 days on
+    assert 29 * 86400 < expires - time.time() < 31 * 86400
+    assert got == {**item, "message_id": "0100018c-abc"}
+    assert run(config, lambda s: s.outbound("0100018c-none")) is None
+
+
+def test_a_file_that_is_no_database_is_store_unavailable(tmp_path):
+    path = tmp_path / "store.sqlite3"
+    path.write_bytes(b"this is not an SQLite database, " * 100)
+    config = Config(domains=("example.test",), data_dir=str(tmp_path),
+                    store=StoreSection(path=str(path)))
+    with pytest.raises(StoreUnavailable) as caught:
+        run(config, lambda s: s.rules([ALICE, BOB]))
+    assert caught.value.unread == {ALICE, BOB} and caught.value.known == {}
+    with pytest.raises(StoreUnavailable):
+        run(config, lambda s: s.claim("k", 60))
+
+
+def test_new_sqlite_file_belongs_to_the_owner_of_its_directory(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    os.chown(data, 5000, 5000)   # the service user's state directory; we are root
+    config = Config(domains=("example.test",), data_dir=str(data))
+    run(config, lambda s: s.claim("k", 60))
+    db = data / "mailgate.sqlite3"
+    assert (db.stat().st_uid, db.stat().st_gid, db.stat().st_mode & 0o777) == (5000, 5000, 0o600)
+
+
+# ---------------------------------------------------------------- DynamoDB unreachable
+
+def dynamo_config(moto: Moto, data_dir: Path, **store: Any) -> Config:
+    return Config(domains=("example.test",), data_dir=str(data_dir),
+                  store=StoreSection(backend="dynamodb", endpoint_url=moto.endpoint,
+                                     region="us-east-1", **store))
+
+
+def test_outage_serves_what_was_read_before_even_after_a_restart(moto, tmp_path, monkeypatch):
+    for name, value in AWS_TEST_ENV.items():
+        monkeypatch.setenv(name, value)
+    config = dynamo_config(moto, tmp_path, cache_ttl=0)
+    run(config, lambda s: s.ensure_tables())
+    run(config, lambda s: s.set_rule(Rule(ALICE, forward=("friend@elsewhere.test",))))
+    run(config, lambda s: s.add_block(ALICE, "*@spam.test"))
+    # alice (a rule) and bob (none) are read once; carol never
+    assert list(run(config, lambda s: s.rules([ALICE, BOB]))) == [ALICE]
+    assert list(run(config, lambda s: s.blocked([ALICE, BOB]))) == [ALICE]
+    moto.stop()
+    for _ in range(2):  # the second store is a restarted mailgate: the copy is on disk
+        with pytest.raises(StoreUnavailable) as rules:
+            run(config, lambda s: s.rules([ALICE, BOB, CAROL]))
+        assert rules.value.known == {ALICE: Rule(ALICE, forward=("friend@elsewhere.test",))}
+        assert rules.value.unread == {CAROL}
+        with pytest.raises(StoreUnavailable) as blocked:
+            run(config, lambda s: s.blocked([ALICE, BOB, CAROL]))
+        assert (blocked.value.known, blocked.value.unread) == ({ALICE: ("*@spam.test",)}, {CAROL})
+    with pytest.raises(StoreUnavailable):
+        run(config, lambda s: s.claim("k", 60))
+
+
+def test_a_silent_endpoint_fails_within_the_deadline(tmp_path, monkeypatch):
+    """boto3's defaults would wait 60 s per attempt, 10 attempts; the store gives up in time."""
+    for name, value in AWS_TEST_ENV.items():
+        monkeypatch.setenv(name, value)
+    with socket.socket() as silent:   # accepts connections (backlog), never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        endpoint = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        config = Config(domains=("example.test",), data_dir=str(tmp_path), store=StoreSection(
+            backend="dynamodb", endpoint_url=endpoint, region="us-east-1", timeout=0.5,
+            deadline=1.5))
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailable) as caught:
+            run(config, lambda s: s.rules([ALICE]))
+        assert time.monotonic() - started < 4
+        assert caught.value.unread == {ALICE}

@@ -1,0 +1,215 @@
+"""Pure parts of `auth`: header fields with offsets, forged-header detection, the From domain,
+DMARC records and alignment, the rendered header (parsed back with authres), config checks."""
+import pytest
+
+from mailgate import config, pipeline
+from mailgate.config import ConfigError
+from mailgate.filters.auth import dmarc, fields
+from mailgate.filters.auth.signatures import read_signature
+from mailgate.filters.auth.results import Result, parse, render
+from mailgate.gateway import without
+from mailgate.filters.auth.sender import client_address
+
+RAW = (b"Received: from a\r\n\tby b; now\r\n"
+       b"Authentication-Results: mx.example.test; spf=pass\r\n"
+       b"From: Alice <alice@Example.ORG>\r\n"
+       b"Authentication-Results: other.example; dkim=pass\r\n"
+       b"\r\nAuthentication-Results: mx.example.test; body, not a header\r\n")
+
+
+# ---------------------------------------------------------------- fields
+
+def test_fields_carry_their_exact_byte_spans():
+    header = fields.read(RAW)
+    assert [f.name for f in header.fields] == [b"received", b"authentication-results", b"from",
+                                              b"authentication-results"]
+    assert [RAW[f.start:f.end] for f in header.fields] == [
+        b"Received: from a\r\n\tby b; now\r\n",
+        b"Authentication-Results: mx.example.test; spf=pass\r\n",
+        b"From: Alice <alice@Example.ORG>\r\n",
+        b"Authentication-Results: other.example; dkim=pass\r\n"]
+    assert header.malformed == 0
+
+
+def test_removing_the_forged_field_keeps_every_other_byte():
+    forged = fields.forged_results(fields.read(RAW), "mx.example.test")
+    assert len(forged) == 1
+    assert without(RAW, tuple((f.start, f.end) for f in forged)) == RAW.replace(
+        b"Authentication-Results: mx.example.test; spf=pass\r\n", b"", 1)
+
+
+@pytest.mark.parametrize("value, claimed", [
+    (b" mx.example.test; spf=pass", "mx.example.test"),
+    (b" MX.Example.TEST.; spf=pass", "mx.example.test"),
+    (b" (a (nested) comment) mx.example.test 1; none", "mx.example.test"),
+    (b' "mx.example.test"; dkim=pass', "mx.example.test"),
+    (b"\r\n\tmx.example.test;\r\n\tdmarc=pass", "mx.example.test"),
+    (b" mx.example.test.evil; spf=pass", "mx.example.test.evil"),
+    (b" (unclosed mx.example.test; spf=pass", ""),
+])
+def test_authserv_id_is_read_leniently(value, claimed):
+    assert fields.authserv_id(value) == claimed
+
+
+def test_obsolete_space_before_colon_is_still_a_field():
+    raw = b"Authentication-Results : mx.example.test; spf=pass\r\n\r\nbody\r\n"
+    assert len(fields.forged_results(fields.read(raw), "mx.example.test")) == 1
+
+
+def test_lines_that_are_not_fields_are_skipped_and_counted():
+    raw = b" leading continuation\r\nno colon here\r\nFrom: a@b.example\r\n\r\nbody\r\n"
+    header = fields.read(raw)
+    assert [f.name for f in header.fields] == [b"from"]
+    assert header.malformed == 2
+
+
+@pytest.mark.parametrize("raw, expected", [
+    (b"From: Alice <alice@Example.ORG>\r\n\r\n", ("example.org", "")),
+    (b"From: a@x.example, b@x.example\r\n\r\n", ("x.example", "")),
+    (b"To: a@b.example\r\n\r\n", ("", "no From field")),
+    (b"From: a@x.example\r\nFrom: b@y.example\r\n\r\n", ("", "2 From fields")),
+    (b"From: alice\r\n\r\n", ("", "From has no domain")),
+    (b"From: undisclosed-recipients:;\r\n\r\n", ("", "From has no domain")),
+    (b"From: a@x.example, b@y.example\r\n\r\n", ("", "From names several domains")),
+    (b"From: a@bad_domain!.example\r\n\r\n", ("", "From domain is not a domain name")),
+])
+def test_from_domain_or_why_there_is_none(raw, expected):
+    assert fields.from_domain(fields.read(raw)) == expected
+
+
+@pytest.mark.parametrize("addr, ip", [
+    ("192.0.2.1", "192.0.2.1"), ("IPv6:2001:db8::1", "2001:db8::1"),
+    ("ipv6:2001:DB8::1", "2001:db8::1"), ("[192.0.2.1]", "192.0.2.1"), ("unknown", None),
+])
+def test_client_address_as_postfix_forwards_it(addr, ip):
+    assert client_address(addr) == ip
+
+
+@pytest.mark.parametrize("value, problem", [
+    (b"v=1; a=rsa-sha256; d=x.example; s=s; h=from; bh=YWJj; b=YWJj", ""),
+    (b"v=1; a=rsa-sha256; d=x.example; s=s; h=from; bh=YWJj", "missing"),
+    (b"v=1; a=rsa-sha256; d=x.example; i=x.example; s=s; h=from; bh=YWJj; b=YWJj", "unreadable"),
+    (b"this is not a tag list", "bad tag list"),
+])
+def test_signature_problems_are_read_never_raised(value, problem):
+    found = read_signature(value).problem
+    assert (found.startswith(problem) if problem else found == ""), found
+
+
+# ---------------------------------------------------------------- DMARC
+
+@pytest.mark.parametrize("text, policy", [
+    ("v=DMARC1; p=reject", dmarc.Policy("reject", "reject")),
+    ("v=DMARC1;p=quarantine;sp=none;adkim=s;aspf=s;pct=20",
+     dmarc.Policy("quarantine", "none", "s", "s", 20)),
+    ("v=DMARC1; p=bogus; rua=mailto:d@x.example", dmarc.Policy("none", "none")),
+    ("v=DMARC1; p=bogus", None),
+    ("v=DMARC1; rua=mailto:d@x.example", dmarc.Policy("none", "none")),
+])
+def test_dmarc_record(text, policy):
+    assert dmarc.parse_record(text) == policy
+
+
+def test_organizational_domain_from_the_public_suffix_list():
+    assert dmarc.org_domain("mail.sub.example.co.uk") == "example.co.uk"
+    assert dmarc.org_domain("news.example.test") == "example.test"
+
+
+@pytest.mark.parametrize("domain, mode, expected", [
+    ("example.org", "s", True), ("mail.example.org", "s", False),
+    ("mail.example.org", "r", True), ("example.net", "r", False), ("", "r", False),
+])
+def test_alignment(domain, mode, expected):
+    assert dmarc.aligned(domain, "example.org", mode) is expected
+
+
+def spf(domain=""):
+    return Result("spf", "pass" if domain else "fail", domain=domain)
+
+
+def dkim(domain=""):
+    return Result("dkim", "pass" if domain else "fail", domain=domain)
+
+
+@pytest.mark.parametrize("from_domain, policy, at_org, spf_r, dkims, expected", [
+    ("example.org", dmarc.Policy("reject", "none"), False, spf(), [dkim("example.org")],
+     ("pass", "none")),
+    ("example.org", dmarc.Policy("reject", "none"), False, spf("bounce.example.org"), [dkim()],
+     ("pass", "none")),
+    ("example.org", dmarc.Policy("reject", "none", aspf="s"), False, spf("bounce.example.org"),
+     [dkim()], ("fail", "reject")),
+    ("news.example.org", dmarc.Policy("reject", "quarantine"), True, spf(), [dkim("x.example")],
+     ("fail", "quarantine")),
+    ("example.org", None, False, spf(), [], ("none", "none")),
+])
+def test_dmarc_evaluation(from_domain, policy, at_org, spf_r, dkims, expected):
+    assert dmarc.evaluate(from_domain, policy, at_org, spf_r, dkims) == expected
+
+
+# ---------------------------------------------------------------- the header
+
+def test_header_round_trips_through_authres_with_feed_verdicts():
+    header = render("mx.example.test", [
+        Result("spf", "pass", "client 192.0.2.1", (("smtp", "mailfrom", "a@example.org"),
+                                                   ("smtp", "helo", "mail.example.org"))),
+        Result("dkim", "pass", "", (("header", "d", "example.org"), ("header", "s", "sel"),
+                                    ("header", "b", "ab/cd+ef"))),
+        Result("dmarc", "pass", "p=reject", (("header", "from", "example.org"),
+                                             ("policy", "dmarc", "reject"))),
+        Result("arc", "none")],
+        feed=(("x-ses-spam", "pass"), ("x-ses-virus", "fail")))
+    assert header.startswith(b"Authentication-Results: mx.example.test;\r\n\t")
+    assert header.endswith(b"\r\n") and all(len(line) < 998 for line in header.split(b"\r\n"))
+    parsed = parse(header)
+    assert parsed.authserv_id == "mx.example.test"
+    assert [(r.method, r.result) for r in parsed.results] == [
+        ("spf", "pass"), ("dkim", "pass"), ("dmarc", "pass"), ("arc", "none"),
+        ("x-ses-spam", "pass"), ("x-ses-virus", "fail")]
+    assert parsed.results[0].smtp_mailfrom == "a@example.org"
+    assert (parsed.results[1].header_d, parsed.results[1].header_b) == ("example.org", "ab/cd+ef")
+    assert parsed.results[2].header_from == "example.org"
+
+
+def test_hostile_values_cannot_break_the_header():
+    header = render("mx.example.test", [
+        Result("dkim", "fail", "evil) ; spf=pass (", (("header", "d", "x.example; spf=pass"),
+                                                      ("header", "s", "sel"))),
+        Result("spf", "fail", "", (("smtp", "mailfrom", '"a;b"@x.example'),))],
+        feed=(("spf; dkim", "pass"), ("x-ok", "pass (injected)")))
+    parsed = parse(header)
+    assert [(r.method, r.result) for r in parsed.results] == [("dkim", "fail"), ("spf", "fail")]
+    assert parsed.results[0].header_d is None and parsed.results[0].header_s == "sel"
+
+
+# ---------------------------------------------------------------- config
+
+def test_dns_budget_must_leave_room_inside_the_filter_timeout(tmp_path):
+    path = tmp_path / "m.toml"
+    path.write_text('domains = ["example.test"]\n[pipeline]\nfilters = ["auth"]\n'
+                    'filter_timeout = 8\n[dns]\nbudget = 8\n')
+    with pytest.raises(ConfigError, match=r"dns\.budget.*pipeline\.filter_timeout"):
+        pipeline.validate(config.load(str(path), {}))
+    path.write_text(path.read_text().replace("budget = 8", "budget = 7"))
+    assert pipeline.validate(config.load(str(path), {})).dns.budget == 7
+
+
+@pytest.mark.parametrize("value, parsed", [
+    ("127.0.0.1", ("127.0.0.1", 53)), ("127.0.0.1:5353", ("127.0.0.1", 5353)),
+    ("::1", ("::1", 53)), ("[::1]:5353", ("::1", 5353)),
+])
+def test_nameserver_forms(value, parsed):
+    assert config.parse_nameserver(value) == parsed
+
+
+@pytest.mark.parametrize("text, key", [
+    ('[dns]\nnameservers = ["dns.example:53"]\n', "dns.nameservers"),
+    ('[dns]\nnameservers = ["127.0.0.1:0"]\n', "dns.nameservers"),
+    ("[dns]\ntimeout = 0\n", "dns.timeout"),
+    ("[auth]\nmax_key_bits = 512\n", "auth.max_key_bits"),
+    ('[auth]\ndmarc_action = "bounce"\n', "auth.dmarc_action"),
+])
+def test_bad_dns_and_auth_settings_name_the_key(tmp_path, text, key):
+    path = tmp_path / "m.toml"
+    path.write_text('domains = ["example.test"]\n' + text)
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        config.load(str(path), {})
