@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import socket
 import sys
+import multiprocessing
 import tempfile
-import threading
 import time
 import urllib.request
 from contextlib import contextmanager
@@ -81,18 +82,22 @@ def transaction(session: Raw, rcpt: str, wire: bytes) -> float:
 
 def open_session(gate: Mailgate) -> Raw:
     session = Raw(gate.smtp, timeout=300)
+    # The final ".\r\n" goes alone (the timer starts there): without NODELAY, Nagle holds it
+    # for the peer's delayed ACK, 40 ms that are the client's, not mailgate's.
+    session.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     assert session.reply()[0] == 220 and session.command("EHLO bench.test")[0] == 250
     return session
 
 
-def small_sender(gate: Mailgate, wire: bytes, stop: threading.Event,
-                 out: list[tuple[float, float]]) -> None:
-    """(finished at, seconds) for each small message until `stop`."""
-    session = open_session(gate)
+def small_sender(gate: Mailgate, wire: bytes, stop, out) -> None:
+    """Put [(finished at, seconds)] for the small messages sent until `stop` on `out`. A process
+    of its own: threads of one client would time each other's GIL waits, not mailgate."""
+    session, times = open_session(gate), []
     while not stop.is_set():
         seconds = transaction(session, USERS[0], wire)
-        out.append((time.perf_counter(), seconds))
+        times.append((time.perf_counter(), seconds))  # CLOCK_MONOTONIC: one clock for all
     session.close()
+    out.put(times)
 
 
 def lag_p99(gate: Mailgate) -> float:
@@ -110,11 +115,12 @@ def one_round(root: Path, args: argparse.Namespace, path: str, large: bytes, sma
     with peers(root, args, path) as gate:
         for _ in range(20):  # warm: pool, caches, the parser's first imports
             transaction(open_session(gate), USERS[0], small)
-        stop, results = threading.Event(), [[] for _ in range(args.sessions)]
-        threads = [threading.Thread(target=small_sender, args=(gate, small, stop, out))
-                   for out in results]
-        for thread in threads:
-            thread.start()
+        mp = multiprocessing.get_context("fork")
+        stop, out = mp.Event(), mp.Queue()
+        senders = [mp.Process(target=small_sender, args=(gate, small, stop, out))
+                   for _ in range(args.sessions)]
+        for sender in senders:
+            sender.start()
         time.sleep(1)  # the small ones' steady state before the large one starts
         session = open_session(gate)
         began = time.perf_counter()
@@ -123,8 +129,9 @@ def one_round(root: Path, args: argparse.Namespace, path: str, large: bytes, sma
         session.close()
         time.sleep(0.5)
         stop.set()
-        for thread in threads:
-            thread.join(60)
+        results = [out.get(timeout=60) for _ in senders]
+        for sender in senders:
+            sender.join(60)
         during = sorted(s for out in results for done, s in out if began <= done - s <= ended)
         before = sorted(s for out in results for done, s in out if done < began)
         rss = probes.peak_rss_kib(gate.pid) / 1024

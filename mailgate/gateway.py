@@ -22,7 +22,7 @@ from mailgate.recipients import Recipients
 from mailgate.store import Store
 from mailgate.verdict import (BARE_NEWLINE, DELIVERED, DELIVERY_DEFERRED, MESSAGE_TIMEOUT,
                               RCPT_OK, TEMP_FAILURE, Action, Reply, Verdict)
-from mailgate.wireform import windows
+from mailgate.wireform import has_bare_newline, scan_bare_newline  # noqa: F401 (API)
 
 log = logging.getLogger("mailgate.gateway")
 
@@ -38,23 +38,6 @@ class Session(Protocol):
 
     def client(self) -> Client: ...
     def close_idle(self) -> None: ...
-
-
-def has_bare_newline(raw: bytes, start: int = 0, end: int | None = None) -> bool:
-    """A CR or LF outside CRLF: refused, as Postfix does, against SMTP smuggling."""
-    pairs = raw.count(b"\r\n", start, end)
-    return raw.count(b"\r", start, end) != pairs or raw.count(b"\n", start, end) != pairs
-
-
-async def scan_bare_newline(raw: bytes) -> bool:
-    """has_bare_newline a window at a time, other sessions running in between (a whole scan of
-    30 MB holds the event loop for about 80 ms here)."""
-    for start, end in windows(raw):
-        if has_bare_newline(raw, start, end):
-            return True
-        if end < len(raw):
-            await asyncio.sleep(0)
-    return False
 
 
 def without(raw: bytes, spans: tuple[tuple[int, int], ...]) -> bytes:
