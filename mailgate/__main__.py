@@ -159,7 +159,10 @@ def status(args: argparse.Namespace, config) -> int:
     print(f"  listeners: smtp={body['listeners']['smtp'] or 'off'} lmtp={body['listeners']['lmtp'] or 'off'}")
     print(f"  dovecot:   {'answers' if dovecot['answers'] else 'NOT answering'} ({dovecot['detail']})")
     print(f"  fallback:  {'maildir' if body['maildir_fallback'] else 'off'}")
-    return 0 if healthy else 1
+    reload_error = body.get("config", {}).get("reload_error")
+    if reload_error:  # running on the previous config; a restart would fail the same way
+        print(f"  config:    RELOAD REFUSED, running the previous config: {reload_error}")
+    return 0 if healthy and not reload_error else 1
 
 
 if __name__ == "__main__":

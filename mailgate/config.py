@@ -277,6 +277,10 @@ def _user() -> str:
         return f"uid {os.geteuid()}"
 
 
+# MAILGATE_* names that are not config keys.
+NOT_CONFIG = {"MAILGATE_CONFIG", "MAILGATE_DEBUG", "MAILGATE_FAULT"}
+
+
 def apply_environment(raw: dict[str, Any], environ: Mapping[str, str]) -> None:
     for name, (section, key, part) in LEGACY_ENV.items():
         if environ.get(name):
@@ -289,7 +293,7 @@ def apply_environment(raw: dict[str, Any], environ: Mapping[str, str]) -> None:
             for section, key in keys:
                 raw.setdefault(section, {})[key] = EnvValue(environ[name])
     for name, value in environ.items():
-        if name.startswith("MAILGATE_") and name != "MAILGATE_CONFIG":
+        if name.startswith("MAILGATE_") and name not in NOT_CONFIG:
             set_dotted(raw, name[len("MAILGATE_"):].lower(), EnvValue(value))
 
 

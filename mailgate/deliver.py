@@ -15,7 +15,9 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from mailgate import maildir, metrics
+from typing import Sequence
+
+from mailgate import faults, maildir, metrics
 from mailgate.config import Config
 from mailgate.lmtp import LMTPReply, Pool
 from mailgate.message import Envelope
@@ -51,21 +53,28 @@ class Deliverer:
         self.template = config.maildir_template()
         self.domains = config.domains
 
-    async def deliver(self, envelope: Envelope, recipients: list[str], data: bytes,
-                      deadline: float) -> list[Result]:
+    async def deliver(self, envelope: Envelope, recipients: list[str],
+                      data: bytes | Sequence[bytes], deadline: float,
+                      crlf_checked: bool = False) -> list[Result]:
+        """`data`: the message in CRLF form, whole or as pieces in a row (trace headers, then
+        the message as received), so that a large message is never copied to be sent.
+        `crlf_checked`: no bare CR or LF in it (wireform.data_chunks)."""
+        parts = (data,) if isinstance(data, bytes) else tuple(data)
         replies: list[LMTPReply | None] = [None] * len(recipients)
         error = "LMTP delivery disabled"
         if self.pool is not None:
             started = time.perf_counter()
-            replies, error = await self.pool.deliver(envelope.sender, recipients, data,
-                                                     envelope.body_8bit, deadline)
+            replies, error = await self.pool.deliver(envelope.sender, recipients, parts,
+                                                     envelope.body_8bit, deadline, crlf_checked)
             if not error:  # a refused connection is not a delivery time
                 metrics.child(metrics.DELIVERY_SECONDS, "lmtp").observe(time.perf_counter() - started)
+            if any(reply is not None and reply.code == 250 for reply in replies):
+                faults.point("after-lmtp-250")
         results = [self._settled(rcpt, reply, error) for rcpt, reply in zip(recipients, replies)]
         retry = [i for i, result in enumerate(results) if result is None]
         if retry:  # only the fallback runs concurrently; Dovecot's answers need no task
             written = await asyncio.gather(*(
-                self._to_maildir(envelope, recipients[i], data, str(replies[i] or error))
+                self._to_maildir(envelope, recipients[i], parts, str(replies[i] or error))
                 for i in retry))
             for i, result in zip(retry, written):
                 results[i] = result
@@ -84,12 +93,13 @@ class Deliverer:
         return from_lmtp(rcpt, reply, relay) if reply else Result(
             rcpt, DELIVERY_DEFERRED, relay, "deferred", error)
 
-    async def _to_maildir(self, envelope: Envelope, rcpt: str, data: bytes, why: str) -> Result:
+    async def _to_maildir(self, envelope: Envelope, rcpt: str, parts: tuple[bytes, ...],
+                          why: str) -> Result:
         trace = (f"Return-Path: <{envelope.sender}>\r\nDelivered-To: {rcpt}\r\n").encode()
         started = time.perf_counter()
         try:
             name = await asyncio.to_thread(maildir.deliver, self.template, rcpt, self.domains,
-                                           trace + data)
+                                           (trace, *parts))
         except maildir.MaildirError as e:
             log.warning("%s: maildir fallback for %s failed: %s", envelope.queue_id, rcpt, e)
             metrics.child(metrics.FALLBACK, "failed").inc()

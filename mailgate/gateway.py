@@ -8,29 +8,37 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Any, Protocol
 
-from mailgate import maillog, metrics, trace
+from mailgate import faults, maillog, metrics, trace
 from mailgate.config import Config
 from mailgate.deliver import Deliverer, DeliveryRecord, Result
 from mailgate.forward import OWN_MAILBOX, Forwarder
 from mailgate.lmtp import Pool
-from mailgate.message import Envelope, parse, unparsed
+from mailgate.message import Client, Envelope, parse, unparsed
 from mailgate.outbound import send_after_delivery
 from mailgate.pipeline import Chain, Outcome
 from mailgate.recipients import Recipients
 from mailgate.s3sync.secret import feed_secret
-from mailgate.server import SMTPServer
 from mailgate.store import Store
 from mailgate.verdict import (BARE_NEWLINE, DELIVERED, DELIVERY_DEFERRED, MESSAGE_TIMEOUT,
                               RCPT_OK, TEMP_FAILURE, Action, Reply, Verdict)
+from mailgate.wireform import has_bare_newline, scan_bare_newline  # noqa: F401 (API)
 
 log = logging.getLogger("mailgate.gateway")
 
 
-def has_bare_newline(raw: bytes) -> bool:
-    """A CR or LF outside CRLF: refused, as Postfix does, against SMTP smuggling."""
-    pairs = raw.count(b"\r\n")
-    return raw.count(b"\r") != pairs or raw.count(b"\n") != pairs
+class Session(Protocol):
+    """What the gateway needs of a client session; server.py's listeners are the real ones.
+    (The gateway does not import them: data flows from the listener down, never back up.)"""
+    listener: str          # "smtp" | "lmtp", the config key's name
+    protocol_name: str     # "SMTP" | "LMTP"
+    busy: bool             # inside DATA: shutdown waits for it
+    transport: asyncio.BaseTransport | None
+    envelope: Any          # aiosmtpd's Envelope of the transaction in progress
+
+    def client(self) -> Client: ...
+    def close_idle(self) -> None: ...
 
 
 def without(raw: bytes, spans: tuple[tuple[int, int], ...]) -> bytes:
@@ -50,7 +58,7 @@ class Gateway:
         self.pool = pool
         self.configure(config, chain)
         self.record = DeliveryRecord(config.delivery.delivery_record, store)
-        self.sessions: set[SMTPServer] = set()
+        self.sessions: set[Session] = set()
         self.inflight: set[asyncio.Task] = set()
         self.closing = False
         self.quiet = asyncio.Event()  # set when no session is inside a transaction
@@ -64,11 +72,11 @@ class Gateway:
         self.forwarder = Forwarder(config, self.deliverer, chain.resources)
 
     # -- sessions -------------------------------------------------------------------------
-    def session_opened(self, server: SMTPServer) -> None:
+    def session_opened(self, server: Session) -> None:
         self.sessions.add(server)
         metrics.child(metrics.SESSIONS_ACTIVE, server.listener).inc()
 
-    def session_closed(self, server: SMTPServer) -> None:
+    def session_closed(self, server: Session) -> None:
         if server in self.sessions:
             self.sessions.discard(server)
             metrics.child(metrics.SESSIONS_ACTIVE, server.listener).dec()
@@ -77,7 +85,7 @@ class Gateway:
         if not any(s.busy for s in self.sessions):
             self.quiet.set()
 
-    def over_session_limit(self, server: SMTPServer) -> bool:
+    def over_session_limit(self, server: Session) -> bool:
         return len(self.sessions) > self.config.listen.max_sessions
 
     async def shutdown(self, timeout: float) -> None:
@@ -116,7 +124,8 @@ class Gateway:
         metrics.child(metrics.ERRORS, "session").inc()
         return str(TEMP_FAILURE)
 
-    async def check_recipient(self, server: SMTPServer, address: str) -> Reply:
+    async def check_recipient(self, server: Session, address: str) -> Reply:
+        faults.point("rcpt")
         if not server.envelope.mail_from and self.forwarder.senders.reverse(address):
             return RCPT_OK  # a bounce of a forward, to its SRS address: goes back to the sender
         reply = await self.recipients.check(address)
@@ -131,13 +140,13 @@ class Gateway:
             metrics.child(metrics.RECIPIENTS, "rejected").inc()
         return reply
 
-    async def handle_DATA(self, server: SMTPServer, session, envelope) -> str:
+    async def handle_DATA(self, server: Session, session, envelope) -> str:
         loop = asyncio.get_running_loop()
         env = Envelope(trace.queue_id(), envelope.mail_from, tuple(envelope.rcpt_tos),
                        server.client(), loop.time(), envelope.body_8bit, envelope.smtp_utf8,
                        server.feed_verdicts)
         raw = envelope.original_content
-        if has_bare_newline(raw):
+        if await scan_bare_newline(raw):
             results = [Result(r, BARE_NEWLINE, "none", "bounced", "bare newline in DATA")
                        for r in env.recipients]
             self._log(env, len(raw), results, server.listener)
@@ -146,11 +155,13 @@ class Gateway:
             self.inflight.add(task)
             task.add_done_callback(self.inflight.discard)
             results = await asyncio.shield(task)  # the client leaving must not cut delivery short
+        faults.point("before-reply")
         return self.answer(env, results, server.protocol_name == "LMTP")
 
     # -- one message ----------------------------------------------------------------------
-    async def process(self, env: Envelope, raw: bytes, server: SMTPServer) -> list[Result]:
+    async def process(self, env: Envelope, raw: bytes, server: Session) -> list[Result]:
         try:
+            faults.point("after-data")
             results = await self._process(env, raw, server.protocol_name)
         # XXX our bug must become a retry (451), never a bounce nor a silent loss.
         except Exception:  # noqa: BLE001
@@ -205,9 +216,10 @@ class Gateway:
 
     async def _deliver(self, env: Envelope, targets: list[str], forwards: dict[str, Verdict],
                        head: bytes, raw: bytes, deadline: float) -> dict[str, Result]:
-        if not forwards:
-            return dict(zip(targets, await self.deliverer.deliver(env, targets, head + raw,
-                                                                  deadline)))
+        if not forwards:  # two pieces, not one copy: a 30 MB message is handed on as received;
+            # handle_DATA refused bare CR and LF, so delivery need not count them again
+            return dict(zip(targets, await self.deliverer.deliver(
+                env, targets, (head, raw), deadline, crlf_checked=True)))
         # The others' copies join the forwarders' own copies: one LMTP transaction for all.
         return await self.forwarder.run(env, {**dict.fromkeys(targets, OWN_MAILBOX), **forwards},
                                         head, raw, deadline, self.record)

@@ -37,7 +37,7 @@ def dovecot_answers(target: str, timeout: float = PROBE_TIMEOUT) -> tuple[bool, 
     return greeting.startswith("220"), greeting[:120]
 
 
-def report(config: Config, started: float) -> dict:
+def report(config: Config, started: float, reload_error: str = "") -> dict:
     ok, detail = dovecot_answers(config.delivery.lmtp)
     healthy = ok or not config.delivery.lmtp  # maildir-only mode has no Dovecot to ask
     return {
@@ -47,6 +47,9 @@ def report(config: Config, started: float) -> dict:
         "listeners": {"smtp": config.listen.smtp, "lmtp": config.listen.lmtp},
         "dovecot": {"target": config.delivery.lmtp, "answers": ok, "detail": detail},
         "maildir_fallback": bool(config.delivery.maildir),
+        # the last SIGHUP's refusal ("" when the running config is the file's): mail flows on
+        # the old config, but a restart would fail the same way
+        "config": {"reload_error": reload_error},
     }
 
 
@@ -54,10 +57,11 @@ class _Handler(BaseHTTPRequestHandler):
     server_version = f"mailgate/{__version__}"
     config: Config
     started: float
+    reload_error = ""
 
     def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
         if self.path == "/health":
-            body = report(self.config, self.started)
+            body = report(self.config, self.started, self.reload_error)
             self._send(200 if body["status"] == "ok" else 503, body)
         elif self.path == "/domains":
             self._send(200, {"domains": list(self.config.domains)})

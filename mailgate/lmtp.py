@@ -1,24 +1,24 @@
 """Asyncio LMTP client to Dovecot: pipelined transactions, one reply per recipient, pooled.
 
 A connection that errs or times out is closed, never reused. A recipient Dovecot never took
-gets `None` (the maildir fallback is safe); one whose reply was lost after DATA went out gets a
-reply marked `unknown` (Dovecot may hold the message: defer, never fall back). Data goes out
-with CRLF line endings and dot-stuffing done on the CRLF form, so a bare-LF dot can never end
-DATA early at Dovecot (an injection path in Dovecot 2.3's LMTP).
+gets `None` (the maildir fallback is safe); one whose reply was lost after the final "." went
+out gets a reply marked `unknown` (Dovecot may hold the message: defer, never fall back). Data
+goes out with CRLF line endings and dot-stuffing done on the CRLF form, so a bare-LF dot can never
+end DATA early at Dovecot (an injection path in Dovecot 2.3's LMTP); a large body is sent as
+slices of the received bytes under flow control, never copied whole.
 """
 from __future__ import annotations
 
 import asyncio
-import re
 from dataclasses import dataclass
+from typing import Iterator, Sequence
 
-from mailgate import metrics
+from mailgate import faults, metrics
 from mailgate.config import parse_hostport
+from mailgate.wireform import CHUNK, data_chunks, encode_data  # noqa: F401 (encode_data: API)
 
-LINE_END = re.compile(rb"\r\n|\r|\n")
 STALE = object()  # a pooled connection failed before anything was exchanged on it
 TIMED_OUT = "no reply from Dovecot in time (delivery.lmtp_timeout or the message budget)"
-LEADING_DOT = re.compile(rb"^\.", re.MULTILINE)
 
 
 class LMTPError(Exception):
@@ -42,18 +42,6 @@ class LMTPReply:
         return f"{self.code // 100}.0.0", self.text
 
 
-def encode_data(data: bytes) -> bytes:
-    """CRLF everywhere, dot-stuffed, terminated: the bytes that follow a 354."""
-    pairs = data.count(b"\r\n")  # counting copies nothing; the listener refuses most of these
-    if data.count(b"\r") != pairs or data.count(b"\n") != pairs:
-        data = LINE_END.sub(b"\r\n", data)
-    if data.startswith(b".") or b"\n." in data:
-        data = LEADING_DOT.sub(b"..", data)
-    if not data.endswith(b"\r\n"):
-        data += b"\r\n"
-    return data + b".\r\n"
-
-
 class Connection:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, timeout: float):
         self.reader, self.writer, self.timeout = reader, writer, timeout
@@ -61,9 +49,12 @@ class Connection:
         self.deadline = float("inf")  # loop time by which the whole transaction must end
 
     @classmethod
-    async def open(cls, target: str, hostname: str, timeout: float) -> Connection:
+    async def open(cls, target: str, hostname: str, timeout: float,
+                   deadline: float = float("inf")) -> Connection:
+        """Connected and greeted within `timeout`, and by `deadline` (loop time)."""
         try:
-            async with asyncio.timeout(timeout):
+            async with asyncio.timeout_at(min(asyncio.get_running_loop().time() + timeout,
+                                              deadline)):
                 if target.startswith("unix:"):
                     reader, writer = await asyncio.open_unix_connection(target[5:])
                 else:
@@ -71,15 +62,27 @@ class Connection:
         except (OSError, TimeoutError) as e:
             raise LMTPError(f"connect to {target}: {e or 'timeout'}") from None
         conn = cls(reader, writer, timeout)
+        conn.deadline = deadline
         try:
             async with asyncio.timeout_at(conn.limit()):
                 conn.expect(await conn.read_reply(), 220)
-                conn.writer.write(f"LHLO {hostname}\r\n".encode())
+                conn.send(f"LHLO {hostname}\r\n".encode())
                 conn.expect(await conn.read_reply(), 250)
         except (LMTPError, TimeoutError) as e:
             conn.close()
             raise LMTPError(f"greeting from {target}: {str(e) or TIMED_OUT}") from None
+        conn.deadline = float("inf")
         return conn
+
+    def send(self, data: bytes | memoryview) -> None:
+        # XXX uvloop raises RuntimeError, not OSError, for a transport the peer already
+        # reset (Dovecot restarted under an idle pooled connection): the caller needs LMTPError.
+        if self.writer.transport.is_closing():
+            raise LMTPError("connection closed by Dovecot")
+        try:
+            self.writer.write(data)
+        except RuntimeError as e:
+            raise LMTPError(f"writing to Dovecot: {e}") from None
 
     def limit(self) -> float:
         """When the next reply is due: lmtp_timeout from now, never past the message budget."""
@@ -104,28 +107,43 @@ class Connection:
         if reply.code != code:
             raise LMTPError(f"unexpected reply from Dovecot: {reply}")
 
-    async def transaction(self, sender: str, recipients: list[str], data: bytes,
-                          body_8bit: bool, results: list[LMTPReply | None]) -> None:
+    async def transaction(self, sender: str, recipients: list[str],
+                          chunks: Iterator[bytes | memoryview], body_8bit: bool,
+                          results: list[LMTPReply | None]) -> None:
         """One pipelined MAIL/RCPT/DATA, filling `results` with the reply per recipient."""
-        # Per transaction: a pooled connection's earlier DATA must not make a stale reuse
-        # look like "outcome unknown" (451, no retry, no fallback).
-        self.data_sent = False
         body = " BODY=8BITMIME" if body_8bit else ""
         commands = [f"MAIL FROM:<{_clean(sender)}>{body}\r\n"]
         commands += [f"RCPT TO:<{_clean(r)}>\r\n" for r in recipients]
-        self.writer.write("".join(commands).encode("utf-8") + b"DATA\r\n")
+        self.send("".join(commands).encode("utf-8") + b"DATA\r\n")
         try:
             async with asyncio.timeout_at(self.limit()) as limit:
                 accepted = await self._envelope_replies(len(recipients), results)
                 if accepted is None:
                     return
+                last = await self._send_all_but_last(chunks, limit)
+                faults.point("before-lmtp-dot")
+                # From here on Dovecot may deliver: a lost reply is "unknown", not "not taken".
                 self.data_sent = True
-                self.writer.write(data)
+                self.send(last + b".\r\n")  # a small message: one write in all
                 for i in accepted:  # Dovecot delivers one by one: each gets lmtp_timeout
                     limit.reschedule(self.limit())
                     results[i] = await self.read_reply()
         except TimeoutError:
             raise LMTPError(TIMED_OUT) from None
+
+    async def _send_all_but_last(self, chunks: Iterator[bytes | memoryview],
+                                 limit: asyncio.Timeout) -> bytes:
+        """Write every chunk but the last under flow control (the transport holds one chunk
+        at most, each gets lmtp_timeout); the last one, copied, for the caller to finish."""
+        pending = None
+        for chunk in chunks:
+            if pending is not None:
+                self.send(pending)
+                await self.writer.drain()
+                await asyncio.sleep(0)  # drain() returns at once on loopback: let others run
+                limit.reschedule(self.limit())
+            pending = chunk
+        return b"" if pending is None else bytes(pending)
 
     async def _envelope_replies(self, count: int, results: list[LMTPReply | None]) -> list[int] | None:
         """Replies to the pipelined MAIL, RCPTs and DATA; the accepted indexes, None: no DATA."""
@@ -141,13 +159,13 @@ class Connection:
         if go_ahead.code == 354:
             return accepted
         self.expect(go_ahead, 354 if accepted else go_ahead.code)
-        self.writer.write(b"RSET\r\n")
+        self.send(b"RSET\r\n")
         self.expect(await self.read_reply(), 250)
         return None
 
     async def probe(self, recipient: str) -> LMTPReply:
         """Ask Dovecot's userdb about one address (MAIL, RCPT, RSET; nothing delivered)."""
-        self.writer.write(f"MAIL FROM:<>\r\nRCPT TO:<{_clean(recipient)}>\r\nRSET\r\n"
+        self.send(f"MAIL FROM:<>\r\nRCPT TO:<{_clean(recipient)}>\r\nRSET\r\n"
                           .encode("utf-8"))
         try:
             async with asyncio.timeout_at(self.limit()):
@@ -178,19 +196,28 @@ class Pool:
     def relay(self) -> str:
         return f"dovecot[{self.target}]"
 
-    async def deliver(self, sender: str, recipients: list[str], raw: bytes, body_8bit: bool,
-                      deadline: float) -> tuple[list[LMTPReply | None], str]:
-        """Replies per recipient and an error text. None: Dovecot never took that recipient."""
-        data = encode_data(raw)
+    async def deliver(self, sender: str, recipients: list[str], parts: Sequence[bytes],
+                      body_8bit: bool, deadline: float,
+                      crlf_checked: bool = False) -> tuple[list[LMTPReply | None], str]:
+        """Replies per recipient and an error text. None: Dovecot never took that recipient.
+
+        `parts` (trace headers, the message) are sent one after the other, unchanged but for
+        line endings and dot-stuffing; the whole transaction ends by `deadline` (loop time).
+        `crlf_checked`: see wireform.data_chunks.
+        """
         results: list[LMTPReply | None] = [None] * len(recipients)
+        if sum(map(len, parts)) <= CHUNK:  # small: one write; copying it costs less than a send
+            parts = (b"".join(parts),)
 
         async def send(conn: Connection) -> None:
             conn.deadline = deadline
             try:
-                await conn.transaction(sender, recipients, data, body_8bit, results)
+                await conn.transaction(sender, recipients,
+                                       data_chunks(parts, crlf_checked=crlf_checked),
+                                       body_8bit, results)
             finally:
                 conn.deadline = float("inf")
-        return results, await self._with_connection(send, results)
+        return results, await self._with_connection(send, results, deadline)
 
     async def probe(self, recipient: str) -> LMTPReply | None:
         """Dovecot's RCPT answer for `recipient`, or None when Dovecot cannot be asked."""
@@ -201,23 +228,35 @@ class Pool:
         await self._with_connection(ask, [])
         return answer[0]
 
-    async def _with_connection(self, work, results: list[LMTPReply | None]) -> str:
-        """Run `work` on a pooled connection; "" or the error. A stale idle one is replaced once."""
-        async with self.slots:
-            metrics.LMTP_IN_USE.inc()
-            try:
-                if self.idle:
-                    error = await self._attempt(work, results, self.idle.pop())
-                    if error is not STALE:
-                        return error
-                return await self._attempt(work, results, None)
-            finally:
-                metrics.LMTP_IN_USE.dec()
+    async def _with_connection(self, work, results: list[LMTPReply | None],
+                               deadline: float = float("inf")) -> str:
+        """Run `work` on a pooled connection; "" or the error. A stale idle one is replaced
+        once. Waiting for a free connection counts against `deadline` too."""
+        try:
+            async with asyncio.timeout_at(None if deadline == float("inf") else deadline):
+                await self.slots.acquire()
+        except TimeoutError:
+            return "no Dovecot connection free within the message budget"
+        metrics.LMTP_IN_USE.inc()
+        try:
+            if self.idle:
+                error = await self._attempt(work, results, self.idle.pop(), deadline)
+                if error is not STALE:
+                    return error
+            return await self._attempt(work, results, None, deadline)
+        finally:
+            metrics.LMTP_IN_USE.dec()
+            self.slots.release()
 
-    async def _attempt(self, work, results: list[LMTPReply | None], conn: Connection | None):
+    async def _attempt(self, work, results: list[LMTPReply | None], conn: Connection | None,
+                       deadline: float):
         reused = conn is not None
         try:
-            conn = conn or await Connection.open(self.target, self.hostname, self.timeout)
+            conn = conn or await Connection.open(self.target, self.hostname, self.timeout,
+                                                 deadline)
+            # Per use: an earlier transaction's final "." must not make a stale reuse (a probe
+            # too) look like "outcome unknown" (451, no retry on a fresh connection).
+            conn.data_sent = False
             await work(conn)
         except (LMTPError, OSError) as e:
             if conn is not None:

@@ -5,7 +5,9 @@ filter added later needs no wiring here. Exposition runs in prometheus-client's 
 """
 from __future__ import annotations
 
+import asyncio
 import functools
+import time
 from typing import TYPE_CHECKING
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
@@ -54,6 +56,11 @@ PARSE_FAILURES = Counter("mailgate_parse_failures_total", "Messages delivered un
 LOOKUPS = Counter("mailgate_lookups_total", "Postfix socketmap lookups by answer (ok, notfound, "
                   "temp, perm)", ["result"])
 ERRORS = Counter("mailgate_errors_total", "Internal errors turned into 451", ["where"])
+LOOP_TICK = 0.01  # seconds between the event loop's heartbeats
+EVENT_LOOP_LAG = Histogram("mailgate_event_loop_lag_seconds",
+                           "How late a 10 ms timer on the event loop fires: work that holds the "
+                           "loop delays every session by as much",
+                           buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
 
 
 @functools.lru_cache(maxsize=512)
@@ -66,6 +73,14 @@ def observe_filter(name: str, result: FilterResult, seconds: float) -> None:
     child(FILTER_SECONDS, name).observe(seconds)
     for verdict in result.verdicts.values():
         child(FILTER_VERDICTS, name, verdict.action.name.lower()).inc()
+
+
+async def watch_event_loop() -> None:
+    """Observe the event loop's lag every LOOP_TICK until cancelled."""
+    while True:
+        started = time.monotonic()
+        await asyncio.sleep(LOOP_TICK)
+        EVENT_LOOP_LAG.observe(max(0.0, time.monotonic() - started - LOOP_TICK))
 
 
 def serve(address: str) -> None:

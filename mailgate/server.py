@@ -3,23 +3,26 @@
 Added or changed here, because aiosmtpd 1.4.6 lacks or gets them wrong for us: XFORWARD from
 trusted networks; the null sender <>; DSN parameters (NOTIFY, ORCPT, ENVID, RET) accepted instead
 of 555; enhanced status codes on every reply; a session cap (421 4.3.2); an idle deadline that
-counts from the last byte received and never fires while a message is being processed.
+counts from the last byte received and never fires while a message is being processed, and a
+line that takes longer than twice that deadline ends the session too (a slowloris).
 """
 from __future__ import annotations
 
 import hmac
+import asyncio
 from typing import TYPE_CHECKING
 
 from aiosmtpd.smtp import SMTP
 
-from mailgate import metrics
+from mailgate import dataphase, metrics
 from mailgate.aiosmtpd_setup import FAST_INIT, fast_init
 from mailgate.commands import (IGNORED_MAIL_PARAMS, IGNORED_RCPT_PARAMS,
                                XFORWARD_ATTRS, is_trusted, parse_path, xtext_decode)
 from mailgate.commands import parse_xfeed
 from mailgate.message import Client
 from mailgate.verdict import (BAD_ARGUMENTS, BAD_PARAMETER, BAD_RECIPIENT, BAD_SENDER,
-                              BAD_SEQUENCE, BAD_SYNTAX, IDLE_TIMEOUT, RCPT_OK, SENDER_OK, SHUTTING_DOWN,
+                              BAD_SEQUENCE, BAD_SYNTAX, DATA_GO_AHEAD, IDLE_TIMEOUT, RCPT_OK,
+                              SENDER_OK, SHUTTING_DOWN,
                               TOO_BIG, TOO_MANY_RECIPIENTS, TOO_MANY_SESSIONS, XFORWARD_DENIED,
                               XFORWARD_OK, Reply, enhance)
 from mailgate.verdict import FEED_DENIED, FEED_OK
@@ -32,6 +35,7 @@ class SMTPServer(SMTP):
 
     protocol_name = "SMTP"
     feed_verdicts: tuple[tuple[str, str], ...] = ()  # set by XFEED, for one transaction
+    last_line = 0.0  # when a line last ended (a LF arrived); set from connection_made on
 
     def __init__(self, gateway: Gateway, listener: str):
         config = gateway.config
@@ -53,7 +57,7 @@ class SMTPServer(SMTP):
 
     # -- connection life ------------------------------------------------------------------
     def connection_made(self, transport) -> None:
-        self.last_activity = self.loop.time()
+        self.last_activity = self.last_line = self.loop.time()
         if self.transport is None:  # not the STARTTLS re-entry
             self.trusted = is_trusted(transport.get_extra_info("peername"),
                                       self.gateway.config.listen.trusted_networks)
@@ -73,15 +77,21 @@ class SMTPServer(SMTP):
 
     def data_received(self, data: bytes) -> None:
         self.last_activity = self.loop.time()
+        if b"\n" in data:
+            self.last_line = self.last_activity
         super().data_received(data)
 
     def _timeout_cb(self) -> None:
         if self.processing:  # bounded by limits.message_timeout instead
             self._reset_timeout()
             return
-        idle = self.loop.time() - self.last_activity
-        if idle < self._timeout_duration:  # bytes arrived (e.g. during DATA): not idle
-            self._reset_timeout(self._timeout_duration - idle)
+        now, timeout = self.loop.time(), self._timeout_duration
+        # XXX bytes arriving (during DATA, say) are not idleness; but a client that sends a
+        # byte now and then and never ends its line holds a session forever: a line gets
+        # twice the timeout at most (Postfix's smtpd_per_record_deadline, relaxed).
+        left = min(timeout - (now - self.last_activity), 2 * timeout - (now - self.last_line))
+        if left > 0:
+            self._reset_timeout(left)
             return
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(f"{IDLE_TIMEOUT}\r\n".encode())
@@ -95,7 +105,7 @@ class SMTPServer(SMTP):
             return await super()._call_handler_hook(command, *args)
         finally:
             if self.processing:
-                self.last_activity = self.loop.time()
+                self.last_activity = self.last_line = self.loop.time()
             self.processing = False
 
     async def _handle_client(self) -> None:
@@ -119,9 +129,7 @@ class SMTPServer(SMTP):
     def _set_post_data_state(self) -> None:
         super()._set_post_data_state()
         self.xforward = {}  # XFORWARD describes one transaction (Postfix XFORWARD_README)
-        if "line_length_limit" in vars(self):  # XFEED too
-            vars(self).pop("feed_verdicts", None)
-            self._line_limit(None)
+        vars(self).pop("feed_verdicts", None)  # XFEED too
 
     async def push(self, status) -> None:
         if isinstance(status, str) and not self.in_ehlo:
@@ -202,8 +210,7 @@ class SMTPServer(SMTP):
         await self.reply(XFORWARD_OK)
 
     async def smtp_XFEED(self, arg: str | None) -> None:
-        """mailgate sync's session: its SES verdicts count, and lines may exceed 1000 octets
-        (SES stores such mail; it must arrive byte-identical). Trusted by the shared secret
+        """mailgate sync's session: its SES verdicts count. Trusted by the shared secret
         (sync.secret_file) from a trusted network, never by anything in the message."""
         secret = self.gateway.feed_secret
         if not await self._before_mail(self.trusted and bool(secret)):
@@ -216,20 +223,7 @@ class SMTPServer(SMTP):
             await self.reply(FEED_DENIED)
             return
         self.feed_verdicts = parsed[1]
-        self._line_limit(self.data_size_limit + 2)
         await self.reply(FEED_OK)
-
-    def _line_limit(self, octets: int | None) -> None:
-        """Raise the line limit for one feed transaction; None: back to aiosmtpd's 1001."""
-        # XXX aiosmtpd reads DATA with the StreamReader's limit and checks line_length_limit;
-        # both change (asyncio's StreamReader keeps its limit in _limit).
-        if octets is None:
-            vars(self).pop("line_length_limit", None)
-        else:
-            self.line_length_limit = octets
-        reader = getattr(self, "_reader", None)
-        if reader is not None:
-            reader._limit = self.line_length_limit
 
     async def smtp_MAIL(self, arg: str | None) -> None:
         if await self.check_helo_needed():
@@ -298,13 +292,38 @@ class SMTPServer(SMTP):
     async def smtp_DATA(self, arg: str | None) -> None:
         self.busy = True
         try:
-            await super().smtp_DATA(arg)
+            await self._data(arg)
         finally:
             self.busy = False
             self.gateway.transaction_ended()
         if self.close_after_transaction():
             await self.push(str(SHUTTING_DOWN))
             self.transport.close()
+
+    async def _data(self, arg: str | None) -> None:
+        """aiosmtpd's smtp_DATA with mailgate's reader of the message (dataphase.py: why)."""
+        if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
+            return
+        if not self.envelope.rcpt_tos:
+            await self.reply(BAD_SEQUENCE, "Error: need RCPT command; ")
+            return
+        if arg:
+            await self.reply(BAD_ARGUMENTS)
+            return
+        await self.push(f"{DATA_GO_AHEAD.code} {DATA_GO_AHEAD.text}")
+        try:
+            content = await dataphase.read_message(self._reader, self.data_size_limit)
+        except asyncio.CancelledError:  # the client went away mid-DATA (as aiosmtpd does)
+            self._writer.close()
+            raise
+        if content is None:
+            self._set_post_data_state()
+            await self.push(str(TOO_BIG))
+            return
+        self.envelope.content = self.envelope.original_content = content
+        status = await self._call_handler_hook("DATA")
+        self._set_post_data_state()
+        await self.push(status)
 
 
 class LMTPServer(SMTPServer):

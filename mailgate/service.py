@@ -1,17 +1,20 @@
 """`mailgate serve`: start the listeners, metrics and health; stop cleanly on SIGTERM.
 
-SIGTERM/SIGINT: stop accepting, let messages in flight finish within listen.shutdown_timeout,
-exit 0. SIGHUP: re-read the config for new transactions (domains, limits, filters, log level)
-without dropping connections; keys that need a restart (listen, delivery.lmtp, ports) are named.
+SIGTERM/SIGINT (handled from before the first bind): stop accepting, let messages in flight
+finish within listen.shutdown_timeout, exit 0. SIGHUP: re-read the config for new transactions
+without dropping connections; a config that does not load is refused, logged and shown by
+/health. A port in use or an unwritable data_dir is one line naming the key, exit 2.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
+import tempfile
 
 from mailgate import __version__, health, maildir, maillog, metrics
-from mailgate.config import Config, ConfigError, load, parse_hostport
+from mailgate.config import Config, ConfigError, find_file, load, parse_hostport
 from mailgate.gateway import Gateway
 from mailgate.lmtp import Pool
 from mailgate.lookup import LookupServer
@@ -53,6 +56,24 @@ def create_maildirs(config: Config) -> None:
         maildir.create(config.maildir_template(), address, config.domains)
 
 
+def check_data_dir(path: str) -> None:
+    """data_dir exists (made if missing) and this user can create files in it."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=path, prefix=".write-test-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ConfigError(f"data_dir: {path} is not writable by uid {os.geteuid()}: "
+                          f"{e.strerror}; set data_dir or give that directory to this user") from None
+
+
+def cannot_listen(key: str, address: str, error: OSError) -> ConfigError:
+    reason = os.strerror(error.errno) if error.errno else str(error)  # uvloop's text is long
+    return ConfigError(f"{key}: cannot listen on {address}: {reason}; "
+                       f"change {key} or stop what holds that address")
+
+
 async def listen(gateway: Gateway) -> list[asyncio.Server]:
     loop = asyncio.get_running_loop()
     servers = []
@@ -60,30 +81,69 @@ async def listen(gateway: Gateway) -> list[asyncio.Server]:
                                (gateway.config.listen.lmtp, LMTPServer, "lmtp")):
         if address:
             host, port = parse_hostport(address, f"listen.{name}")
-            servers.append(await loop.create_server(
-                lambda cls=cls, name=name: cls(gateway, name), host, port, reuse_address=True))
+            try:
+                servers.append(await loop.create_server(
+                    lambda cls=cls, name=name: cls(gateway, name), host, port, reuse_address=True))
+            except OSError as e:
+                for server in servers:
+                    server.close()
+                raise cannot_listen(f"listen.{name}", address, e) from None
     return servers
+
+
+def serve_http(config: Config):
+    """The metrics and health servers (their own threads); the health server, or None."""
+    try:
+        metrics.serve(config.metrics.listen)
+    except OSError as e:
+        raise cannot_listen("metrics.listen", config.metrics.listen, e) from None
+    try:
+        return health.serve(config)
+    except OSError as e:
+        raise cannot_listen("health.listen", config.health.listen, e) from None
+
+
+def load_for_reload(path: str | None) -> Config:
+    """The config file as it is now, refused if empty: a file being rewritten in place is
+    empty for a moment, and an empty file is valid TOML that means "all defaults"."""
+    found = find_file(path, os.environ)
+    if found is not None and found.is_file() and found.stat().st_size == 0:
+        raise ConfigError(f"{found}: empty (half-written?)")
+    return validate(load(path))
 
 
 def reload(gateway: Gateway, resources: Resources, path: str | None, httpd) -> None:
     try:
-        new = validate(load(path))
-    except ConfigError as e:
-        log.error("reload refused, keeping the running config: %s", e)
+        new = load_for_reload(path)
+        chain = Chain.from_config(new, resources)
+    # XXX a filter's constructor may fail in any way; the running config must survive it.
+    except Exception as e:  # noqa: BLE001
+        text = str(e) if isinstance(e, ConfigError) else f"{type(e).__name__}: {e}"
+        log.error("reload refused, keeping the running config: %s", text)
+        if httpd is not None:
+            httpd.RequestHandlerClass.reload_error = text
         return
     old = gateway.config
     stale = [k for k in RESTART_KEYS if getattr(old, k) != getattr(new, k)]
     stale += [f"delivery.{k}" for k in POOL_KEYS
               if getattr(old.delivery, k) != getattr(new.delivery, k)]
-    gateway.configure(new, Chain.from_config(new, resources))
+    gateway.configure(new, chain)
     maillog.setup(new.log)
     if httpd is not None:
         httpd.RequestHandlerClass.config = new
+        httpd.RequestHandlerClass.reload_error = ""
     log.info("reloaded config%s", f"; needs a restart to change: {', '.join(stale)}" if stale else "")
 
 
 async def serve(config: Config, path: str | None) -> int:
     loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    # XXX before the first bind: a SIGTERM once the ports answer must find its handler (the
+    # default action kills), and a SIGHUP before the reload handler exists is only logged.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, log.warning, "SIGHUP while starting: ignored")
+    check_data_dir(config.data_dir)
     create_maildirs(config)
     resources = Resources(config)
     gateway = make_gateway(config, resources)
@@ -91,13 +151,13 @@ async def serve(config: Config, path: str | None) -> int:
     servers = await listen(gateway)
     lookups = LookupServer(gateway)  # Postfix's RCPT-time question: is this address ours?
     if config.listen.lookup:
-        await lookups.start(config.listen.lookup)
-    metrics.serve(config.metrics.listen)
-    httpd = health.serve(config)
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        try:
+            await lookups.start(config.listen.lookup)
+        except OSError as e:
+            raise cannot_listen("listen.lookup", config.listen.lookup, e) from None
+    httpd = serve_http(config)
     loop.add_signal_handler(signal.SIGHUP, reload, gateway, resources, path, httpd)
+    ticker = asyncio.ensure_future(metrics.watch_event_loop())
     log.info("mailgate %s ready: smtp=%s lmtp=%s lookup=%s delivery=%s maildir=%s domains=%s",
              __version__, config.listen.smtp or "off", config.listen.lmtp or "off",
              config.listen.lookup or "off",
@@ -111,6 +171,7 @@ async def serve(config: Config, path: str | None) -> int:
     for server in servers:
         server.close()
     lookups.close()
+    ticker.cancel()
     await gateway.shutdown(gateway.config.listen.shutdown_timeout)
     if gateway.pool is not None:
         await gateway.pool.close()

@@ -36,6 +36,7 @@ class Reply:
 
 
 # The reply table, by severity within each class. Texts follow Postfix where it has one.
+DATA_GO_AHEAD = Reply(354, "", "End data with <CR><LF>.<CR><LF>")  # no status: not final
 OK = Reply(250, "2.0.0", "Ok")
 RCPT_OK = Reply(250, "2.1.5", "Ok")
 SENDER_OK = Reply(250, "2.1.0", "Ok")

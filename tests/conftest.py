@@ -19,6 +19,7 @@ import pytest
 if str(Path(__file__).parent) not in sys.path:
     sys.path.insert(0, str(Path(__file__).parent))
 
+from faultproxy import FaultProxy  # noqa: E402
 from peers import Dovecot, Mailgate, Moto, Postfix, free_port  # noqa: E402
 from relaysink import RelaySink  # noqa: E402
 
@@ -29,6 +30,8 @@ PEERS = pytest.StashKey[list]()
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "slow: starts Postfix or takes more than a few seconds")
+    config.addinivalue_line("markers", "load: a long load case; part of the normal run "
+                                       "(deselect with -m 'not load' while developing)")
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)
@@ -65,6 +68,16 @@ def dovecot(peer_root: Path, request: pytest.FixtureRequest) -> Iterator[Dovecot
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture
+def fault_proxy(dovecot: Dovecot) -> Iterator[FaultProxy]:
+    """A FaultProxy in front of the dovecot fixture's LMTP port (see tests/faultproxy.py)."""
+    proxy = FaultProxy(dovecot.lmtp_port)
+    try:
+        yield proxy
+    finally:
+        proxy.close()
 
 
 @pytest.fixture

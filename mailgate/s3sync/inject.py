@@ -1,6 +1,6 @@
 """Handing a stored message to mailgate serve over SMTP, as the trusted feed.
 
-XFEED (the shared secret, SES's verdicts; lets lines exceed 1000 octets) and XFORWARD (the
+XFEED (the shared secret, SES's verdicts) and XFORWARD (the
 client SES saw, so SPF runs on the real sender) precede MAIL. The answer is one reply per
 recipient: the RCPT refusal, or the reply to DATA. Anything that breaks the conversation is a
 temporary failure for every recipient still open: nothing is acknowledged on it.

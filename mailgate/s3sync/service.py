@@ -40,8 +40,7 @@ async def main(args, config: Config) -> int:
     store = open_store(config)
     secret = feed_secret(sync.secret_file)
     if not secret:
-        log.warning("sync.secret_file not set or unusable: SES verdicts are not carried and "
-                    "mail with lines over 1000 octets is refused by the listener")
+        log.warning("sync.secret_file not set or unusable: SES verdicts are not carried")
     injector = Injector(sync.inject, config.hostname, secret, config.limits.message_timeout + 60)
     lock_ttl = max(sync.visibility_timeout, config.limits.message_timeout) + 60
     handover = Handover(config, clients, injector, Claims(store, lock_ttl), load_domains(config))
