@@ -30,8 +30,8 @@ PEERS = pytest.StashKey[list]()
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "slow: starts Postfix or takes more than a few seconds")
-    config.addinivalue_line("markers", "load: a long load case; part of the normal run "
-                                       "(deselect with -m 'not load' while developing)")
+    config.addinivalue_line("markers", "load: a load case that bounds latency; the test "
+                                       "command runs these alone, after the others")
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)
