@@ -542,6 +542,29 @@ def test_slow_dns_spends_no_more_than_the_message_budget(gate: GateFactory,
     assert metric(g, "mailgate_dns_failures_total", reason="budget") >= before + 1
 
 
+def test_dns_server_restart_costs_nothing(gate: GateFactory, dove: Dovecot, key: Key) -> None:
+    """Invariant 8: the resolver restarting between two messages costs the second nothing."""
+    first = DnsServer().start()
+    try:
+        zone(first, key)
+        g = gate({"dns": {"nameservers": [first.address]}})
+        m = mark()
+        assert send(g, sign(message(m), key))[0] == 250
+        assert words(delivered(dove, m))[:3] == [("spf", "pass"), ("dkim", "pass"),
+                                                 ("dmarc", "pass")]
+    finally:
+        first.stop()
+    again = DnsServer(first.port).start()  # the same address, names never asked before
+    try:
+        zone(again, key)
+        m = mark()
+        data = sign(message(m, sender="a@other.example"), key, domain="other.example")
+        assert send(g, data, "b@other.example", "ADDR=203.0.113.7 HELO=mail.other.example")[0] == 250
+        assert words(delivered(dove, m))[:2] == [("spf", "pass"), ("dkim", "pass")]
+    finally:
+        again.stop()
+
+
 def test_results_are_counted_per_method_and_result(gate: GateFactory, dove: Dovecot,
                                                    key: Key) -> None:
     g = gate()

@@ -12,8 +12,9 @@ import srslib
 
 from mailgate.store import Rule
 from peers import Dovecot, lmtp_send, wait_until
-from policy import (ALICE, BOB, CAROL, FRIEND, SENDER, backend, copies, dove, gates,  # noqa: F401
-                    lmtp, mark, message, moto_server, policy_root, smtp, status, store_call)
+from policy import (ALICE, BOB, CAROL, FRIEND, SENDER, backend, cli, copies, dove,  # noqa: F401
+                    gates, lmtp, mark, message, moto_server, policy_root, smtp, status,
+                    store_call)
 from relaysink import RelaySink
 
 DMARC_REJECT_SENDER = "ceo@dmarc-reject.test"  # a domain whose DMARC policy is p=reject
@@ -180,6 +181,24 @@ def test_rule_cleared_means_local_delivery(gates, dove: Dovecot, relay: RelaySin
     assert status(lmtp(gate, [ALICE], message(m))[0]) == (250, "2.0.0")
     assert len(copies(dove, ALICE, m)) == 1
     assert relay.received() == []
+
+
+@pytest.mark.parametrize("backend", ["dynamodb"], indirect=True)
+def test_store_restart_costs_nothing(gates, dove: Dovecot, relay: RelaySink, backend) -> None:
+    """Invariant 8: DynamoDB going away and coming back costs the mail that arrives after it
+    is back nothing, also for an address never read (no 4xx for the fail-fast window)."""
+    gate = gates(overrides={"store": {"timeout": 30}})  # a window no restart fits in
+    store_call(gate, "set_rule", Rule(BOB, forward=(FRIEND,), keep_copy=False))
+    assert status(lmtp(gate, [BOB], message(mark(), to=BOB))[0]) == (250, "2.0.0")
+    relay.wait_for(1)
+    backend.moto.stop()
+    assert status(lmtp(gate, [CAROL], message(mark(), to=CAROL))[0]) == (451, "4.3.0")
+    backend.moto.start()
+    cli(gate, "store", "init")  # moto forgets its tables when it stops; DynamoDB does not
+    store_call(gate, "set_rule", Rule(ALICE, forward=(FRIEND,), keep_copy=False))
+    m = mark()
+    assert status(lmtp(gate, [ALICE], message(m))[0]) == (250, "2.0.0")
+    assert len(relay.wait_for(2)) == 2 and copies(dove, ALICE, m) == []
 
 
 @pytest.mark.parametrize("backend", ["dynamodb"], indirect=True)

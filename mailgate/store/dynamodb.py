@@ -2,7 +2,8 @@
 
 boto3 is synchronous and by default waits 60 s and tries 10 times: here every call runs on a
 small thread pool with store.timeout per request, two attempts, and store.deadline for the whole
-call; after a failure, calls fail at once for store.timeout (no pile-up in an outage). Reads of
+call; after a failure, calls fail at once for store.timeout (no pile-up in an outage), but for
+one at a time that still asks, so the store's return is seen at once. Reads of
 rules and patterns go through a short memory cache and leave a copy in the local SQLite file,
 which answers for addresses read before when DynamoDB cannot (StoreUnavailable.known).
 """
@@ -34,7 +35,8 @@ class DynamoStore:
         self._executor = ThreadPoolExecutor(WORKERS, thread_name_prefix="mailgate-dynamodb")
         self._lock = threading.Lock()
         self._client: Any = None
-        self._failing_until = 0.0   # monotonic; calls before it fail at once
+        self._failing_until = 0.0   # monotonic; calls before it fail at once, but one probe
+        self._probing = False
         self._last_error = ""
 
     # -- calling boto3 -------------------------------------------------------------------
@@ -47,16 +49,25 @@ class DynamoStore:
     async def call(self, fn: Callable[..., Any], *args: Any, deadline: float = 0) -> Any:
         """fn(client, *args) on the pool, within store.deadline; failures: StoreUnavailable."""
         deadline = deadline or self.settings.deadline
-        if time.monotonic() < self._failing_until:
+        probe = time.monotonic() < self._failing_until
+        if probe and self._probing:
             raise StoreUnavailable(f"DynamoDB unavailable: {self._last_error}")
+        # In the fail-fast window one call at a time still asks: the store may be back, and
+        # mail that arrives after it is back must not be deferred for the window's length.
+        self._probing = self._probing or probe
         loop = asyncio.get_running_loop()
         future = loop.run_in_executor(self._executor, lambda: fn(self.client(), *args))
         try:
-            return await asyncio.wait_for(future, deadline)
+            result = await asyncio.wait_for(future, deadline)
+            self._failing_until = 0.0
+            return result
         except asyncio.TimeoutError:
             error = f"no answer within {deadline:g} s"
         except ddb.ERRORS as e:
             error = ddb.describe(e)
+        finally:
+            if probe:
+                self._probing = False
         self._last_error = error
         self._failing_until = time.monotonic() + self.settings.timeout
         raise StoreUnavailable(f"DynamoDB unavailable: {error}")
