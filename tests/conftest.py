@@ -58,6 +58,27 @@ def peer_root() -> Iterator[Path]:
     shutil.rmtree(root, ignore_errors=True)
 
 
+@pytest.fixture(scope="module")
+def module_root() -> Iterator[Path]:
+    """A temp root for the peers one test module shares (traversable by vmail and postfix)."""
+    root = Path(tempfile.mkdtemp(prefix="mg-module-"))
+    os.chmod(root, 0o755)
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def dove(module_root: Path) -> Iterator[Dovecot]:
+    """One started Dovecot (alice, bob, carol) for a whole test module: cheaper than `dovecot`
+    for tests that only deliver and read back."""
+    server = Dovecot(module_root, USERS)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
 @pytest.fixture
 def dovecot(peer_root: Path, request: pytest.FixtureRequest) -> Iterator[Dovecot]:
     """A started Dovecot with alice, bob and carol @example.test (password "secret")."""

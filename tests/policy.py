@@ -8,10 +8,7 @@ config), never through boto3 or sqlite3. Import the fixtures into a test module 
 from __future__ import annotations
 
 import asyncio
-import os
-import shutil
 import smtplib
-import tempfile
 import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -31,29 +28,11 @@ FRIEND = "friend@elsewhere.test"  # an address outside our domains
 REPLY_BOUND = 15.0
 
 
-@pytest.fixture(scope="module")
-def policy_root() -> Iterator[Path]:
-    root = Path(tempfile.mkdtemp(prefix="mg-policy-"))
-    os.chmod(root, 0o755)  # vmail must traverse it
-    yield root
-    shutil.rmtree(root, ignore_errors=True)
-
-
-@pytest.fixture(scope="module")
-def dove(policy_root: Path) -> Iterator[Dovecot]:
-    server = Dovecot(policy_root, USERS)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
 GateFactory = Callable[..., Mailgate]
 
 
 @pytest.fixture
-def gates(policy_root: Path, dove: Dovecot, relay: RelaySink, backend: Backend,
+def gates(module_root: Path, dove: Dovecot, relay: RelaySink, backend: Backend,
           request: pytest.FixtureRequest,
           monkeypatch: pytest.MonkeyPatch) -> Iterator[GateFactory]:
     """`gates(filters=("rules",), overrides=None) -> Mailgate`, started; all gates of one test
@@ -61,7 +40,7 @@ def gates(policy_root: Path, dove: Dovecot, relay: RelaySink, backend: Backend,
     for name, value in backend.env.items():  # for this process's own store calls
         monkeypatch.setenv(name, value)
     started: list[Mailgate] = []
-    test_dir = policy_root / f"t-{uuid.uuid4().hex[:8]}"
+    test_dir = module_root / f"t-{uuid.uuid4().hex[:8]}"
     store = {"path": str(test_dir / "store.sqlite3"), **backend.store}
 
     def factory(filters=("rules",), overrides: dict | None = None) -> Mailgate:

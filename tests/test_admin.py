@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from backends import Backend, backend, cli, moto_server, owner  # noqa: F401 (fixtures)
-from conftest import USERS, base_config
+from conftest import USERS
 from mailgate.config import load
 from mailgate.store import open_store
 from peers import VMAIL_UID, Dovecot, Mailgate, lmtp_send

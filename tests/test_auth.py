@@ -13,7 +13,6 @@ import os
 import re
 import shutil
 import smtplib
-import tempfile
 import time
 import urllib.request
 import uuid
@@ -27,7 +26,6 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import USERS, base_config, merge, register
 from dnsserver import DkimKey, DnsServer, dkim_key, hostile_record
-from test_listener import dove, shared_root  # noqa: F401 - module-scoped peers, reused
 from peers import (REPO, VMAIL_GID, VMAIL_UID, Dovecot, Mailgate, Postfix, lmtp_send,
                    maildir_files, run, swaks, wait_until)
 
@@ -111,7 +109,7 @@ def auth_config(dns: DnsServer, **auth: object) -> dict:
 
 
 @pytest.fixture(scope="module")
-def gates(shared_root: Path, dove: Dovecot) -> Iterator[dict[str, Mailgate]]:
+def gates(module_root: Path, dove: Dovecot) -> Iterator[dict[str, Mailgate]]:
     started: dict[str, Mailgate] = {}
     yield started
     for gate in started.values():
@@ -119,7 +117,7 @@ def gates(shared_root: Path, dove: Dovecot) -> Iterator[dict[str, Mailgate]]:
 
 
 @pytest.fixture
-def gate(gates: dict[str, Mailgate], shared_root: Path, dove: Dovecot, dns: DnsServer,
+def gate(gates: dict[str, Mailgate], module_root: Path, dove: Dovecot, dns: DnsServer,
          request: pytest.FixtureRequest) -> GateFactory:
     """`gate(dmarc_action=..., **overrides)`: one mailgate with auth on per distinct config."""
     register(request, "dovecot", dove)
@@ -128,7 +126,7 @@ def gate(gates: dict[str, Mailgate], shared_root: Path, dove: Dovecot, dns: DnsS
         config = merge(auth_config(dns, **auth), overrides or {})
         config_key = json.dumps(config, sort_keys=True)
         if config_key not in gates:
-            root = shared_root / f"mailgate-{len(gates)}"
+            root = module_root / f"mailgate-{len(gates)}"
             gates[config_key] = Mailgate(root, merge(base_config(root, dove), config),
                                          env={"PYTHONPATH": str(Path(__file__).parent)}).start()
         register(request, gates[config_key].root.name, gates[config_key])

@@ -13,8 +13,8 @@ import pytest
 
 from mailgate.store import Rule
 from peers import Dovecot
-from policy import (ALICE, BOB, CAROL, FRIEND, SENDER, backend, copies, dove, gates,  # noqa: F401
-                    lmtp, mark, message, moto_server, policy_root, status, store_call)
+from policy import (ALICE, BOB, CAROL, FRIEND, SENDER, backend, copies, gates,  # noqa: F401
+                    lmtp, mark, message, moto_server, status, store_call)
 from relaysink import RelaySink
 
 

@@ -9,12 +9,9 @@ from __future__ import annotations
 
 import email.utils
 import json
-import os
 import re
-import shutil
 import smtplib
 import socket
-import tempfile
 import time
 import uuid
 from datetime import datetime, timedelta, timezone
@@ -40,25 +37,7 @@ GateFactory = Callable[..., Mailgate]
 # ---------------------------------------------------------------- peers for the module
 
 @pytest.fixture(scope="module")
-def shared_root() -> Iterator[Path]:
-    root = Path(tempfile.mkdtemp(prefix="mg-listener-"))
-    os.chmod(root, 0o755)  # vmail must traverse it
-    yield root
-    shutil.rmtree(root, ignore_errors=True)
-
-
-@pytest.fixture(scope="module")
-def dove(shared_root: Path) -> Iterator[Dovecot]:
-    server = Dovecot(shared_root, USERS)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture(scope="module")
-def gates(shared_root: Path, dove: Dovecot) -> Iterator[dict[str, Mailgate]]:
+def gates(module_root: Path, dove: Dovecot) -> Iterator[dict[str, Mailgate]]:
     started: dict[str, Mailgate] = {}
     yield started
     errors = []
@@ -72,7 +51,7 @@ def gates(shared_root: Path, dove: Dovecot) -> Iterator[dict[str, Mailgate]]:
 
 
 @pytest.fixture
-def gate(gates: dict[str, Mailgate], shared_root: Path, dove: Dovecot,
+def gate(gates: dict[str, Mailgate], module_root: Path, dove: Dovecot,
          request: pytest.FixtureRequest) -> GateFactory:
     """`gate(overrides=None) -> Mailgate`: started once per distinct config, shared after."""
     register(request, "dovecot", dove)
@@ -80,7 +59,7 @@ def gate(gates: dict[str, Mailgate], shared_root: Path, dove: Dovecot,
     def get(overrides: dict | None = None) -> Mailgate:
         key = json.dumps(overrides or {}, sort_keys=True)
         if key not in gates:
-            root = shared_root / f"mailgate-{len(gates)}"
+            root = module_root / f"mailgate-{len(gates)}"
             gates[key] = Mailgate(root, merge(base_config(root, dove), overrides or {}),
                                   env=TEST_FILTERS).start()
         register(request, gates[key].root.name, gates[key])

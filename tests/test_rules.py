@@ -12,9 +12,8 @@ import srslib
 
 from mailgate.store import Rule
 from peers import Dovecot, lmtp_send, wait_until
-from policy import (ALICE, BOB, CAROL, FRIEND, SENDER, backend, cli, copies, dove,  # noqa: F401
-                    gates, lmtp, mark, message, moto_server, policy_root, smtp, status,
-                    store_call)
+from policy import (ALICE, BOB, CAROL, FRIEND, SENDER, backend, cli, copies,  # noqa: F401
+                    gates, lmtp, mark, message, moto_server, smtp, status, store_call)
 from relaysink import RelaySink
 
 DMARC_REJECT_SENDER = "ceo@dmarc-reject.test"  # a domain whose DMARC policy is p=reject

@@ -14,8 +14,8 @@ import pytest
 
 from mailgate.store import Rule
 from peers import Dovecot
-from policy import (ALICE, BOB, SENDER, backend, copies, dove, gates, lmtp,  # noqa: F401
-                    mark, message, moto_server, policy_root, status, store_call)
+from policy import (ALICE, BOB, SENDER, backend, copies, gates, lmtp,  # noqa: F401
+                    mark, message, moto_server, status, store_call)
 from relaysink import RelaySink
 
 AWAY = Rule(ALICE, vacation=True, subject="", body="Back on Monday.\n")

@@ -153,7 +153,7 @@ class Feed:
 
     async def _process(self, url: str, message: dict) -> str | None:
         """What to delete the message as ("delivered", ...), or None to let it come back."""
-        queue, mid = short_name(url), message["MessageId"]
+        queue = short_name(url)
         sent = int(message.get("Attributes", {}).get("SentTimestamp", 0)) / 1000
         if sent:
             metrics.QUEUE_LAG.labels(queue).observe(max(time.time() - sent, 0))
