@@ -10,7 +10,7 @@ import smtplib
 import uuid
 from pathlib import Path
 
-from peers import Dovecot, Mailgate, _dot_stuff, _Session, lmtp_send
+from peers import Dovecot, Mailgate, _dot_stuff, _Session, lmtp_send, smtp_client, smtp_send
 
 ALICE, BOB, CAROL = "alice@example.test", "bob@example.test", "carol@example.test"
 SENDER = "sender@remote.test"
@@ -50,19 +50,12 @@ def assert_reply(reply: tuple[int, bytes | str], literal: str) -> None:
 
 
 def smtp(gate: Mailgate, timeout: float = REPLY_BOUND) -> smtplib.SMTP:
-    client = smtplib.SMTP(*gate.smtp, local_hostname="client.test", timeout=timeout)
-    client.ehlo()
-    return client
+    return smtp_client(gate.smtp, timeout=timeout)
 
 
 def send(gate: Mailgate, rcpts: list[str], data: bytes) -> tuple[dict, tuple[int, bytes] | None]:
     """One SMTP transaction: {rcpt: reply} and the DATA reply (None when no RCPT passed)."""
-    with smtp(gate) as client:
-        client.mail(SENDER)
-        answers = {r: client.rcpt(r) for r in rcpts}
-        if not any(code == 250 for code, _ in answers.values()):
-            return answers, None
-        return answers, client.data(data)
+    return smtp_send(gate.smtp, SENDER, rcpts, data, timeout=REPLY_BOUND)
 
 
 class Raw(_Session):

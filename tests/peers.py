@@ -14,6 +14,7 @@ import pwd
 import re
 import shutil
 import signal
+import smtplib
 import socket
 import subprocess
 import sys
@@ -346,6 +347,27 @@ def lmtp_rcpt(host: str, port: int | None, rcpt: str, timeout: float = 10) -> tu
         return session.command(f"RCPT TO:<{rcpt}>")
     finally:
         session.close()
+
+
+def smtp_client(address: tuple[str, int], helo: str = "client.test",
+                timeout: float = 20.0) -> smtplib.SMTP:
+    """An smtplib client that has said EHLO."""
+    client = smtplib.SMTP(*address, local_hostname=helo, timeout=timeout)
+    client.ehlo()
+    return client
+
+
+def smtp_send(address: tuple[str, int], sender: str, rcpts: Iterable[str], data: bytes,
+              helo: str = "client.test", timeout: float = 20.0
+              ) -> tuple[dict[str, tuple[int, bytes]], tuple[int, bytes] | None]:
+    """One SMTP transaction: {rcpt: (code, text)} and the DATA reply (None if no RCPT passed)."""
+    with smtp_client(address, helo, timeout) as client:
+        client.mail(sender)
+        answers = {r: client.rcpt(r) for r in rcpts}
+        if not any(code == 250 for code, _ in answers.values()):
+            client.rset()
+            return answers, None
+        return answers, client.data(data)
 
 
 def swaks(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:

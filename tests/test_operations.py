@@ -24,7 +24,8 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from peers import REPO, Dovecot, Mailgate, port_open, toml_dumps, wait_until
+from peers import (REPO, Dovecot, Mailgate, port_open, smtp_client, smtp_send, toml_dumps,
+                   wait_until)
 from mailgate.verdict import (FILTER_REJECTED, RELAY_DENIED, SHUTTING_DOWN, UNKNOWN_USER)
 
 ALICE, BOB, CAROL = "alice@example.test", "bob@example.test", "carol@example.test"
@@ -42,21 +43,12 @@ def message(mark: str, to: str = ALICE) -> bytes:
 
 
 def smtp(gate: Mailgate) -> smtplib.SMTP:
-    host, port = gate.smtp
-    client = smtplib.SMTP(host, port, local_hostname=HELO, timeout=20)
-    client.ehlo()
-    return client
+    return smtp_client(gate.smtp, HELO)
 
 
 def send(gate: Mailgate, rcpts: list[str], data: bytes) -> tuple[dict, tuple[int, bytes] | None]:
     """One SMTP transaction: {rcpt: (code, text)} and the DATA reply (None if no RCPT passed)."""
-    with smtp(gate) as client:
-        client.mail(SENDER)
-        answers = {r: client.rcpt(r) for r in rcpts}
-        if not any(code == 250 for code, _ in answers.values()):
-            client.rset()
-            return answers, None
-        return answers, client.data(data)
+    return smtp_send(gate.smtp, SENDER, rcpts, data, HELO)
 
 
 def reply_is(answer: tuple[int, bytes], reply) -> bool:
