@@ -63,7 +63,7 @@ DNS_ROOM = 1.0  # seconds a filter keeps after its DNS budget, to work on the an
 
 
 def validate(config: Config) -> Config:
-    """The config, once its filter names resolve: what config.py (pure data) cannot check."""
+    """The config, once its filter names resolve: what mailgate.config (pure data) cannot check."""
     classes = resolve_filters(config.pipeline.filters)
     if any(getattr(cls, "uses_dns", False) for cls in classes):
         budget, timeout = config.dns.budget, config.pipeline.filter_timeout
