@@ -32,10 +32,13 @@ class Feed:
         self.sync, self.clients, self.handover = config.sync, clients, handover
         self.dlq_url = dlq_url
         self.marker, self.deleter = Marker(config, clients), Deleter(clients)
-        # Received but not finished: what is being injected (concurrency) plus one batch
-        # waiting for a worker, so every receive asks for a full batch (each receive is a
-        # request; SQS bills it, moto's costs grow with the queue).
-        self.capacity = config.sync.concurrency + config.sync.batch
+        # Received and not yet processed: what is being injected (concurrency) plus up to two
+        # batches waiting for a worker. Every receive asks for a full batch (each receive is a
+        # request; SQS bills it, moto's costs grow with the queue), and the next one starts
+        # while a batch still waits, so workers do not idle for a receive's round trip. A
+        # message waiting for its batched delete holds no room: that wait (LINGER plus a round
+        # trip) would otherwise stall the next receive.
+        self.capacity = config.sync.concurrency + 2 * config.sync.batch
         self.outstanding = 0
         self.freed = asyncio.Event()
         self.workers = asyncio.Semaphore(config.sync.concurrency)
@@ -121,15 +124,20 @@ class Feed:
     def _finished(self, task: asyncio.Task, mid: str) -> None:
         self.tasks.discard(task)
         self.handles.pop(mid, None)
-        self._free(1)
 
     async def _handle(self, url: str, message: dict) -> None:
         mid = message["MessageId"]
         heartbeat = asyncio.ensure_future(self._heartbeat(url, mid))
+        room = 1
         try:
             async with self.workers:
-                result = await self._process(url, message)
-            if result:  # a worker is not held while the delete waits for its batch
+                processed = await self._process(url, message)
+            self._free(room)
+            room = 0
+            # The acknowledgement (tags, a dead letter, the batched delete) holds neither a
+            # worker nor room: its round trips would otherwise idle a worker and stall receives.
+            result = await self._settle(url, message, processed)
+            if result:
                 await self._delete(url, message, result)
         except Exception:  # noqa: BLE001 - our bug: the message comes back, nothing is acked
             metrics.ERRORS.labels("internal").inc()
@@ -137,6 +145,7 @@ class Feed:
                           short_name(url), mid)
         finally:
             heartbeat.cancel()
+            self._free(room)
 
     async def _heartbeat(self, url: str, mid: str) -> None:
         """Keep a slow delivery invisible to other receivers (latest receipt handle)."""
@@ -151,8 +160,8 @@ class Feed:
                 log.warning("queue %s message %s: visibility not extended: %s",
                             short_name(url), mid, e)
 
-    async def _process(self, url: str, message: dict) -> str | None:
-        """What to delete the message as ("delivered", ...), or None to let it come back."""
+    async def _process(self, url: str, message: dict) -> list[tuple[Notice, Outcome]] | str:
+        """Each notice's outcome (fetched, claimed, injected), or why the message is poison."""
         queue = short_name(url)
         sent = int(message.get("Attributes", {}).get("SentTimestamp", 0)) / 1000
         if sent:
@@ -160,9 +169,16 @@ class Feed:
         try:
             notices = parse(message["Body"])
         except BadNotification as e:
-            return await self._poison(url, message, str(e), "")
-        outcomes = [(n, await self.handover.run(n, f"queue {queue} s3://{n.bucket}/{n.key}"))
-                    for n in notices]
+            return str(e)
+        return [(n, await self.handover.run(n, f"queue {queue} s3://{n.bucket}/{n.key}"))
+                for n in notices]
+
+    async def _settle(self, url: str, message: dict,
+                      processed: list[tuple[Notice, Outcome]] | str) -> str | None:
+        """What to delete the message as ("delivered", ...), or None to let it come back."""
+        if isinstance(processed, str):
+            return await self._poison(url, message, processed, "")
+        queue, outcomes = short_name(url), processed
         waiting = [(n, o) for n, o in outcomes if not o.final]
         for notice, outcome in waiting:
             log.warning("queue %s s3://%s/%s: deferred, it will come back: %s", queue,
