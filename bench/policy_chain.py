@@ -71,7 +71,7 @@ def tags(rounds: int) -> list[str]:
 
 def gate_config(root: Path, dovecot: Dovecot, filters: list[str], relay: str) -> dict:
     return {"hostname": "mx.example.test", "domains": [DOMAIN], "data_dir": str(root / "data"),
-            "listen": {"smtp": f"127.0.0.1:{free_port()}", "lmtp": ""},
+            "listen": {"smtp": f"127.0.0.1:{free_port()}", "lmtp": "", "lookup": ""},
             "delivery": {"lmtp": f"127.0.0.1:{dovecot.lmtp_port}",
                          "maildir": dovecot.maildir_template},
             "metrics": {"listen": ""}, "health": {"listen": ""}, "log": {"level": "info"},

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import resource
 import smtplib
 import statistics
 import subprocess
@@ -137,7 +138,9 @@ def deliver_batch(s3, sqs, url: str, lmtp: smtplib.LMTP) -> int:
 
 
 class Delay:
-    """A TCP proxy in front of moto that holds every chunk a client sends for `ms`."""
+    """A TCP proxy in front of moto that delivers every chunk a client sends `ms` after it
+    arrived, in order and pipelined, as a network does (a request sent in two writes is late by
+    `ms` once, not twice)."""
 
     def __init__(self, target: int, ms: float):
         self.target, self.delay, self.port = target, ms / 1000, free_port()
@@ -159,21 +162,31 @@ class Delay:
 
     @staticmethod
     async def _pipe(src, dst, delay: float) -> None:
-        try:
-            while data := await src.read(65536):
-                if delay:
-                    await asyncio.sleep(delay)
+        loop, chunks = asyncio.get_running_loop(), asyncio.Queue()
+
+        async def deliver() -> None:
+            while (chunk := await chunks.get()) is not None:
+                due, data = chunk
+                await asyncio.sleep(max(due - loop.time(), 0))
                 dst.write(data)
                 await dst.drain()
+
+        writer = asyncio.ensure_future(deliver())
+        try:
+            while data := await src.read(65536):
+                chunks.put_nowait((loop.time() + delay, data))
         finally:
+            chunks.put_nowait(None)
+            await asyncio.gather(writer, return_exceptions=True)
             dst.close()
 
     def stop(self) -> None:
         self.loop.call_soon_threadsafe(self.loop.stop)
 
 
-def measure(path: str, rnd: str, peers, args) -> tuple[float, float]:
-    """(messages per second, moto CPU ms per message)."""
+def measure(path: str, rnd: str, peers, args) -> tuple[float, float, float]:
+    """(messages per second, moto's and the client's CPU ms per message). The client is the
+    sync process (reaped child) or the loop's thread (the proxy's thread not counted)."""
     moto, gate, dovecot, endpoint = peers
     names, recipients = prepare(moto, f"feed-{path}-{rnd}", args)
     for to in recipients:
@@ -181,29 +194,35 @@ def measure(path: str, rnd: str, peers, args) -> tuple[float, float]:
     cpu = sum(process_cpu(moto.proc.pid))
     started = time.monotonic()
     if path == "s":
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         run_sync(gate, moto, endpoint, names)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        client = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
     else:
+        client = time.thread_time()
         run_loop(moto, endpoint, names, dovecot)
+        client = time.thread_time() - client
     wait_until(lambda: sum(len(list((dovecot.maildir(to) / "new").iterdir()))
                            for to in recipients) >= args.messages,
                600, interval=0.05, what=f"{args.messages} messages delivered")
     seconds = time.monotonic() - started
     moto_ms = (sum(process_cpu(moto.proc.pid)) - cpu) * 1000 / args.messages
-    return args.messages / seconds, moto_ms
+    return args.messages / seconds, moto_ms, client * 1000 / args.messages
 
 
-Rates = dict[tuple[float, str], list[tuple[float, float]]]
+Rates = dict[tuple[float, str], list[tuple[float, float, float]]]
 
 
 def table(rates: Rates, latency: float) -> tuple[list[str], float]:
     """Rows for one latency, the median row last; and the ratio of the medians."""
     runs = list(zip(rates[latency, "s"], rates[latency, "l"]))
-    s = statistics.median(r for r, _ in rates[latency, "s"])
-    l = statistics.median(r for r, _ in rates[latency, "l"])
+    s = statistics.median(r[0] for r in rates[latency, "s"])
+    l = statistics.median(r[0] for r in rates[latency, "l"])
     rows = [f"| {latency:g} ms | {i + 1} | {a:.0f} | {b:.0f} | {a / b:.2f} | "
-            f"{am:.1f} / {bm:.1f} |" for i, ((a, am), (b, bm)) in enumerate(runs)]
+            f"{am:.1f} / {bm:.1f} | {ac:.1f} / {bc:.1f} |"
+            for i, ((a, am, ac), (b, bm, bc)) in enumerate(runs)]
     return rows + [f"| {latency:g} ms | **median** | **{s:.0f}** | **{l:.0f}** | "
-                   f"**{s / l:.2f}** | |"], s / l
+                   f"**{s / l:.2f}** | | |"], s / l
 
 
 def section(rates: Rates, args, command: str) -> str:
@@ -228,8 +247,9 @@ def section(rates: Rates, args, command: str) -> str:
         f"`processed = \"{args.processed}\"`, into `mailgate serve` (empty filter chain); "
         "process start included. (l): one loop, `MaxNumberOfMessages=10`, one reused LMTP "
         "connection straight to Dovecot, no tagging.", "",
-        "| latency | round | (s) sync msg/s | (l) loop msg/s | s/l | moto CPU ms/msg s / l |",
-        "|---|---|---|---|---|---|", *rows, "",
+        "| latency | round | (s) sync msg/s | (l) loop msg/s | s/l | moto CPU ms/msg s / l | "
+        "client CPU ms/msg s / l |",
+        "|---|---|---|---|---|---|---|", *rows, "",
         f"Target s/l ≥ {TARGET:g} (ratio of the medians): " + "; ".join(verdicts) + ".", ""])
 
 
@@ -277,10 +297,11 @@ def rounds(ms: float, rates: Rates, peers, args) -> None:
         for rnd in range(1, args.rounds + 1):
             for path in ("sl" if rnd % 2 else "ls"):
                 run = f"{ms:g}".replace(".", "p") + f"-{rnd}"
-                rate, moto_ms = measure(path, run, (moto, gate, dovecot, endpoint), args)
-                rates[ms, path].append((rate, moto_ms))
-                print(f"latency {ms:g} ms, round {rnd} ({path}): {rate:.0f} msg/s, moto "
-                      f"{moto_ms:.1f} ms CPU/msg", flush=True)
+                rate, moto_ms, client_ms = measure(path, run, (moto, gate, dovecot, endpoint),
+                                                   args)
+                rates[ms, path].append((rate, moto_ms, client_ms))
+                print(f"latency {ms:g} ms, round {rnd} ({path}): {rate:.0f} msg/s, CPU ms/msg "
+                      f"moto {moto_ms:.1f}, client {client_ms:.1f}", flush=True)
     finally:
         if delay is not None:
             delay.stop()
@@ -294,7 +315,7 @@ def start_gate(root: Path, dovecot: Dovecot, moto: Moto, args) -> Mailgate:
     return Mailgate(root / "gate", {
         "hostname": "mx.example.test", "data_dir": str(root / "data"),
         "domains": [domain(k) for k in range(args.queues)],
-        "listen": {"smtp": smtp, "lmtp": ""},
+        "listen": {"smtp": smtp, "lmtp": "", "lookup": ""},
         "delivery": {"lmtp": f"127.0.0.1:{dovecot.lmtp_port}"},
         "metrics": {"listen": ""}, "health": {"listen": ""},
         "sync": {"region": "us-east-1", "inject": smtp, "secret_file": str(secret),
