@@ -49,22 +49,23 @@ def register(request: pytest.FixtureRequest, name: str, peer) -> None:
     request.node.stash.setdefault(PEERS, []).append((name, peer))
 
 
-@pytest.fixture
-def peer_root() -> Iterator[Path]:
-    """A temp root the vmail and postfix users can traverse (pytest's tmp_path is 0700)."""
-    root = Path(tempfile.mkdtemp(prefix="mg-"))
+def _traversable_root(prefix: str) -> Iterator[Path]:
+    root = Path(tempfile.mkdtemp(prefix=prefix))
     os.chmod(root, 0o755)
     yield root
     shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def peer_root() -> Iterator[Path]:
+    """A temp root the vmail and postfix users can traverse (pytest's tmp_path is 0700)."""
+    yield from _traversable_root("mg-")
 
 
 @pytest.fixture(scope="module")
 def module_root() -> Iterator[Path]:
     """A temp root for the peers one test module shares (traversable by vmail and postfix)."""
-    root = Path(tempfile.mkdtemp(prefix="mg-module-"))
-    os.chmod(root, 0o755)
-    yield root
-    shutil.rmtree(root, ignore_errors=True)
+    yield from _traversable_root("mg-module-")
 
 
 @pytest.fixture(scope="module")
