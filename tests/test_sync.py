@@ -551,8 +551,14 @@ def test_readiness_metrics_and_sigterm(setup, aws, dovecot, peer_root):
         aws.s3.put_object(Bucket=BUCKET, Key=f"in/{mark}", Body=data)
         wait_until(lambda: aws.left(aws.queue) == 0, SYNC_BOUND, what="the queue drained")
         url = f"http://{feed.env['MAILGATE_SYNC_METRICS']}/metrics"
-        with urllib.request.urlopen(url, timeout=10) as response:
-            exposed = response.read().decode()
+
+        def scrape() -> str:
+            with urllib.request.urlopen(url, timeout=10) as response:
+                return response.read().decode()
+        # a message is counted once sync has heard the delete succeed, just after moto shows it
+        wait_until(lambda: all(f'result="{r}"}} 1.0' in scrape() for r in ("delivered", "skipped")),
+                   SYNC_BOUND, what="both messages counted")
+        exposed = scrape()
         assert feed.stop() == 0
         assert notify.recv(64) == b"STOPPING=1"
     queue = f'queue="{QUEUE}"'
