@@ -1,10 +1,11 @@
 """DKIM (RFC 6376) and ARC (RFC 8617) verification with dkimpy.
 
-dkimpy resolves synchronously and does RSA in pure Python, so: the keys of every signature are
-fetched first, concurrently, through mailgate's resolver; then one worker thread per message
-checks each key's size and exponent (huge ones are refused before any RSA work: a 16k-bit key
-costs seconds of CPU) and verifies, with dkimpy reading only the keys already fetched.
-Measured: 1.0 ms of CPU per 2 KB message with one RSA-2048 signature, hence the thread.
+dkimpy resolves synchronously, so the keys of every signature are fetched first, concurrently,
+through mailgate's resolver; then one worker thread per message checks each key's size and
+exponent (huge ones are refused before any RSA work: a 16k-bit key costs seconds of CPU) and
+verifies, with dkimpy reading only the keys already fetched (fastverify.py: OpenSSL's RSA).
+Measured: 0.3 ms of CPU per 2 KB message with one RSA-2048 signature; off the event loop all the
+same, as a message may carry several signatures and an ARC chain.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import dkim
 import dkim.util
 
 from mailgate.dns import Budget, DnsError, Resolver
+from mailgate.filters.auth import fastverify
 from mailgate.filters.auth.fields import Header
 from mailgate.filters.auth.results import Result
 
@@ -26,6 +28,7 @@ log = logging.getLogger("mailgate.auth")
 _QUIET = logging.getLogger("mailgate.auth.dkimpy")
 _QUIET.propagate = False
 _QUIET.addHandler(logging.NullHandler())
+fastverify.install()
 MAX_EXPONENT_BITS = 64
 MAX_ARC_SETS = 50   # RFC 8617 §4.2.1: i= runs 1..50
 MISSING, FAILED = "missing", "failed"   # a key that does not exist; one DNS did not give
