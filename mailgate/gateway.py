@@ -117,7 +117,9 @@ class Gateway:
             words.append("XFORWARD NAME ADDR PROTO HELO IDENT SOURCE PORT")
             if self.feed_secret:
                 words.append("XFEED")
-        return [f"250-{w}" for w in words[:-1]] + [f"250 {words[-1]}"]
+        # One reply, one write: aiosmtpd pushes each list item separately (a syscall and a
+        # wake-up of the client per line).
+        return ["\r\n".join([f"250-{w}" for w in words[:-1]] + [f"250 {words[-1]}"])]
 
     async def handle_exception(self, error: Exception) -> str:
         log.error("internal error, answered %s", TEMP_FAILURE, exc_info=error)
