@@ -2,10 +2,11 @@
 (the HELO name for the null sender)?
 
 pyspf resolves synchronously, one name at a time, as the record leads it. Here it runs on the
-event loop and only ever reads answers already fetched for this message: an answer it lacks
-stops it (`_Missing`), the loop fetches that name through mailgate's resolver, and pyspf starts
-over. A warm cache needs no restart and no thread; a cold one costs one quick re-evaluation per
-name (pyspf's limits keep that near 20). A lookup that failed makes pyspf see a TempError.
+event loop and only reads answers already at hand (fetched for this message, or fresh in the
+resolver's cache): an answer it lacks stops it (`_Missing`), the loop fetches that name through
+mailgate's resolver, and pyspf starts over. A warm cache needs no restart and no thread; a cold
+one costs one quick re-evaluation per name (pyspf's limits keep that near 20). A lookup that
+failed makes pyspf see a TempError.
 """
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ import logging
 
 import spf
 
-from mailgate.dns import Budget, DnsError, Resolver
+from mailgate import metrics
+from mailgate.dns import Answer, Budget, DnsError, Resolver
 from mailgate.filters.auth.results import Result, safe_value
 from mailgate.message import Client
 
@@ -24,7 +26,8 @@ from mailgate.message import Client
 log = logging.getLogger("mailgate.auth")
 MAX_MX = 10      # RFC 7208 §4.6.4: more MX records than this are a permerror anyway
 MAX_ROUNDS = 60  # fetch-and-restart rounds per message; far above what pyspf's limits allow
-_known: contextvars.ContextVar[dict | None] = contextvars.ContextVar("spf_answers", default=None)
+_known: contextvars.ContextVar[tuple[dict, Resolver] | None] = contextvars.ContextVar(
+    "spf_answers", default=None)
 _pyspf_lookup = spf.DNSLookup
 
 
@@ -35,14 +38,19 @@ class _Missing(Exception):
 
 
 def _lookup(name: str, qtype: str, strict: bool = True, timeout: float = 0) -> list:
-    """pyspf's DNSLookup: answers fetched for this message, or _Missing; pyspf's own
-    lookup for anyone else in the process."""
-    known = _known.get()
-    if known is None:
+    """pyspf's DNSLookup: answers fetched for this message or in the resolver's cache, else
+    _Missing; pyspf's own lookup for anyone else in the process."""
+    current = _known.get()
+    if current is None:
         return _pyspf_lookup(name, qtype, strict, timeout)
+    known, resolver = current
     key = (name.rstrip(".").lower(), qtype)
     if key not in known:
-        raise _Missing(*key)
+        answer = resolver.cached(*key)
+        if answer is None:
+            raise _Missing(*key)
+        metrics.child(metrics.DNS_CACHE, "hit").inc()
+        known[key] = _records(key[0], qtype, answer)
     if isinstance(known[key], str):
         raise spf.TempError(known[key])
     return known[key]
@@ -91,7 +99,7 @@ async def _evaluate(resolver: Resolver, budget: Budget, ip: str, sender: str, he
                     receiver: str) -> tuple[str, str]:
     known: dict = {}
     for _ in range(MAX_ROUNDS):
-        token = _known.set(known)
+        token = _known.set((known, resolver))
         try:
             query = spf.query(i=ip, s=sender, h=helo, receiver=receiver)
             result, _code, explanation = query.check()
@@ -111,6 +119,11 @@ async def _evaluate(resolver: Resolver, budget: Budget, ip: str, sender: str, he
     return "temperror", "too many DNS lookups"
 
 
+def _records(name: str, qtype: str, answer: Answer) -> list:
+    """pyspf's format: ((name, type), value) per record; TXT values are the record's strings."""
+    return [((name, qtype), value) for value in answer.records]
+
+
 async def _fetch(resolver: Resolver, budget: Budget, known: dict, name: str, qtype: str,
                  address_type: str) -> None:
     """One answer into `known`; for MX, the exchanges' addresses with it, all at once (pyspf
@@ -120,8 +133,7 @@ async def _fetch(resolver: Resolver, budget: Budget, known: dict, name: str, qty
     except DnsError as e:
         known[(name, qtype)] = f"DNS {e}"
         return
-    # pyspf's format: ((name, type), value) per record; TXT values are the record's strings.
-    known[(name, qtype)] = [((name, qtype), value) for value in answer.records]
+    known[(name, qtype)] = _records(name, qtype, answer)
     if qtype == "MX":
         hosts = {host.lower() for _, host in answer.records[:MAX_MX]
                  if (host.lower(), address_type) not in known}
