@@ -126,9 +126,10 @@ class Chain:
 
     async def _run_one(self, flt: Filter, message: Message) -> FilterResult:
         started = time.perf_counter()
-        try:
-            result = await asyncio.wait_for(flt.check(message), self.timeout)
-        except asyncio.TimeoutError:
+        try:  # asyncio.timeout, not wait_for: no extra task per filter and message (3.11)
+            async with asyncio.timeout(self.timeout):
+                result = await flt.check(message)
+        except TimeoutError:
             result = self._defer_all(message, f"filter {flt.name} timed out")
         # XXX a filter bug must become a retry (451), never a 5xx nor a pass: catch all here.
         except Exception as e:  # noqa: BLE001
@@ -150,8 +151,9 @@ class Chain:
             if early is None:
                 continue
             try:
-                verdict = await asyncio.wait_for(early(sender, rcpt), self.timeout)
-            except asyncio.TimeoutError:
+                async with asyncio.timeout(self.timeout):
+                    verdict = await early(sender, rcpt)
+            except TimeoutError:
                 continue
             # XXX a filter bug at RCPT must not refuse anyone: its check after DATA still runs.
             except Exception:  # noqa: BLE001
