@@ -4,7 +4,9 @@
 The same load, N stored messages (SES-style headers, one recipient each) spread over Q domains,
 each with its own bucket and queue, announced by real S3 -> SQS notifications in moto (server
 mode, one process for both paths), goes into the same Dovecot:
-  (s) mailgate sync --once  -> mailgate serve (SMTP, XFEED) -> Dovecot LMTP      (what we ship)
+  (s) mailgate sync --once  -> mailgate serve (SMTP, XFEED) -> Dovecot LMTP      (what we ship,
+      processed = "tag": one more request per message than the loop makes)
+  (k) the same with processed = "keep": the loop's requests (receive, get, delete), no more
   (l) one sequential loop over the queues: receive 10 -> for each: get object, LMTP to Dovecot,
       delete (the design of the workers sync replaces; one reused LMTP connection, favouring it)
 Objects are stored before the clock starts. A run is timed until every message is in the maildir
@@ -41,6 +43,7 @@ from probes import process_cpu  # noqa: E402
 
 DOMAIN, SECTION, NOTES = "example.test", "## SES feed", "## Notes"
 TARGET = 5.0
+PROCESSED = {"s": "tag", "k": "keep"}   # the sync paths and their sync.processed
 
 
 def parse_args() -> argparse.Namespace:
@@ -53,7 +56,7 @@ def parse_args() -> argparse.Namespace:
                    help="milliseconds added to every request to moto; each value gets its own "
                         "rounds (default 0)")
     p.add_argument("--concurrency", type=int, default=8, help="sync.concurrency (default 8)")
-    p.add_argument("--processed", choices=("tag", "keep", "delete"), default="tag")
+    p.add_argument("--paths", default="skl", help="which of s, k, l to run (default skl)")
     p.add_argument("--output", type=Path, default=REPO / "BENCHMARKS.md")
     p.add_argument("--no-write", action="store_true", help="print the section only")
     return p.parse_args()
@@ -98,10 +101,10 @@ def prepare(moto: Moto, run: str, args) -> tuple[list[str], list[str]]:
     return names, recipients
 
 
-def run_sync(gate: Mailgate, moto: Moto, endpoint: str, names: list[str]) -> None:
+def run_sync(gate: Mailgate, moto: Moto, endpoint: str, names: list[str], processed: str) -> None:
     env = {**moto.env, "PYTHONPATH": str(REPO), "MAILGATE_SYNC_QUEUES": ",".join(names),
            "MAILGATE_SYNC_BUCKETS": ",".join(names), "MAILGATE_SYNC_METRICS": "",
-           "MAILGATE_SYNC_ENDPOINT_URL": endpoint}
+           "MAILGATE_SYNC_ENDPOINT_URL": endpoint, "MAILGATE_SYNC_PROCESSED": processed}
     proc = subprocess.run([sys.executable, "-m", "mailgate", "sync", "-c", str(gate.config_path),
                            "--once"], env=env, capture_output=True, text=True, timeout=1800)
     if proc.returncode != 0:
@@ -193,9 +196,9 @@ def measure(path: str, rnd: str, peers, args) -> tuple[float, float, float]:
         dovecot.add_user(to)
     cpu = sum(process_cpu(moto.proc.pid))
     started = time.monotonic()
-    if path == "s":
+    if path in PROCESSED:
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
-        run_sync(gate, moto, endpoint, names)
+        run_sync(gate, moto, endpoint, names, PROCESSED[path])
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
         client = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
     else:
@@ -213,25 +216,35 @@ def measure(path: str, rnd: str, peers, args) -> tuple[float, float, float]:
 Rates = dict[tuple[float, str], list[tuple[float, float, float]]]
 
 
-def table(rates: Rates, latency: float) -> tuple[list[str], float]:
-    """Rows for one latency, the median row last; and the ratio of the medians."""
-    runs = list(zip(rates[latency, "s"], rates[latency, "l"]))
-    s = statistics.median(r[0] for r in rates[latency, "s"])
-    l = statistics.median(r[0] for r in rates[latency, "l"])
-    rows = [f"| {latency:g} ms | {i + 1} | {a:.0f} | {b:.0f} | {a / b:.2f} | "
-            f"{am:.1f} / {bm:.1f} | {ac:.1f} / {bc:.1f} |"
-            for i, ((a, am, ac), (b, bm, bc)) in enumerate(runs)]
-    return rows + [f"| {latency:g} ms | **median** | **{s:.0f}** | **{l:.0f}** | "
-                   f"**{s / l:.2f}** | | |"], s / l
+def table(rates: Rates, latency: float, paths: str) -> tuple[list[str], dict[str, float]]:
+    """Rows for one latency, the median row last; and each sync path's ratio of the medians."""
+    runs = list(zip(*(rates[latency, p] for p in paths)))
+    med = {p: statistics.median(r[0] for r in rates[latency, p]) for p in paths}
+    syncs = [p for p in paths if p in PROCESSED]
+    ratios = {p: med[p] / med["l"] for p in syncs}
+    rows = []
+    for i, run in enumerate(runs):
+        by = dict(zip(paths, run))
+        rows.append(f"| {latency:g} ms | {i + 1} | " + " | ".join(f"{by[p][0]:.0f}" for p in paths)
+                    + " | " + " | ".join(f"{by[p][0] / by['l'][0]:.2f}" for p in syncs) + " | "
+                    + " / ".join(f"{by[p][1]:.1f}" for p in paths) + " | "
+                    + " / ".join(f"{by[p][2]:.1f}" for p in paths) + " |")
+    rows.append(f"| {latency:g} ms | **median** | " + " | ".join(f"**{med[p]:.0f}**" for p in paths)
+                + " | " + " | ".join(f"**{ratios[p]:.2f}**" for p in syncs) + " | | |")
+    return rows, ratios
 
 
 def section(rates: Rates, args, command: str) -> str:
+    paths = args.paths
+    syncs = [p for p in paths if p in PROCESSED]
     rows, verdicts = [], []
     for latency in args.latency:
-        more, ratio = table(rates, latency)
+        more, ratios = table(rates, latency, paths)
         rows += more
-        verdicts.append(f"{latency:g} ms: {ratio:.2f}, "
-                        f"**{'met' if ratio >= TARGET else 'not met'}**")
+        verdicts.append(f"{latency:g} ms: " + ", ".join(
+            f"{p}/l {r:.2f} **{'met' if r >= TARGET else 'not met'}**" for p, r in ratios.items()))
+    names = {"s": '(s) sync, processed = "tag"', "k": '(k) sync, processed = "keep"',
+             "l": "(l) loop"}
     return "\n".join([
         f"{SECTION}: sync vs the sequential receive–get–deliver–delete loop", "",
         "Written by `bench/sync_feed.py` (its docstring says what it measures); kept when "
@@ -241,16 +254,20 @@ def section(rates: Rates, args, command: str) -> str:
         f"- load: {args.messages} messages of about 2 KB per run, one recipient each, over "
         f"{args.queues} domains (a bucket and a queue each), stored in moto S3 (server mode) and "
         "announced by real S3 -> SQS notifications; the same moto, Dovecot (`mail_fsync = "
-        "never`) and machine for both paths, paths alternating. Latency: added to every "
+        "never`) and machine for every path, paths alternating. Latency: added to every "
         "request to moto by a proxy (0 = moto as it is).",
-        f"- (s): `mailgate sync --once`, `concurrency = {args.concurrency}`, "
-        f"`processed = \"{args.processed}\"`, into `mailgate serve` (empty filter chain); "
-        "process start included. (l): one loop, `MaxNumberOfMessages=10`, one reused LMTP "
-        "connection straight to Dovecot, no tagging.", "",
-        "| latency | round | (s) sync msg/s | (l) loop msg/s | s/l | moto CPU ms/msg s / l | "
-        "client CPU ms/msg s / l |",
-        "|---|---|---|---|---|---|---|", *rows, "",
-        f"Target s/l ≥ {TARGET:g} (ratio of the medians): " + "; ".join(verdicts) + ".", ""])
+        f"- (s) and (k): `mailgate sync --once`, `concurrency = {args.concurrency}`, into "
+        "`mailgate serve` (empty filter chain), process start included; (s) tags each object "
+        "(the default, one S3 request more per message than the loop), (k) does not "
+        "(`processed = \"keep\"`: the loop's requests exactly). (l): one loop, "
+        "`MaxNumberOfMessages=10`, one reused LMTP connection straight to Dovecot, no tagging.",
+        "",
+        "| latency | round | " + " | ".join(f"{names[p]} msg/s" for p in paths) + " | "
+        + " | ".join(f"{p}/l" for p in syncs) + " | moto CPU ms/msg " + " / ".join(paths)
+        + " | client CPU ms/msg " + " / ".join(paths) + " |",
+        "|" + "---|" * (4 + len(paths) + len(syncs)), *rows, "",
+        f"Target ≥ {TARGET:g} × the loop (ratio of the medians): " + "; ".join(verdicts) + ".",
+        ""])
 
 
 def write(path: Path, text: str) -> None:
@@ -268,7 +285,7 @@ def write(path: Path, text: str) -> None:
 def main() -> None:
     args = parse_args()
     command = "python3 bench/sync_feed.py " + " ".join(sys.argv[1:])
-    rates: Rates = {(ms, path): [] for ms in args.latency for path in "sl"}
+    rates: Rates = {(ms, path): [] for ms in args.latency for path in args.paths}
     with tempfile.TemporaryDirectory(prefix="mg-bench-sync-") as tmp:
         root = Path(tmp)
         root.chmod(0o755)
@@ -295,7 +312,7 @@ def rounds(ms: float, rates: Rates, peers, args) -> None:
     endpoint = f"http://127.0.0.1:{delay.port}" if delay else moto.endpoint
     try:
         for rnd in range(1, args.rounds + 1):
-            for path in ("sl" if rnd % 2 else "ls"):
+            for path in (args.paths if rnd % 2 else args.paths[::-1]):
                 run = f"{ms:g}".replace(".", "p") + f"-{rnd}"
                 rate, moto_ms, client_ms = measure(path, run, (moto, gate, dovecot, endpoint),
                                                    args)
@@ -319,7 +336,7 @@ def start_gate(root: Path, dovecot: Dovecot, moto: Moto, args) -> Mailgate:
         "delivery": {"lmtp": f"127.0.0.1:{dovecot.lmtp_port}"},
         "metrics": {"listen": ""}, "health": {"listen": ""},
         "sync": {"region": "us-east-1", "inject": smtp, "secret_file": str(secret),
-                 "wait_time": 1, "concurrency": args.concurrency, "processed": args.processed,
+                 "wait_time": 1, "concurrency": args.concurrency,
                  "dead_letter_queue": "feed-dead-letters"}}).start()
 
 
