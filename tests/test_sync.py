@@ -93,7 +93,13 @@ class Aws:
         self.sqs.delete_message(QueueUrl=self.queue, ReceiptHandle=got[0]["ReceiptHandle"])
 
     def left(self, url: str) -> int:
-        """Messages in the queue, visible or in flight."""
+        """Messages in the queue, visible or in flight. moto counts the visible ones a moment
+        before those in flight: a message whose visibility timeout ends in between is in
+        neither count, and a queue that holds it reads 0. It cannot end twice in a moment, so
+        the second of two readings counts it; the larger is taken."""
+        return max(self._counted(url), self._counted(url))
+
+    def _counted(self, url: str) -> int:
         attrs = self.sqs.get_queue_attributes(QueueUrl=url, AttributeNames=[
             "ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"])["Attributes"]
         return sum(int(v) for v in attrs.values())
@@ -394,9 +400,12 @@ def test_listener_down_then_back_delivers_once(setup, aws, dovecot):
                what="a deferral while serve is down")
     assert aws.left(aws.queue) == 1 and dovecot.maildir_messages(ALICE) == []
     gate.start()
-    wait_until(lambda: aws.left(aws.queue) == 0, SYNC_BOUND, what="the queue drained")
-    assert len(dovecot.maildir_messages(ALICE)) == 1
+    # What the user sees first (the mail), then the queue: sync deletes only after the 250.
+    wait_until(lambda: dovecot.maildir_messages(ALICE) and aws.left(aws.queue) == 0,
+               SYNC_BOUND, what="delivered and the queue drained")
     assert feed.stop() == 0
+    assert len(dovecot.maildir_messages(ALICE)) == 1
+    assert aws.left(aws.queue) == 0 and aws.dead_letters() == []
     assert aws.tags(f"in/{mark}")["status"] == "delivered"
 
 
