@@ -19,13 +19,14 @@ import urllib.request
 import sys
 import uuid
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from botocore.exceptions import BotoCoreError, ClientError
 
 from conftest import register
-from peers import REPO, PeerError, free_port, read_text, wait_until
+from peers import REPO, Moto, PeerError, free_port, read_text, wait_until
 
 TESTS = Path(__file__).resolve().parent
 BUCKET, ARCHIVE = "inbound", "archive"
@@ -441,11 +442,23 @@ def test_two_sync_processes_200_messages_twice_announced_each_exactly_once(setup
         assert "s3://inbound/in/" in proc.log_text()
 
 
+@pytest.fixture
+def dynamodb(peer_root, request) -> Iterator[Moto]:
+    """A moto for the store alone, answering one request at a time: the threaded one lets two
+    conditional claims of one key both win (DynamoDB lets one), which delivers twice."""
+    server = Moto(peer_root / "moto-dynamodb", one_at_a_time=True)
+    register(request, "moto-dynamodb", server)
+    try:
+        yield server.start()
+    finally:
+        server.stop()
+
+
 @pytest.mark.slow
-def test_two_hosts_share_their_claims_in_dynamodb(setup, aws, dovecot, moto, peer_root):
+def test_two_hosts_share_their_claims_in_dynamodb(setup, aws, dovecot, dynamodb, peer_root):
     gate, sync = setup
     dynamo = {"MAILGATE_STORE_BACKEND": "dynamodb", "MAILGATE_STORE_REGION": "us-east-1",
-              "MAILGATE_STORE_ENDPOINT_URL": moto.endpoint}
+              "MAILGATE_STORE_ENDPOINT_URL": dynamodb.endpoint}
     init = subprocess.run([sys.executable, "-m", "mailgate", "store", "init", "-c",
                            str(gate.config_path)], env={**sync().env, **dynamo},
                           capture_output=True, text=True, timeout=SYNC_BOUND)
