@@ -27,6 +27,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from conftest import register
 from peers import REPO, Moto, PeerError, free_port, read_text, wait_until
+from storefault import StoreFault
 
 TESTS = Path(__file__).resolve().parent
 BUCKET, ARCHIVE = "inbound", "archive"
@@ -454,15 +455,21 @@ def dynamodb(peer_root, request) -> Iterator[Moto]:
         server.stop()
 
 
+def dynamodb_store(gate, sync, endpoint: str) -> dict[str, str]:
+    """The environment that puts sync's store in DynamoDB at `endpoint`, its tables made."""
+    env = {"MAILGATE_STORE_BACKEND": "dynamodb", "MAILGATE_STORE_REGION": "us-east-1",
+           "MAILGATE_STORE_ENDPOINT_URL": endpoint}
+    init = subprocess.run([sys.executable, "-m", "mailgate", "store", "init", "-c",
+                           str(gate.config_path)], env={**sync().env, **env},
+                          capture_output=True, text=True, timeout=SYNC_BOUND)
+    assert init.returncode == 0, init.stderr
+    return env
+
+
 @pytest.mark.slow
 def test_two_hosts_share_their_claims_in_dynamodb(setup, aws, dovecot, dynamodb, peer_root):
     gate, sync = setup
-    dynamo = {"MAILGATE_STORE_BACKEND": "dynamodb", "MAILGATE_STORE_REGION": "us-east-1",
-              "MAILGATE_STORE_ENDPOINT_URL": dynamodb.endpoint}
-    init = subprocess.run([sys.executable, "-m", "mailgate", "store", "init", "-c",
-                           str(gate.config_path)], env={**sync().env, **dynamo},
-                          capture_output=True, text=True, timeout=SYNC_BOUND)
-    assert init.returncode == 0, init.stderr
+    dynamo = dynamodb_store(gate, sync, dynamodb.endpoint)
     # each "host" has its own data_dir (so its own SQLite): only DynamoDB is shared
     hosts = [sync({**dynamo, "MAILGATE_DATA_DIR": str(peer_root / f"host-{i}")}).start()
              for i in range(2)]
@@ -478,6 +485,32 @@ def test_two_hosts_share_their_claims_in_dynamodb(setup, aws, dovecot, dynamodb,
     missing = sorted(set(marks) - set(delivered))
     twice = {mark: n for mark, n in delivered.items() if n != 1 or mark not in marks}
     assert (missing, twice) == ([], {})
+
+
+def test_store_failing_after_the_250_acknowledges_and_delivers_once(setup, aws, dovecot,
+                                                                   dynamodb):
+    """serve said 250, then the store would not record it: the message is still finished
+    (tagged, deleted), not brought back to be injected again."""
+    gate, sync = setup
+    dynamo = dynamodb_store(gate, sync, dynamodb.endpoint)
+    aws.drop_test_event()
+    proxy = StoreFault(dynamodb.endpoint)
+    try:
+        proxy.fail("PutItem", "sync-done:")
+        feed = sync({**dynamo, "MAILGATE_STORE_ENDPOINT_URL": proxy.endpoint}).start()
+        mark = uuid.uuid4().hex
+        aws.s3.put_object(Bucket=BUCKET, Key=f"in/{mark}", Body=stored(mark))
+        wait_until(lambda: len(dovecot.maildir_messages(ALICE)) > 1 or (
+            dovecot.maildir_messages(ALICE) and aws.left(aws.queue) == 0), SYNC_BOUND,
+            what="delivered and acknowledged, or delivered twice")
+        assert feed.stop() == 0
+    finally:
+        proxy.close()
+    assert len(dovecot.maildir_messages(ALICE)) == 1
+    assert aws.left(aws.queue) == 0 and aws.dead_letters() == []
+    assert aws.tags(f"in/{mark}")["status"] == "delivered"
+    assert proxy.failed >= 2  # each try of the record was refused (botocore retries once)
+    assert f"s3://{BUCKET}/in/{mark}: delivered to {ALICE}, but not recorded" in feed.log_text()
 
 
 def test_sigkill_after_250_before_delete_no_duplicate(setup, aws, dovecot):
