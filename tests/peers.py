@@ -776,10 +776,13 @@ class Moto:
 
     Clients reach it with boto3 and `endpoint_url`; nothing is patched. `stop()` then `start()`
     keeps the port, so a test can take the "cloud" away and bring it back (state is lost).
+    `one_at_a_time`: requests are answered in turn, so conditional writes are atomic as in
+    DynamoDB (see tests/moto_one_at_a_time.py); no SQS long polls then.
     """
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, one_at_a_time: bool = False):
         self.root = Path(root)
+        self.one_at_a_time = one_at_a_time
         self.root.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.log_path = self.root / "moto.log"
@@ -796,8 +799,10 @@ class Moto:
 
     def start(self) -> "Moto":
         with open(self.log_path, "ab") as log:
+            server = ([str(Path(__file__).with_name("moto_one_at_a_time.py"))]
+                      if self.one_at_a_time else ["-m", "moto.server"])
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+                [sys.executable, *server, "-H", "127.0.0.1", "-p", str(self.port)],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
                 env={**os.environ, **AWS_TEST_ENV})
         try:

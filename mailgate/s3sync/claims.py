@@ -4,17 +4,25 @@ SQS delivers at least once; the store's conditional write (SQLite here, DynamoDB
 makes delivery happen once. Keyed by bucket, key, ETag and recipient, so the feed (both
 notification formats) and replay share one memory. A lock (as long as a message's visibility)
 guards the injection; "done" is written right after serve's 250, before any acknowledgement.
+A lock that cannot be given back, or a "done" the store never took, leaves the lock to expire.
 """
 from __future__ import annotations
 
+import asyncio
 import enum
 import hashlib
+import logging
 
-from mailgate.store import Store
+from mailgate.s3sync import metrics
+from mailgate.store import Store, StoreUnavailable
 
+log = logging.getLogger("mailgate.sync")
 DAYS = 24 * 3600.0
 # Longer than SQS keeps a message (14 days at most): a redelivery always finds its record.
 REMEMBER = 15 * DAYS
+# Seconds before each try to record a 250: the later ones fall after the store's fail-fast
+# window (store.timeout, 2 s by default), in which a call fails without asking.
+RECORD_PAUSES = (0.0, 1.0, 3.0)
 
 
 class Claim(enum.Enum):
@@ -44,8 +52,25 @@ class Claims:
         return Claim.MINE
 
     async def delivered(self, ident: str) -> None:
-        await self.store.claim(f"sync-done:{ident}", REMEMBER)
+        """Record serve's 250, then give the lock back. StoreUnavailable when every try failed:
+        the lock is then kept, so a copy finds it busy (until lock_ttl) instead of delivering."""
+        for pause in RECORD_PAUSES:
+            await asyncio.sleep(pause)
+            try:
+                await self.store.claim(f"sync-done:{ident}", REMEMBER)  # False: already there
+                break
+            except StoreUnavailable as e:
+                failed = e
+        else:
+            raise failed
         await self.release(ident)
 
     async def release(self, ident: str) -> None:
-        await self.store.forget(f"sync-lock:{ident}")
+        """Give the lock back; if the store is away, it expires after lock_ttl instead (the
+        message waits that long; nothing is lost or doubled)."""
+        try:
+            await self.store.forget(f"sync-lock:{ident}")
+        except StoreUnavailable as e:
+            metrics.ERRORS.labels("store").inc()
+            log.warning("sync lock %s not given back, it expires in %g s: %s", ident[:16],
+                        self.lock_ttl, e)

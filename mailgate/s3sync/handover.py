@@ -98,16 +98,27 @@ class Handover:
                 dataclasses.replace(handoff, recipients=mine)) if mine else {}
             for rcpt in mine:
                 if answers[rcpt].ok:
-                    # XXX between serve's 250 and this write a crash would deliver twice on
-                    # the retry; it is the only such window (the store write is local or one
-                    # DynamoDB request).
-                    await self.claims.delivered(idents[rcpt])
+                    # serve has it: done before it is recorded, so a store that fails now
+                    # cannot bring the message back to be injected again.
                     claims[rcpt] = Claim.DONE
+                    await self._record(notice, rcpt, idents[rcpt])
         finally:  # a lock we hold and did not turn into "done" is given back
             for rcpt, claim in claims.items():
                 if claim is Claim.MINE:
                     await self.claims.release(idents[rcpt])
         return outcome(claims, answers)
+
+    async def _record(self, notice: Notice, rcpt: str, ident: str) -> None:
+        """Remember serve's 250 for `rcpt`; when the store will not, say what that risks."""
+        # XXX a crash between serve's 250 and this write delivers twice on the retry; a store
+        # that refuses it keeps the lock, so only a copy announced after lock_ttl does.
+        try:
+            await self.claims.delivered(ident)
+        except StoreUnavailable as e:
+            metrics.ERRORS.labels("store").inc()
+            log.error("s3://%s/%s: delivered to %s, but not recorded in the store (%s); a copy "
+                      "announced more than %g s from now would be delivered again", notice.bucket,
+                      notice.key, rcpt, e, self.claims.lock_ttl)
 
 
 def outcome(claims: dict[str, Claim], answers: dict[str, Answer]) -> Outcome:
