@@ -59,7 +59,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--paths", default="skl", help="which of s, k, l to run (default skl)")
     p.add_argument("--output", type=Path, default=REPO / "BENCHMARKS.md")
     p.add_argument("--no-write", action="store_true", help="print the section only")
-    return p.parse_args()
+    args = p.parse_args()
+    if set(args.paths) - set("skl") or "l" not in args.paths or not set(args.paths) & set("sk"):
+        p.error("--paths: the loop (l) and at least one of s, k; nothing else")
+    return args
 
 
 def stored(mark: str, to: str) -> bytes:
