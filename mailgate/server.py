@@ -1,14 +1,13 @@
 """SMTP and LMTP listeners: aiosmtpd's protocol, with what a Postfix neighbour needs added.
 
 Added or changed here, because aiosmtpd 1.4.6 lacks or gets them wrong for us: XFORWARD from
-trusted networks; the null sender <>; DSN parameters (NOTIFY, ORCPT, ENVID, RET) accepted instead
+trusted networks (forwarded.py); the null sender <>; DSN parameters (NOTIFY, ORCPT, ENVID, RET) accepted instead
 of 555; enhanced status codes on every reply; a session cap (421 4.3.2); an idle deadline that
 counts from the last byte received and never fires while a message is being processed, and a
 line that takes longer than twice that deadline ends the session too (a slowloris).
 """
 from __future__ import annotations
 
-import hmac
 import asyncio
 from typing import TYPE_CHECKING
 
@@ -16,25 +15,21 @@ from aiosmtpd.smtp import SMTP
 
 from mailgate import dataphase, metrics
 from mailgate.aiosmtpd_setup import FAST_INIT, fast_init
-from mailgate.commands import (IGNORED_MAIL_PARAMS, IGNORED_RCPT_PARAMS,
-                               XFORWARD_ATTRS, is_trusted, parse_path, xtext_decode)
-from mailgate.commands import parse_xfeed
-from mailgate.message import Client
+from mailgate.commands import IGNORED_MAIL_PARAMS, IGNORED_RCPT_PARAMS, is_trusted, parse_path
+from mailgate.forwarded import Forwarded
 from mailgate.verdict import (BAD_ARGUMENTS, BAD_PARAMETER, BAD_RECIPIENT, BAD_SENDER,
-                              BAD_SEQUENCE, BAD_SYNTAX, DATA_GO_AHEAD, IDLE_TIMEOUT, RCPT_OK,
-                              SENDER_OK, SHUTTING_DOWN,
-                              TOO_BIG, TOO_MANY_RECIPIENTS, TOO_MANY_SESSIONS, XFORWARD_DENIED,
-                              XFORWARD_OK, Reply, enhance)
-from mailgate.verdict import FEED_DENIED, FEED_OK
+                              BAD_SEQUENCE, DATA_GO_AHEAD, IDLE_TIMEOUT, RCPT_OK, SENDER_OK,
+                              SHUTTING_DOWN, TOO_BIG, TOO_MANY_RECIPIENTS, TOO_MANY_SESSIONS,
+                              Reply, enhance)
 
 if TYPE_CHECKING:
     from mailgate.gateway import Gateway
 
-class SMTPServer(SMTP):
-    """One client session. The mail decisions live in the Gateway (aiosmtpd's handler)."""
+class SMTPServer(Forwarded, SMTP):
+    """One client session. The mail decisions live in the Gateway (aiosmtpd's handler); who
+    the client is, XFORWARD and XFEED, in Forwarded; the LMTP variant in lmtpserver.py."""
 
     protocol_name = "SMTP"
-    feed_verdicts: tuple[tuple[str, str], ...] = ()  # set by XFEED, for one transaction
     last_line = 0.0  # when a line last ended (a LF arrived); set from connection_made on
 
     def __init__(self, gateway: Gateway, listener: str):
@@ -155,20 +150,6 @@ class SMTPServer(SMTP):
         status = enhance(await super().handle_exception(error))
         return "\r\n".join([status] * max(replies, 1))  # LMTP: one reply per recipient
 
-    # -- who the client is --------------------------------------------------------------
-    def client(self) -> Client:
-        peer = self.session.peer
-        addr = peer[0] if isinstance(peer, tuple) else "127.0.0.1"
-        name = "localhost" if addr in ("127.0.0.1", "::1") else "unknown"
-        fwd = self.xforward
-        if "ADDR" in fwd:  # the original client's name is only what XFORWARD says
-            name = "unknown"
-        return Client(addr=fwd.get("ADDR", addr), name=fwd.get("NAME", name),
-                      helo=fwd.get("HELO", self.session.host_name or ""),
-                      proto=fwd.get("PROTO", "ESMTP" if self.session.extended_smtp else "SMTP"),
-                      local=self.trusted and "ADDR" not in fwd,
-                      ident=fwd.get("IDENT", ""))
-
     # -- verbs ----------------------------------------------------------------------------
     async def smtp_EHLO(self, hostname: str) -> None:
         await self._ehlo(hostname)
@@ -179,51 +160,6 @@ class SMTPServer(SMTP):
             await super().smtp_EHLO(hostname)
         finally:
             self.in_ehlo = False
-
-    async def _before_mail(self, allowed: bool) -> bool:
-        """What XFORWARD and XFEED share: an allowed client, after EHLO, before MAIL."""
-        if not allowed:
-            await self.reply(XFORWARD_DENIED)
-            return False
-        if await self.check_helo_needed("EHLO"):
-            return False
-        if self.envelope.mail_from is not None:
-            await self.reply(BAD_SEQUENCE)
-            return False
-        return True
-
-    async def smtp_XFORWARD(self, arg: str | None) -> None:
-        if not await self._before_mail(self.trusted):
-            return
-        attrs = {}
-        for item in (arg or "").split():
-            name, eq, value = item.partition("=")
-            if not eq or name.upper() not in XFORWARD_ATTRS:
-                await self.reply(BAD_ARGUMENTS, f"Bad XFORWARD attribute {name!r}: ")
-                return
-            if value not in ("[UNAVAILABLE]", "[TEMPUNAVAIL]"):
-                attrs[name.upper()] = xtext_decode(value)
-        if not attrs and not arg:
-            await self.reply(BAD_ARGUMENTS)
-            return
-        self.xforward.update(attrs)
-        await self.reply(XFORWARD_OK)
-
-    async def smtp_XFEED(self, arg: str | None) -> None:
-        """mailgate sync's session: its SES verdicts count. Trusted by the shared secret
-        (sync.secret_file) from a trusted network, never by anything in the message."""
-        secret = self.gateway.feed_secret
-        if not await self._before_mail(self.trusted and bool(secret)):
-            return
-        parsed = parse_xfeed(arg or "")
-        if parsed is None:
-            await self.reply(BAD_ARGUMENTS)
-            return
-        if not hmac.compare_digest(parsed[0].encode(), secret):
-            await self.reply(FEED_DENIED)
-            return
-        self.feed_verdicts = parsed[1]
-        await self.reply(FEED_OK)
 
     async def smtp_MAIL(self, arg: str | None) -> None:
         if await self.check_helo_needed():
@@ -325,33 +261,3 @@ class SMTPServer(SMTP):
         self._set_post_data_state()
         await self.push(status)
 
-
-class LMTPServer(SMTPServer):
-    """LMTP (RFC 2033): LHLO instead of HELO/EHLO; the Gateway answers per recipient."""
-
-    protocol_name = "LMTP"
-
-    replies_due = 0  # recipients awaiting a reply after DATA
-
-    async def smtp_DATA(self, arg: str | None) -> None:
-        self.replies_due = 0 if arg else len(self.envelope.rcpt_tos)
-        try:
-            await super().smtp_DATA(arg)
-        finally:
-            self.replies_due = 0
-
-    async def push(self, status) -> None:
-        """aiosmtpd's own DATA errors (552, line too long) are one line: LMTP needs one each."""
-        if self.replies_due > 1 and isinstance(status, str) and "\r\n" not in status \
-                and status[:1] in "45":
-            status = "\r\n".join([enhance(status)] * self.replies_due)
-        await super().push(status)
-
-    async def smtp_LHLO(self, hostname: str) -> None:
-        await self._ehlo(hostname)
-
-    async def smtp_HELO(self, hostname: str) -> None:
-        await self.reply(BAD_SYNTAX.with_text('Error: command "HELO" not recognized'))
-
-    async def smtp_EHLO(self, hostname: str) -> None:
-        await self.reply(BAD_SYNTAX.with_text('Error: command "EHLO" not recognized'))

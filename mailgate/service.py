@@ -17,11 +17,12 @@ from mailgate import __version__, health, maildir, maillog, metrics
 from mailgate.config import Config, ConfigError, find_file, load, parse_hostport
 from mailgate.gateway import Gateway
 from mailgate.lmtp import Pool
+from mailgate.lmtpserver import LMTPServer
 from mailgate.lookup import LookupServer
 from mailgate.notify import notify
 from mailgate.pipeline import Chain, validate
 from mailgate.resources import Resources
-from mailgate.server import LMTPServer, SMTPServer
+from mailgate.server import SMTPServer
 from mailgate.store import StoreUnavailable
 
 log = logging.getLogger("mailgate.service")

@@ -7,7 +7,8 @@ from aiosmtpd.smtp import SMTP
 
 from mailgate import aiosmtpd_setup, config
 from mailgate.commands import SIMPLE_PATH
-from mailgate.server import LMTPServer, SMTPServer
+from mailgate.lmtpserver import LMTPServer
+from mailgate.server import SMTPServer
 from mailgate.resources import Resources
 from mailgate.service import make_gateway
 
