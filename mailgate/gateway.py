@@ -29,7 +29,8 @@ log = logging.getLogger("mailgate.gateway")
 
 
 class Session(Protocol):
-    """What the gateway needs of a client session; server.py's listeners are the real ones.
+    """What the gateway needs of a client session; the listeners (server.py, lmtpserver.py)
+    are the real ones.
     (The gateway does not import them: data flows from the listener down, never back up.)"""
     listener: str          # "smtp" | "lmtp", the config key's name
     protocol_name: str     # "SMTP" | "LMTP"

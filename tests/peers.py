@@ -29,6 +29,7 @@ VMAIL_UID = VMAIL_GID = 5000
 PASSWORD = "secret"
 START_TIMEOUT = 15.0
 STOP_TIMEOUT = 15.0
+PORT_TRIES = 3          # first starts of a peer whose port another test process took meanwhile
 
 T = TypeVar("T")
 
@@ -798,6 +799,19 @@ class Moto:
         return dict(AWS_TEST_ENV)
 
     def start(self) -> "Moto":
+        # free_port() is per process: another test process may take the same port first. On a
+        # first start moto then moves to another port; a restart keeps its port (see above).
+        for attempt in range(1 if self.proc is not None else PORT_TRIES):
+            if attempt:
+                self.port = free_port()
+            if self._start_once():
+                return self
+            if "Address already in use" not in self.log_text():
+                break
+        raise PeerError(f"moto exited {self.proc.returncode}:\n{self.log_text()}")
+
+    def _start_once(self) -> bool:
+        """True once moto answers; False if it exited."""
         with open(self.log_path, "ab") as log:
             server = ([str(Path(__file__).with_name("moto_one_at_a_time.py"))]
                       if self.one_at_a_time else ["-m", "moto.server"])
@@ -811,16 +825,17 @@ class Moto:
         except TimeoutError as e:
             self.stop()
             raise PeerError(f"{e}\n--- moto log ---\n{self.log_text()}") from None
-        if self.proc.poll() is not None:
-            raise PeerError(f"moto exited {self.proc.returncode}:\n{self.log_text()}")
-        return self
+        return self.proc.poll() is None
 
     def _answers(self) -> bool:
+        """moto's API answers on our port (something else there, e.g. a Dovecot that took the
+        port first, is not moto)."""
+        import http.client
         import urllib.request
         try:
             with urllib.request.urlopen(f"{self.endpoint}/moto-api/data.json", timeout=1):
                 return True
-        except OSError:
+        except (OSError, http.client.HTTPException):
             return False
 
     def stop(self) -> None:

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import signal
+import socket
 import subprocess
+import threading
 import tomllib
 import uuid
 from pathlib import Path
@@ -10,7 +12,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given, strategies as st
 
-from peers import (Dovecot, PeerError, Postfix, descendants, free_port, lmtp_rcpt,
+from peers import (Dovecot, Moto, PeerError, Postfix, descendants, free_port, lmtp_rcpt,
                    lmtp_send, pid_alive, port_open, swaks, toml_dumps, wait_until)
 
 ALICE, BOB, CAROL = "alice@example.test", "bob@example.test", "carol@example.test"
@@ -256,3 +258,34 @@ def test_wait_until_is_bounded() -> None:
 def test_free_port_is_not_handed_out_twice() -> None:
     ports = {free_port() for _ in range(20)}
     assert len(ports) == 20 and not any(port_open(p) for p in ports)
+
+
+# ---------------------------------------------------------------- moto
+
+def test_moto_whose_port_another_server_took_moves_to_a_free_one(peer_root: Path) -> None:
+    """Test processes pick ports independently: a Dovecot may take moto's port first."""
+    squatter = socket.socket()
+    squatter.bind(("127.0.0.1", 0))
+    squatter.listen()
+    stop = threading.Event()
+
+    def greet() -> None:  # answers like Dovecot does, which moto's readiness probe must not take
+        squatter.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conn, _ = squatter.accept()
+            except OSError:
+                continue
+            with conn:
+                conn.sendall(b"220 vm Dovecot (Debian) ready.\r\n")
+    threading.Thread(target=greet, daemon=True).start()
+    moto = Moto(peer_root / "moto")
+    taken = moto.port = squatter.getsockname()[1]
+    try:
+        moto.start()
+        assert moto.port != taken
+        assert moto.client("sqs").list_queues().get("QueueUrls", []) == []
+    finally:
+        moto.stop()
+        stop.set()
+        squatter.close()
