@@ -7,6 +7,7 @@ recipes, with fixed ports replaced by free ones.
 """
 from __future__ import annotations
 
+import fcntl
 import imaplib
 import json
 import os
@@ -54,17 +55,46 @@ def wait_until(predicate: Callable[[], T], timeout: float = 10.0, interval: floa
 
 
 _handed_out: set[int] = set()
+# Ports handed out lately by any test process on this machine (see free_port).
+PORT_REGISTRY = Path(os.environ.get("TMPDIR", "/tmp")) / "mailgate-test-ports"
+PORT_MEMORY = 600.0
 
 
 def free_port() -> int:
-    """A loopback TCP port that was free a moment ago, never the same one twice per process."""
-    while True:
+    """A loopback TCP port that was free a moment ago, never the same one twice in
+    PORT_MEMORY seconds, in this process or any other test process on the machine (pytest -n
+    runs several; two of them once started moto and Dovecot on one port)."""
+    try:
+        registry = open(PORT_REGISTRY, "a+")  # noqa: SIM115 - closed below, lock with it
+    except OSError:  # not ours to write (another user's): this process's memory only
+        return _pick_port(set())
+    with registry:
+        fcntl.flock(registry, fcntl.LOCK_EX)  # released when the file closes
+        registry.seek(0)
+        now = time.time()
+        recent = {}
+        for line in registry.read().split():
+            port, _, when = line.partition("@")
+            if port.isdigit() and when.replace(".", "", 1).isdigit() and \
+                    now - float(when) < PORT_MEMORY:
+                recent[int(port)] = float(when)
+        port = _pick_port(set(recent))
+        recent[port] = now
+        registry.seek(0)
+        registry.truncate()
+        registry.write("".join(f"{p}@{t:.0f}\n" for p, t in recent.items()))
+    return port
+
+
+def _pick_port(avoid: set[int]) -> int:
+    for _ in range(10_000):  # the kernel picks at random among ~28,000 ephemeral ports
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        if port not in _handed_out:
+        if port not in _handed_out and port not in avoid:
             _handed_out.add(port)
             return port
+    raise PeerError("no loopback port left that no test process used lately")
 
 
 def port_open(port: int, host: str = "127.0.0.1") -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import tomllib
 import uuid
@@ -289,3 +290,15 @@ def test_moto_whose_port_another_server_took_moves_to_a_free_one(peer_root: Path
         moto.stop()
         stop.set()
         squatter.close()
+
+
+def test_free_port_never_hands_one_port_to_two_test_processes() -> None:
+    """pytest -n runs several processes; each picks ports with free_port(). Without a shared
+    memory two of them picked the same one about once a suite (moto met Dovecot's greeting)."""
+    script = ("import sys; sys.path.insert(0, sys.argv[1]); from peers import free_port; "
+              "print(' '.join(str(free_port()) for _ in range(600)))")
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(Path(__file__).parent)],
+                              stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    picked = [set(map(int, proc.communicate(timeout=120)[0].split())) for proc in procs]
+    assert [len(p) for p in picked] == [600, 600]
+    assert picked[0] & picked[1] == set()
