@@ -223,7 +223,7 @@ def maildir_files(path: Path) -> list[bytes]:
 
 # ---------------------------------------------------------------- TOML
 
-_BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+\Z")  # \Z: "$" would let a trailing newline pass
 
 
 def toml_dumps(data: Mapping[str, Any]) -> str:
