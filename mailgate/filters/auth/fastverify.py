@@ -53,13 +53,18 @@ def verify(hash, signature: bytes, public_key: dict) -> bool:
 
 
 @functools.lru_cache(maxsize=1024)  # a parsed key is read-only to dkimpy
-def _evaluate(name: bytes, record: bytes | None):
-    return dkim.evaluate_pk(name, record)
+def parse_key(record: bytes):
+    """dkimpy's (key, bits, k=, tlsrpt) for a key record, parsed once per record; raises as
+    dkimpy does for a record it cannot use."""
+    return dkim.evaluate_pk(b"key", record)
 
 
 def load_key(name: bytes, dnsfunc, timeout: float = 5):
-    """dkimpy's load_pk_from_dns, each (name, record) parsed once."""
-    return _evaluate(name, dnsfunc(name, timeout=timeout))
+    """dkimpy's load_pk_from_dns, each record parsed once."""
+    record = dnsfunc(name, timeout=timeout)
+    if not record:  # dkimpy's own error, naming the key
+        return dkim.evaluate_pk(name, record)
+    return parse_key(record)
 
 
 def install() -> None:
