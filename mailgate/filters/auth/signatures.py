@@ -25,7 +25,7 @@ import dkim
 import dkim.util
 
 from mailgate.dns import Budget, DnsError, Resolver
-from mailgate.filters.auth import fastverify
+from mailgate.filters.auth import bounded, fastverify
 from mailgate.filters.auth.fields import Header
 from mailgate.filters.auth.results import Result
 
@@ -35,6 +35,7 @@ _QUIET = logging.getLogger("mailgate.auth.dkimpy")
 _QUIET.propagate = False
 _QUIET.addHandler(logging.NullHandler())
 fastverify.install()
+bounded.install()
 MAX_EXPONENT_BITS = 64
 MAX_ARC_SETS = 50   # RFC 8617 §4.2.1: i= runs 1..50
 MISSING, FAILED = "missing", "failed"   # a key that does not exist; one DNS did not give
