@@ -2,7 +2,8 @@
 
 Pure functions: a key made here, messages signed by dkimpy, no DNS (the filter's own tests use
 the loopback DNS server). Each case is one a broken replacement would get wrong: always-true,
-a digest ignored, a short or over-long signature, SHA-1.
+a digest ignored, a short or over-long signature, SHA-1; and B_TAG must take out of a signature
+exactly what dkimpy's RE_BTAG takes out.
 """
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import hashlib
 import dkim
 import dkim.crypto
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 from dnsserver import dkim_key
 from mailgate.filters.auth import fastverify
@@ -77,3 +80,17 @@ def test_a_signature_not_below_the_modulus_is_refused_not_raised():
         len(signature) + 1, "big")
     assert fastverify.verify(digest, too_big, public) is False
     assert fastverify.verify(digest, b"\xff" * (len(signature) + 8), public) is False
+
+
+B_VALUE = st.lists(st.sampled_from([b"A", b"z", b"0", b"+", b"/", b"=", b" ", b"\t", b"\r\n ",
+                                    b"\r\n", b"\n", b";", b"b", b"b=", b" b =", b"h", b"-", b"."]),
+                   max_size=40).map(b"".join)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(B_VALUE)
+@example(b"v=1; a=rsa-sha256; bh=abc=; b=AbC+/9=\r\n xyz==\r\n")
+@example(b"v=1; b= AB \r\n")     # whitespace after the value stays
+@example(b"; b=AB; b=CD")       # every b= in the field, as dkimpy does
+def test_b_tag_takes_out_what_dkimpy_takes_out(field: bytes) -> None:
+    assert fastverify.B_TAG.sub(b"\\1", field) == fastverify._DKIMPY_BTAG.sub(b"\\1", field)
