@@ -9,11 +9,14 @@ The auth mailgate does not trust 127.0.0.1 (no "local mail" shortcut): SPF runs 
 message, against records that permit 127.0.0.1. The cache is warm after the warm-up, as in
 production where the same senders repeat. Each run is checked: a sample of delivered messages
 must carry spf=pass, dkim=pass and dmarc=pass. Results replace the "## Auth filter" section of
-BENCHMARKS.md; --profile adds where the auth mailgate's CPU goes (py-spy).
+BENCHMARKS.md; --profile adds where the auth mailgate's CPU goes (py-spy). --baseline DIR adds
+path (o): the auth mailgate from another checkout (a git worktree of an older commit), so that
+two builds are compared in the same rounds, on the same host in the same state.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import subprocess
 import sys
@@ -35,8 +38,9 @@ import probes  # noqa: E402
 from throughput import Run, count_messages, scratch, set_fsync, wait_quiet  # noqa: E402
 
 DOMAIN = "example.test"
-PATHS = "ued"
-LABELS = {"u": "(u) mailgate + auth", "e": "(e) mailgate, empty chain", "d": "(d) Dovecot direct"}
+PATHS = "ued"   # and "o" with --baseline
+LABELS = {"u": "(u) mailgate + auth", "e": "(e) mailgate, empty chain", "d": "(d) Dovecot direct",
+          "o": "(o) mailgate + auth, the --baseline checkout"}
 TARGET = 0.7
 SECTION = "## Auth filter"
 SETTLE_SECONDS = 1.0
@@ -52,6 +56,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=300, help="messages per path first (300)")
     p.add_argument("--fsync", choices=("optimized", "never"), default="optimized")
     p.add_argument("--profile", action="store_true", help="one more (u) run under py-spy")
+    p.add_argument("--baseline", type=Path, help="another checkout of mailgate (say, a git "
+                   "worktree of an older commit): its auth runs as path (o) in the same rounds")
     p.add_argument("--output", type=Path, default=REPO / "BENCHMARKS.md")
     p.add_argument("--keep", action="store_true", help="keep the temp dir")
     args = p.parse_args(argv)
@@ -109,9 +115,13 @@ def mailgate_config(root: Path, dovecot: Dovecot, dns: DnsServer, auth: bool) ->
     return config
 
 
-def recipients(rounds: int) -> list[str]:
-    tags = ["warm", "profile", *range(1, rounds + 1)]
-    return [f"bench-{path}-{tag}@{DOMAIN}" for tag in tags for path in PATHS]
+def paths(args: argparse.Namespace) -> str:
+    return PATHS + ("o" if args.baseline else "")
+
+
+def recipients(args: argparse.Namespace) -> list[str]:
+    tags = ["warm", "profile", *range(1, args.rounds + 1)]
+    return [f"bench-{path}-{tag}@{DOMAIN}" for tag in tags for path in paths(args)]
 
 
 @contextmanager
@@ -120,14 +130,16 @@ def peers(root: Path, args: argparse.Namespace) -> Iterator[SimpleNamespace]:
         dns = DnsServer().start()
         stack.callback(dns.stop)
         keys = publish(dns, args.domains)
-        dovecot = Dovecot(root, recipients(args.rounds))
+        dovecot = Dovecot(root, recipients(args))
         set_fsync(dovecot.conf, args.fsync)
         stack.callback(dovecot.stop)
         dovecot.start()
         gates = {}
-        for path, auth in (("u", True), ("e", False)):
+        for path, auth in (("u", True), ("e", False), ("o", True))[:len(paths(args)) - 1]:
+            env = {"PYTHONPATH": str(args.baseline.resolve())} if path == "o" else {}
             gates[path] = Mailgate(root / f"mailgate-{path}",
-                                   mailgate_config(root / f"mailgate-{path}", dovecot, dns, auth))
+                                   mailgate_config(root / f"mailgate-{path}", dovecot, dns, auth),
+                                   env=env)
             stack.callback(gates[path].stop)
             gates[path].start()
         yield SimpleNamespace(dns=dns, dovecot=dovecot, gates=gates,
@@ -166,10 +178,10 @@ def verify(env: SimpleNamespace, path: str, rcpt: str) -> None:
     sample = [p.read_bytes() for p in sorted((maildir / "new").iterdir())[:5]]
     for data in sample:
         header = re.search(rb"Authentication-Results: mx\.example\.test;(.*(?:\n[ \t].*)*)", data)
-        if path == "u" and (header is None or [w for w in (b"spf=pass", b"dkim=pass", b"dmarc=pass")
+        if path in "uo" and (header is None or [w for w in (b"spf=pass", b"dkim=pass", b"dmarc=pass")
                                                if w not in header[1]]):
             raise RuntimeError(f"(u) delivered without passing auth results:\n{data[:1500]!r}")
-        if path != "u" and header is not None:
+        if path not in "uo" and header is not None:
             raise RuntimeError(f"({path}) has auth results it should not have")
 
 
@@ -191,12 +203,12 @@ def measure(env: SimpleNamespace, path: str, rnd: int, order: str, rcpt: str,
 
 
 def rounds(env: SimpleNamespace, args: argparse.Namespace) -> list[Run]:
-    for path in PATHS if args.warmup else "":
+    for path in paths(args) if args.warmup else "":
         send(env, path, f"bench-{path}-warm@{DOMAIN}", args.warmup, args)
     runs = []
     for rnd in range(1, args.rounds + 1):
-        shift = (rnd - 1) % len(PATHS)
-        order = PATHS[shift:] + PATHS[:shift]
+        shift = (rnd - 1) % len(paths(args))
+        order = paths(args)[shift:] + paths(args)[:shift]
         runs += [measure(env, p, rnd, order, f"bench-{p}-{rnd}@{DOMAIN}", args) for p in order]
     return runs
 
@@ -217,23 +229,43 @@ def _cpu_ms(run: Run) -> float:
     return 1000 * run.gate_cpu / run.messages
 
 
+def _machine_ms(run: Run) -> float:
+    """CPU of all processes on the machine per message: smtp-source, mailgate, Dovecot, kernel."""
+    return 1000 * run.machine_cpu / run.messages
+
+
 def table(runs: list[Run]) -> list[str]:
-    by = {p: [r for r in runs if r.path == p] for p in PATHS}
+    by = {p: [r for r in runs if r.path == p] for p in PATHS + "o"}
+    base = bool(by["o"])   # --baseline: (o) and u/o as two more columns
     lines = ["| round | order | (u) auth | (e) empty | (d) direct | u/d | u/e "
-             "| CPU ms/msg (u) | CPU ms/msg (e) |", "|---" * 9 + "|"]
-    for u, e, d in zip(by["u"], by["e"], by["d"]):
+             "| CPU ms/msg (u) | CPU ms/msg (e) | machine ms/msg u / e / d |"
+             + (" (o) baseline | u/o |" if base else ""), "|---" * (12 if base else 10) + "|"]
+    for u, e, d, *o in zip(by["u"], by["e"], by["d"], *([by["o"]] if base else [])):
         lines.append(f"| {u.round} | {u.order} | {u.rate:.0f} | {e.rate:.0f} | {d.rate:.0f} "
                      f"| {u.rate / d.rate:.2f} | {u.rate / e.rate:.2f} | {_cpu_ms(u):.2f} "
-                     f"| {_cpu_ms(e):.2f} |")
-    med = {p: median(r.rate for r in by[p]) for p in PATHS}
+                     f"| {_cpu_ms(e):.2f} | {_machine_ms(u):.2f} / {_machine_ms(e):.2f} / "
+                     f"{_machine_ms(d):.2f} |"
+                     + (f" {o[0].rate:.0f} | {u.rate / o[0].rate:.2f} |" if o else ""))
+    med = {p: median(r.rate for r in by[p]) for p in by if by[p]}
     cpu = {p: median(_cpu_ms(r) for r in by[p]) for p in "ue"}
+    machine = {p: median(_machine_ms(r) for r in by[p]) for p in PATHS}
     lines.append(f"| **median** | | **{med['u']:.0f}** | **{med['e']:.0f}** | **{med['d']:.0f}** "
                  f"| **{med['u'] / med['d']:.2f}** | **{med['u'] / med['e']:.2f}** "
-                 f"| **{cpu['u']:.2f}** | **{cpu['e']:.2f}** |")
+                 f"| **{cpu['u']:.2f}** | **{cpu['e']:.2f}** | **{machine['u']:.2f} / "
+                 f"{machine['e']:.2f} / {machine['d']:.2f}** |"
+                 + (f" **{med['o']:.0f}** | **{med['u'] / med['o']:.2f}** |" if base else ""))
     ratio = med["u"] / med["d"]
+    cores = os.cpu_count() or 1
+    ceiling = {p: 1000 * cores / machine[p] for p in "ue"}
     return lines + ["", f"Target: (u) ≥ {TARGET} × (d) by the medians: {ratio:.2f}, "
                     f"**{'met' if ratio >= TARGET else 'missed'}**. The filter's own cost is "
-                    f"the CPU difference (u) − (e): {cpu['u'] - cpu['e']:.2f} ms per message.", ""]
+                    f"the CPU difference (u) − (e): {cpu['u'] - cpu['e']:.2f} ms per message.",
+                    "", f"Ceiling: with all {cores} cores 100 % busy, the machine CPU per message "
+                    f"allows (u) at most {ceiling['u']:.0f} msg/s = {ceiling['u'] / med['d']:.2f} "
+                    f"× (d), and (e) {ceiling['e']:.0f} msg/s = {ceiling['e'] / med['d']:.2f} × "
+                    "(d) (the cores were " + "/".join(f"{median(r.busy for r in by[p]):.0%}"
+                                                       for p in PATHS)
+                    + " busy in (u)/(e)/(d)).", ""]
 
 
 def profile_lines(prof: dict | None) -> list[str]:
@@ -261,10 +293,19 @@ def section(facts: dict, args: argparse.Namespace, runs: list[Run], prof: dict |
              f"connection per message; {args.warmup} warm-up messages per path first (the DNS "
              f"cache is warm); Dovecot `mail_fsync = {args.fsync}`; log level info.",
              "- the (u) mailgate trusts no peer, so SPF runs for every message; each run's "
-             "delivered messages were checked for spf=pass, dkim=pass, dmarc=pass.", "",
+             "delivered messages were checked for spf=pass, dkim=pass, dmarc=pass.",
+             *([f"- (o): the same auth mailgate from {baseline(args.baseline)}, in the same "
+                "rounds"] if args.baseline else []), "",
              "Rates in msg/s:", ""]
     lines += table(runs) + profile_lines(prof)
     return "\n".join(lines)
+
+
+def baseline(checkout: Path) -> str:
+    """The baseline checkout's commit, as the report names it."""
+    done = subprocess.run(["git", "-C", str(checkout), "rev-parse", "--short", "HEAD"],
+                          capture_output=True, text=True)
+    return f"commit {done.stdout.strip()}" if done.returncode == 0 else f"`{checkout}`"
 
 
 def write(path: Path, text: str) -> None:
