@@ -8,38 +8,24 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, Protocol
 
 from mailgate import faults, maillog, metrics, trace
 from mailgate.config import Config
 from mailgate.deliver import Deliverer, DeliveryRecord, Result
 from mailgate.forward import OWN_MAILBOX, Forwarder
 from mailgate.lmtp import Pool
-from mailgate.message import Client, Envelope, parse, unparsed
+from mailgate.message import Envelope, parse, unparsed
 from mailgate.outbound import send_after_delivery
 from mailgate.pipeline import Chain, Outcome
 from mailgate.recipients import Recipients
 from mailgate.s3sync.secret import feed_secret
+from mailgate.sessions import Session, Sessions
 from mailgate.store import Store
 from mailgate.verdict import (BARE_NEWLINE, DELIVERED, DELIVERY_DEFERRED, MESSAGE_TIMEOUT,
                               RCPT_OK, TEMP_FAILURE, Action, Reply, Verdict)
 from mailgate.wireform import has_bare_newline, scan_bare_newline  # noqa: F401 (API)
 
 log = logging.getLogger("mailgate.gateway")
-
-
-class Session(Protocol):
-    """What the gateway needs of a client session; the listeners (server.py, lmtpserver.py)
-    are the real ones.
-    (The gateway does not import them: data flows from the listener down, never back up.)"""
-    listener: str          # "smtp" | "lmtp", the config key's name
-    protocol_name: str     # "SMTP" | "LMTP"
-    busy: bool             # inside DATA: shutdown waits for it
-    transport: asyncio.BaseTransport | None
-    envelope: Any          # aiosmtpd's Envelope of the transaction in progress
-
-    def client(self) -> Client: ...
-    def close_idle(self) -> None: ...
 
 
 def without(raw: bytes, spans: tuple[tuple[int, int], ...]) -> bytes:
@@ -54,60 +40,21 @@ def without(raw: bytes, spans: tuple[tuple[int, int], ...]) -> bytes:
     return b"".join(kept)
 
 
-class Gateway:
+class Gateway(Sessions):
     def __init__(self, config: Config, pool: Pool | None, chain: Chain, store: Store | None = None):
+        super().__init__()
         self.pool = pool
         self.configure(config, chain)
         self.record = DeliveryRecord(config.delivery.delivery_record, store)
-        self.sessions: set[Session] = set()
-        self.inflight: set[asyncio.Task] = set()
-        self.closing = False
-        self.quiet = asyncio.Event()  # set when no session is inside a transaction
 
     def configure(self, config: Config, chain: Chain) -> None:
         """Take a config for the transactions that start from now (at start, and on SIGHUP)."""
         self.config, self.chain = config, chain
+        self.max_sessions = config.listen.max_sessions
         self.feed_secret = feed_secret(config.sync.secret_file)
         self.recipients = Recipients(config, self.pool)
         self.deliverer = Deliverer(config, self.pool)
         self.forwarder = Forwarder(config, self.deliverer, chain.resources)
-
-    # -- sessions -------------------------------------------------------------------------
-    def session_opened(self, server: Session) -> None:
-        self.sessions.add(server)
-        metrics.child(metrics.SESSIONS_ACTIVE, server.listener).inc()
-
-    def session_closed(self, server: Session) -> None:
-        if server in self.sessions:
-            self.sessions.discard(server)
-            metrics.child(metrics.SESSIONS_ACTIVE, server.listener).dec()
-
-    def transaction_ended(self) -> None:
-        if not any(s.busy for s in self.sessions):
-            self.quiet.set()
-
-    def over_session_limit(self, server: Session) -> bool:
-        return len(self.sessions) > self.config.listen.max_sessions
-
-    async def shutdown(self, timeout: float) -> None:
-        """Stop idle sessions now; let messages in flight finish within `timeout`."""
-        self.closing = True
-        loop = asyncio.get_running_loop()
-        end = loop.time() + timeout
-        for server in list(self.sessions):
-            if not server.busy:
-                server.close_idle()
-        if any(s.busy for s in self.sessions):
-            self.quiet.clear()
-            try:
-                await asyncio.wait_for(self.quiet.wait(), timeout)
-            except TimeoutError:
-                log.warning("shutdown: %d transactions still running after %s s, closing them",
-                            sum(s.busy for s in self.sessions), timeout)
-        if self.inflight:
-            await asyncio.wait(self.inflight, timeout=max(0.0, end - loop.time()))
-        for server in list(self.sessions):
-            server.close_idle()
 
     # -- aiosmtpd hooks -------------------------------------------------------------------
     async def handle_EHLO(self, server, session, envelope, hostname: str, responses) -> list[str]:
@@ -152,11 +99,9 @@ class Gateway:
         if await scan_bare_newline(raw):
             results = [Result(r, BARE_NEWLINE, "none", "bounced", "bare newline in DATA")
                        for r in env.recipients]
-            self._log(env, len(raw), results, server.listener)
+            maillog.transaction(env, len(raw), results, server.listener)
         else:
-            task = asyncio.ensure_future(self.process(env, raw, server))
-            self.inflight.add(task)
-            task.add_done_callback(self.inflight.discard)
+            task = self.keep(asyncio.ensure_future(self.process(env, raw, server)))
             results = await asyncio.shield(task)  # the client leaving must not cut delivery short
         faults.point("before-reply")
         return self.answer(env, results, server.protocol_name == "LMTP")
@@ -167,7 +112,7 @@ class Gateway:
             faults.point("after-data")
             results = await self._process(env, raw, server.protocol_name)
         # XXX our bug must become a retry (451), never a bounce nor a silent loss.
-        except Exception:  # noqa: BLE001
+        except Exception:
             log.exception("%s: internal error while processing", env.queue_id)
             metrics.child(metrics.ERRORS, "message").inc()
             results = [Result(r, TEMP_FAILURE, "none", "deferred", "internal error")
@@ -180,7 +125,7 @@ class Gateway:
                 if result.ok:  # keyed by the envelope recipient: that is what a retry names
                     self.record.remember(self.record.key(digest, rcpt))
             await self.record.flush()  # in the store before the client hears 451
-        self._log(env, len(raw), results, server.listener)
+        maillog.transaction(env, len(raw), results, server.listener)
         return results
 
     async def _process(self, env: Envelope, raw: bytes, proto: str) -> list[Result]:
@@ -233,10 +178,8 @@ class Gateway:
         for mail in outcome.outbound:
             result = done.get(mail.after)
             if result is not None and result.status == "sent":
-                task = asyncio.ensure_future(send_after_delivery(mail, self.chain.resources,
-                                                                 env.queue_id))
-                self.inflight.add(task)
-                task.add_done_callback(self.inflight.discard)
+                self.keep(asyncio.ensure_future(send_after_delivery(mail, self.chain.resources,
+                                                                    env.queue_id)))
 
     async def _run_chain(self, env: Envelope, raw: bytes, deadline: float) -> Outcome:
         if not self.chain.filters:
@@ -279,21 +222,3 @@ class Gateway:
         if reply.ok:
             return str(reply)
         return f"{reply.code} {reply.status} <{recipient}>: {reply.text}"
-
-    def _log(self, env: Envelope, size: int, results: list[Result], listener: str) -> None:
-        qid = env.queue_id
-        # orig_queue_id= as Postfix's smtpd logs it: grep one id to follow a message through both.
-        maillog.log.info("%s: client=%s%s", qid, maillog.client_text(env.client.name, env.client.addr),
-                         f", orig_queue_id={env.client.ident}" if env.client.ident else "")
-        maillog.log.info("%s: from=<%s>, size=%d, nrcpt=%d", qid, env.sender, size, len(results))
-        delay = asyncio.get_running_loop().time() - env.received_at
-        for r in results:
-            maillog.delivery(qid, env.sender, r.recipient, r.relay, delay, r.reply.status,
-                             r.status, r.detail or str(r.reply))
-            metrics.child(metrics.RECIPIENTS, r.status).inc()
-        metrics.MESSAGE_BYTES.observe(size)
-        metrics.MESSAGE_SECONDS.observe(delay)
-        ok = sum(r.ok for r in results)
-        outcome = ("delivered" if ok == len(results) else "partial" if ok else
-                   "rejected" if all(r.reply.permanent for r in results) else "deferred")
-        metrics.child(metrics.MESSAGES, listener, outcome).inc()

@@ -11,14 +11,21 @@ facility mail (mail.log, next to Postfix's) and not also to stderr, so the journ
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import logging.handlers
 import os
 import socket
 import sys
 import time
+from typing import TYPE_CHECKING
 
+from mailgate import metrics
 from mailgate.config import Log
+
+if TYPE_CHECKING:
+    from mailgate.deliver import Result
+    from mailgate.message import Envelope
 
 log = logging.getLogger("mailgate")
 
@@ -121,3 +128,23 @@ def reject(stage: str, client: str, reply: object, sender: str | None, recipient
            proto: str, helo: str) -> None:
     log.info("NOQUEUE: reject: %s from %s: %s; from=<%s> to=<%s> proto=%s helo=<%s>",
              stage, client, reply, sender or "", recipient, proto, helo)
+
+
+def transaction(env: Envelope, size: int, results: list[Result], listener: str) -> None:
+    """A message's lines once it is answered (client, from, one per recipient), and its counts."""
+    qid = env.queue_id
+    # orig_queue_id= as Postfix's smtpd logs it: grep one id to follow a message through both.
+    log.info("%s: client=%s%s", qid, client_text(env.client.name, env.client.addr),
+             f", orig_queue_id={env.client.ident}" if env.client.ident else "")
+    log.info("%s: from=<%s>, size=%d, nrcpt=%d", qid, env.sender, size, len(results))
+    delay = asyncio.get_running_loop().time() - env.received_at
+    for r in results:
+        delivery(qid, env.sender, r.recipient, r.relay, delay, r.reply.status, r.status,
+                 r.detail or str(r.reply))
+        metrics.child(metrics.RECIPIENTS, r.status).inc()
+    metrics.MESSAGE_BYTES.observe(size)
+    metrics.MESSAGE_SECONDS.observe(delay)
+    ok = sum(r.ok for r in results)
+    outcome = ("delivered" if ok == len(results) else "partial" if ok else
+               "rejected" if all(r.reply.permanent for r in results) else "deferred")
+    metrics.child(metrics.MESSAGES, listener, outcome).inc()
