@@ -19,7 +19,8 @@ from typing import Sequence
 
 from mailgate import faults, maildir, metrics
 from mailgate.config import Config
-from mailgate.lmtp import LMTPReply, Pool
+from mailgate.lmtp import LMTPReply
+from mailgate.lmtppool import Pool
 from mailgate.message import Envelope
 from mailgate.store import Store, StoreUnavailable
 from mailgate.verdict import DELIVERED, DELIVERY_DEFERRED, OUTCOME_UNKNOWN, Reply

@@ -13,7 +13,7 @@ from mailgate import faults, maillog, metrics, trace
 from mailgate.config import Config
 from mailgate.deliver import Deliverer, DeliveryRecord, Result
 from mailgate.forward import OWN_MAILBOX, Forwarder
-from mailgate.lmtp import Pool
+from mailgate.lmtppool import Pool
 from mailgate.message import Envelope, parse, unparsed
 from mailgate.outbound import send_after_delivery
 from mailgate.pipeline import Chain, Outcome

@@ -1,23 +1,20 @@
-"""Asyncio LMTP client to Dovecot: pipelined transactions, one reply per recipient, pooled.
+"""An LMTP connection to Dovecot: pipelined transactions, one reply per recipient.
 
-A connection that errs or times out is closed, never reused. A recipient Dovecot never took
-gets `None` (the maildir fallback is safe); one whose reply was lost after the final "." went
-out gets a reply marked `unknown` (Dovecot may hold the message: defer, never fall back). Data
-goes out with CRLF line endings and dot-stuffing done on the CRLF form, so a bare-LF dot can never
-end DATA early at Dovecot (an injection path in Dovecot 2.3's LMTP); a large body is sent as
-slices of the received bytes under flow control, never copied whole.
+Every failure (connection, protocol, timeout) is an LMTPError; the pool (lmtppool.py) decides
+what it means. Data goes out with CRLF line endings and dot-stuffing done on the CRLF form, so a
+bare-LF dot can never end DATA early at Dovecot (an injection path in Dovecot 2.3's LMTP); a
+large body is sent as slices of the received bytes under flow control, never copied whole.
 """
 from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Iterator
 
-from mailgate import faults, metrics
+from mailgate import faults
 from mailgate.config import parse_hostport
-from mailgate.wireform import CHUNK, data_chunks, encode_data  # noqa: F401 (encode_data: API)
+from mailgate.wireform import encode_data  # noqa: F401 (API)
 
-STALE = object()  # a pooled connection failed before anything was exchanged on it
 TIMED_OUT = "no reply from Dovecot in time (delivery.lmtp_timeout or the message budget)"
 
 
@@ -182,103 +179,3 @@ class Connection:
 
 def _clean(address: str) -> str:
     return address.replace("\r", "").replace("\n", "")
-
-
-class Pool:
-    """A small pool of LMTP connections; its size bounds the deliveries in flight."""
-
-    def __init__(self, target: str, hostname: str, size: int, timeout: float):
-        self.target, self.hostname, self.timeout = target, hostname, timeout
-        self.idle: list[Connection] = []
-        self.slots = asyncio.Semaphore(size)
-
-    @property
-    def relay(self) -> str:
-        return f"dovecot[{self.target}]"
-
-    async def deliver(self, sender: str, recipients: list[str], parts: Sequence[bytes],
-                      body_8bit: bool, deadline: float,
-                      crlf_checked: bool = False) -> tuple[list[LMTPReply | None], str]:
-        """Replies per recipient and an error text. None: Dovecot never took that recipient.
-
-        `parts` (trace headers, the message) are sent one after the other, unchanged but for
-        line endings and dot-stuffing; the whole transaction ends by `deadline` (loop time).
-        `crlf_checked`: see wireform.data_chunks.
-        """
-        results: list[LMTPReply | None] = [None] * len(recipients)
-        if sum(map(len, parts)) <= CHUNK:  # small: one write; copying it costs less than a send
-            parts = (b"".join(parts),)
-
-        async def send(conn: Connection) -> None:
-            conn.deadline = deadline
-            try:
-                await conn.transaction(sender, recipients,
-                                       data_chunks(parts, crlf_checked=crlf_checked),
-                                       body_8bit, results)
-            finally:
-                conn.deadline = float("inf")
-        return results, await self._with_connection(send, results, deadline)
-
-    async def probe(self, recipient: str) -> LMTPReply | None:
-        """Dovecot's RCPT answer for `recipient`, or None when Dovecot cannot be asked."""
-        answer: list[LMTPReply | None] = [None]
-
-        async def ask(conn: Connection) -> None:
-            answer[0] = await conn.probe(recipient)
-        await self._with_connection(ask, [])
-        return answer[0]
-
-    async def _with_connection(self, work, results: list[LMTPReply | None],
-                               deadline: float = float("inf")) -> str:
-        """Run `work` on a pooled connection; "" or the error. A stale idle one is replaced
-        once. Waiting for a free connection counts against `deadline` too."""
-        try:
-            async with asyncio.timeout_at(None if deadline == float("inf") else deadline):
-                await self.slots.acquire()
-        except TimeoutError:
-            return "no Dovecot connection free within the message budget"
-        metrics.LMTP_IN_USE.inc()
-        try:
-            if self.idle:
-                error = await self._attempt(work, results, self.idle.pop(), deadline)
-                if error is not STALE:
-                    return error
-            return await self._attempt(work, results, None, deadline)
-        finally:
-            metrics.LMTP_IN_USE.dec()
-            self.slots.release()
-
-    async def _attempt(self, work, results: list[LMTPReply | None], conn: Connection | None,
-                       deadline: float):
-        reused = conn is not None
-        try:
-            conn = conn or await Connection.open(self.target, self.hostname, self.timeout,
-                                                 deadline)
-            # Per use: an earlier transaction's final "." must not make a stale reuse (a probe
-            # too) look like "outcome unknown" (451, no retry on a fresh connection).
-            conn.data_sent = False
-            await work(conn)
-        except (LMTPError, OSError) as e:
-            if conn is not None:
-                conn.close()
-            if reused and not conn.data_sent and not any(results):
-                return STALE  # XXX Dovecot closed an idle connection: the caller opens a fresh one
-            return self._unknown_after_data(conn, results, e)
-        except BaseException:  # cancelled: the connection is in an unknown state
-            if conn is not None:
-                conn.close()
-            raise
-        self.idle.append(conn)
-        return ""
-
-    @staticmethod
-    def _unknown_after_data(conn: Connection | None, results: list, error: Exception) -> str:
-        """After DATA went out a missing reply is unknown, not "not delivered": defer it."""
-        if conn is not None and conn.data_sent:
-            unknown = LMTPReply(0, f"outcome unknown: {error}", unknown=True)
-            results[:] = [r or unknown for r in results]
-        return str(error) or type(error).__name__
-
-    async def close(self) -> None:
-        while self.idle:
-            self.idle.pop().close()

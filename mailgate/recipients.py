@@ -11,7 +11,7 @@ import time
 
 from mailgate import maildir
 from mailgate.config import Config
-from mailgate.lmtp import Pool
+from mailgate.lmtppool import Pool
 from mailgate.verdict import RCPT_OK, RELAY_DENIED, UNKNOWN_USER, USERDB_UNAVAILABLE, Reply
 
 

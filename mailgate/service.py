@@ -16,7 +16,7 @@ import tempfile
 from mailgate import __version__, health, maildir, maillog, metrics
 from mailgate.config import Config, ConfigError, find_file, load, parse_hostport
 from mailgate.gateway import Gateway
-from mailgate.lmtp import Pool
+from mailgate.lmtppool import Pool
 from mailgate.lmtpserver import LMTPServer
 from mailgate.lookup import LookupServer
 from mailgate.notify import notify

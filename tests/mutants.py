@@ -38,7 +38,7 @@ MUTANTS = {
                                  'results = [Result(r, TEMP_FAILURE, "none", "deferred", "internal error")',
                                  'results = [Result(r, Reply(550, "5.3.0", "Error"), "none", "bounced", "")',
                                  [f"{C}::test_bug_while_processing_is_451_4_3_0_per_recipient_and_leaves_nothing"]),
-    "budget-not-on-pool": ("mailgate/lmtp.py", "            conn.deadline = deadline\n            try:",
+    "budget-not-on-pool": ("mailgate/lmtppool.py", "            conn.deadline = deadline\n            try:",
                            "            try:",
                            [f"{D}::test_dovecot_slower_than_the_message_budget"]),
     "5xx-to-fallback": ("mailgate/deliver.py", "(reply.code < 400 or reply.code >= 500)",
@@ -62,7 +62,7 @@ MUTANTS = {
                            "if False:",
                            [f"{D}::test_reply_lost_after_the_final_dot_defers_and_never_falls_back"]),
     # the defects of issue 6, put back
-    "probe-on-stale-connection": ("mailgate/lmtp.py", "            conn.data_sent = False\n            await work(conn)",
+    "probe-on-stale-connection": ("mailgate/lmtppool.py", "            conn.data_sent = False\n            await work(conn)",
                                   "            await work(conn)",
                                   [f"{D}::test_dovecot_restart_with_every_pooled_connection_open_costs_nothing"]),
     "uvloop-write-error": ("mailgate/lmtp.py", [
