@@ -85,3 +85,12 @@ def test_bad_input_is_exit_2(tmp_path, backend):
                        "elsewhere.test is not one of domains")):
         proc = cli(gate, "explain", *args, check=False)
         assert proc.returncode == 2 and why in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+def test_a_filter_over_its_time_shows_serves_451(tmp_path, backend):
+    gate = explainer(tmp_path, backend, ["filters_for_tests:Slow"],
+                     pipeline={"filters": ["filters_for_tests:Slow"], "filter_timeout": 0.5})
+    out = explain(gate, tmp_path, ALICE)
+    assert ("  slow       defer     filter slow timed out after 0.5 s\n"
+            "  => deferred (the sender retries): 451 4.3.0 ") in out, out
