@@ -30,6 +30,7 @@ def load() -> None:
     _suffixes()
 
 
+@functools.lru_cache(maxsize=4096)  # asked 3-4 times per message, for the same few domains
 def org_domain(domain: str) -> str:
     """The organizational domain (RFC 7489 §3.2): the registrable domain, or `domain` itself."""
     return _suffixes().privatesuffix(domain) or domain.lower()
@@ -44,6 +45,7 @@ class Policy:
     pct: int = 100
 
 
+@functools.lru_cache(maxsize=1024)  # a Policy is immutable: the same record, parsed once
 def parse_record(text: str) -> Policy | None:
     """A DMARC record's tags; None when it is not usable (RFC 7489 §6.3, §6.6.3 step 6)."""
     tags = {}
