@@ -94,3 +94,12 @@ B_VALUE = st.lists(st.sampled_from([b"A", b"z", b"0", b"+", b"/", b"=", b" ", b"
 @example(b"; b=AB; b=CD")       # every b= in the field, as dkimpy does
 def test_b_tag_takes_out_what_dkimpy_takes_out(field: bytes) -> None:
     assert fastverify.B_TAG.sub(b"\\1", field) == fastverify._DKIMPY_BTAG.sub(b"\\1", field)
+
+
+@settings(max_examples=300, deadline=None)
+@given(B_VALUE)
+def test_canonicalization_helpers_give_what_dkimpy_gives(text: bytes) -> None:
+    ours = (fastverify.strip_trailing_whitespace, fastverify.compress_whitespace,
+            fastverify.unfold_header_value)
+    for mine, dkimpy in zip(ours, fastverify._DKIMPY_CANONICAL):
+        assert mine(text) == dkimpy(text)
