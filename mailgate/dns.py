@@ -84,6 +84,7 @@ class Resolver:
         self._resolver.cache = None  # ours below holds plain values, readable from any thread
         self._cache = dns.resolver.LRUCache(CACHE_ENTRIES)  # thread-safe; honours .expiration
         self._inflight: dict[tuple[str, str], asyncio.Task] = {}
+        self._derived: dict[tuple, tuple[float, object]] = {}
 
     def budget(self) -> Budget:
         return Budget(self.budget_seconds)
@@ -91,6 +92,17 @@ class Resolver:
     def cached(self, name: str, rdtype: str) -> Answer | None:
         """The cached answer, or None; safe from worker threads."""
         return self._cache.get((_normal(name), rdtype))
+
+    def recall(self, key: tuple) -> object | None:
+        """What a check worked out from answers (remember), while all of them are fresh."""
+        hit = self._derived.get(key)
+        return hit[1] if hit is not None and hit[0] > time.time() else None
+
+    def remember(self, key: tuple, value: object, expiration: float) -> None:
+        """Keep `value` until `expiration`, the first of its answers' (time.time())."""
+        if len(self._derived) >= CACHE_ENTRIES:
+            self._derived.clear()
+        self._derived[key] = (expiration, value)
 
     async def lookup(self, name: str, rdtype: str, budget: Budget) -> Answer:
         """The answer for (name, rdtype), from the cache or the network; else DnsError."""

@@ -244,6 +244,24 @@ def test_spf_for_the_null_sender_checks_the_helo_name(gate: GateFactory, dove: D
     assert (spf.result, spf.smtp_helo, spf.smtp_mailfrom) == ("pass", HELO, None)
 
 
+def test_spf_results_are_kept_only_while_the_records_are_fresh(gate: GateFactory, dove: Dovecot,
+                                                               dns: DnsServer) -> None:
+    """A repeated sender's result is worked out once, but a record changed after its 1 s TTL
+    changes the result: the kept result expires with the answers it came from."""
+    g = gate()
+    dns.txt("fresh.example", "v=spf1 ip4:192.0.2.0/24 -all", ttl=1)
+
+    def spf_now() -> str:
+        m = mark()
+        assert send(g, message(m, "a@fresh.example"), "a@fresh.example")[0] == 250
+        return result(delivered(dove, m), "spf").result
+    assert spf_now() == "pass"
+    with dns.zone.lock:
+        dns.zone.records.pop("fresh.example")
+    dns.txt("fresh.example", "v=spf1 -all", ttl=1)
+    wait_until(lambda: spf_now() == "fail", 10, interval=0.2, what="the changed record's fail")
+
+
 def test_local_mail_is_not_spf_checked_and_says_so(gate: GateFactory, dove: Dovecot) -> None:
     m = mark()
     assert send(gate(), message(m), "a@pass.example", xforward="")[0] == 250

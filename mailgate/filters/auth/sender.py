@@ -6,7 +6,8 @@ event loop and only reads answers already at hand (fetched for this message, or 
 resolver's cache): an answer it lacks stops it (`_Missing`), the loop fetches that name through
 mailgate's resolver, and pyspf starts over. A warm cache needs no restart and no thread; a cold
 one costs one quick re-evaluation per name (pyspf's limits keep that near 20). A lookup that
-failed makes pyspf see a TempError.
+failed makes pyspf see a TempError. A result is kept for the same client, sender and HELO until
+the first answer pyspf read expires (a temperror is not kept).
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import asyncio
 import contextvars
 import ipaddress
 import logging
+import math
 
 import spf
 
@@ -50,7 +52,7 @@ def _lookup(name: str, qtype: str, strict: bool = True, timeout: float = 0) -> l
         if answer is None:
             raise _Missing(*key)
         metrics.child(metrics.DNS_CACHE, "hit").inc()
-        known[key] = _records(key[0], qtype, answer)
+        known.add(key, answer)
     if isinstance(known[key], str):
         raise spf.TempError(known[key])
     return known[key]
@@ -97,7 +99,20 @@ async def check(resolver: Resolver, budget: Budget, client: Client, sender: str,
 
 async def _evaluate(resolver: Resolver, budget: Budget, ip: str, sender: str, helo: str,
                     receiver: str) -> tuple[str, str]:
-    known: dict = {}
+    """pyspf's (result, explanation); worked out once while the answers it read are fresh (the
+    same senders repeat: pyspf is most of the check's cost with a warm cache)."""
+    key = ("spf", ip, sender, helo, receiver)
+    done = resolver.recall(key)
+    if done is None:
+        known = _Answers()
+        done = await _run(resolver, budget, ip, sender, helo, receiver, known)
+        if done[0] != "temperror" and known.expiration < math.inf:
+            resolver.remember(key, done, known.expiration)
+    return done
+
+
+async def _run(resolver: Resolver, budget: Budget, ip: str, sender: str, helo: str,
+               receiver: str, known: _Answers) -> tuple[str, str]:
     for _ in range(MAX_ROUNDS):
         token = _known.set((known, resolver))
         try:
@@ -119,12 +134,21 @@ async def _evaluate(resolver: Resolver, budget: Budget, ip: str, sender: str, he
     return "temperror", "too many DNS lookups"
 
 
+class _Answers(dict):
+    """The answers pyspf read for one message, in its format, and when the first expires."""
+    expiration = math.inf
+
+    def add(self, key: tuple[str, str], answer: Answer) -> None:
+        self[key] = _records(key[0], key[1], answer)
+        self.expiration = min(self.expiration, answer.expiration)
+
+
 def _records(name: str, qtype: str, answer: Answer) -> list:
     """pyspf's format: ((name, type), value) per record; TXT values are the record's strings."""
     return [((name, qtype), value) for value in answer.records]
 
 
-async def _fetch(resolver: Resolver, budget: Budget, known: dict, name: str, qtype: str,
+async def _fetch(resolver: Resolver, budget: Budget, known: _Answers, name: str, qtype: str,
                  address_type: str) -> None:
     """One answer into `known`; for MX, the exchanges' addresses with it, all at once (pyspf
     asks for them next), so an mx mechanism costs one restart, not one per exchange."""
@@ -133,7 +157,7 @@ async def _fetch(resolver: Resolver, budget: Budget, known: dict, name: str, qty
     except DnsError as e:
         known[(name, qtype)] = f"DNS {e}"
         return
-    known[(name, qtype)] = _records(name, qtype, answer)
+    known.add((name, qtype), answer)
     if qtype == "MX":
         hosts = {host.lower() for _, host in answer.records[:MAX_MX]
                  if (host.lower(), address_type) not in known}
