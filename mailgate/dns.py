@@ -104,6 +104,20 @@ class Resolver:
             self._derived.clear()
         self._derived[key] = (expiration, value)
 
+    async def lookup_all(self, queries: list[tuple[str, str]], budget: Budget) -> list:
+        """lookup() for each (name, type) at once: an Answer or the DnsError per query. When all
+        are cached, no task per name (a warm cache is the common case, every message)."""
+        answers = [self._cache.get((_normal(name), rdtype)) for name, rdtype in queries]
+        if all(answer is not None for answer in answers):
+            metrics.child(metrics.DNS_CACHE, "hit").inc(len(answers))
+            return answers
+        done = await asyncio.gather(*(self.lookup(name, rdtype, budget)
+                                      for name, rdtype in queries), return_exceptions=True)
+        for answer in done:
+            if isinstance(answer, BaseException) and not isinstance(answer, DnsError):
+                raise answer
+        return done
+
     async def lookup(self, name: str, rdtype: str, budget: Budget) -> Answer:
         """The answer for (name, rdtype), from the cache or the network; else DnsError."""
         key = (_normal(name), rdtype)

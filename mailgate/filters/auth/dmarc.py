@@ -7,7 +7,6 @@ unusable record `permerror`; no record `none`. Nothing here rejects: the filter 
 """
 from __future__ import annotations
 
-import asyncio
 import functools
 import random
 from dataclasses import dataclass
@@ -77,13 +76,10 @@ async def find_policy(resolver: Resolver, budget: Budget,
     "permerror: why" when there is no usable answer."""
     org = org_domain(domain)
     names = [f"_dmarc.{domain}"] + ([f"_dmarc.{org}"] if org != domain else [])
-    answers = await asyncio.gather(*(resolver.lookup(n, "TXT", budget) for n in names),
-                                   return_exceptions=True)
+    answers = await resolver.lookup_all([(name, "TXT") for name in names], budget)
     for at_org, answer in enumerate(answers):
         if isinstance(answer, DnsError):
             return None, False, "temperror"
-        if isinstance(answer, BaseException):
-            raise answer
         records = _records(answer)
         if len(records) > 1:
             return None, False, "permerror: several DMARC records"

@@ -95,14 +95,11 @@ def key_problem(record: bytes, max_bits: int) -> str:
 
 async def fetch_keys(resolver: Resolver, budget: Budget, names: set[str]) -> dict[str, object]:
     """name -> TXT record bytes, MISSING or FAILED; all names at once."""
-    async def one(name: str) -> object:
-        try:
-            answer = await resolver.lookup(name, "TXT", budget)
-        except DnsError:
-            return FAILED
-        return b"".join(answer.records[0]) if answer.records else MISSING
     names = sorted(names)
-    return dict(zip(names, await asyncio.gather(*(one(n) for n in names))))
+    answers = await resolver.lookup_all([(name, "TXT") for name in names], budget)
+    return {name: FAILED if isinstance(answer, DnsError) else
+            b"".join(answer.records[0]) if answer.records else MISSING
+            for name, answer in zip(names, answers)}
 
 
 # -------------------------------------------------------------- in the worker thread
