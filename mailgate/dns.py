@@ -94,7 +94,7 @@ class Resolver:
         return self._cache.get((_normal(name), rdtype))
 
     def recall(self, key: tuple) -> object | None:
-        """What a check worked out from answers (remember), while all of them are fresh."""
+        """What a check worked out from answers and kept with remember(), while it is fresh."""
         hit = self._derived.get(key)
         return hit[1] if hit is not None and hit[0] > time.time() else None
 

@@ -7,11 +7,12 @@ keys already fetched (fastverify.py: OpenSSL's RSA).
 
 Where it runs: a worker thread, unless the work is small. Handing a verification to a thread and
 back cost 0.5-0.7 ms of CPU per message under load (bench/auth.py, 2 KB messages), more than the
-verification itself (0.3 ms), and a thread frees the loop only for the parts that release the GIL.
-So when the message's size times the signatures and seals to check is at most INLINE_WORK
-(one signature on up to 8 KB), dkimpy runs on the event loop: about 1 ms at most, measured with
-relaxed canonicalization of a whitespace-heavy body. Anything larger goes to the thread, where
-even a 1 MB body holds the loop no longer than the GIL's switch interval at a time.
+verification itself (0.2-0.3 ms), and a thread frees the loop only between the calls that hold
+the GIL. So when the message's size times the signatures and seals to check is at most
+INLINE_WORK (one signature on up to 8 KB), dkimpy runs on the event loop: about 1 ms at most,
+measured with relaxed canonicalization of a whitespace-heavy body. Anything larger goes to the
+thread, where dkimpy's whole-message steps run in pieces (bounded.py): a 16 MB message holds the
+loop some 30 ms at a time at most.
 """
 from __future__ import annotations
 
@@ -102,7 +103,7 @@ async def fetch_keys(resolver: Resolver, budget: Budget, names: set[str]) -> dic
             for name, answer in zip(names, answers)}
 
 
-# -------------------------------------------------------------- in the worker thread
+# ------------------------------------- dkimpy: on the loop if small, else in the worker thread
 
 class _Keys:
     """The keys fetched for one message, each judged once; dkimpy reads only usable ones, so a
@@ -147,7 +148,7 @@ def _verify_one(verifier: dkim.DKIM, index: int, sig: Signature, keys: _Keys) ->
 
 def verify(raw: bytes, sigs: list[Signature], fetched: dict[str, object], max_bits: int,
            arc: tuple[int, bool]) -> tuple[list[tuple[str, str]], tuple[str, str]]:
-    """DKIM (result, comment) per signature, and the ARC chain's; runs in a worker thread.
+    """DKIM (result, comment) per signature, and the ARC chain's; safe in a worker thread.
     `arc`: (number of ARC sets, whether one of their key lookups failed)."""
     keys = _Keys(fetched, max_bits)
     try:
