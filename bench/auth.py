@@ -39,8 +39,6 @@ from throughput import Run, count_messages, scratch, set_fsync, wait_quiet  # no
 
 DOMAIN = "example.test"
 PATHS = "ued"   # and "o" with --baseline
-LABELS = {"u": "(u) mailgate + auth", "e": "(e) mailgate, empty chain", "d": "(d) Dovecot direct",
-          "o": "(o) mailgate + auth, the --baseline checkout"}
 TARGET = 0.7
 SECTION = "## Auth filter"
 SETTLE_SECONDS = 1.0
@@ -135,7 +133,9 @@ def peers(root: Path, args: argparse.Namespace) -> Iterator[SimpleNamespace]:
         stack.callback(dovecot.stop)
         dovecot.start()
         gates = {}
-        for path, auth in (("u", True), ("e", False), ("o", True))[:len(paths(args)) - 1]:
+        gated = [(path, auth) for path, auth in (("u", True), ("e", False), ("o", True))
+                 if path in paths(args)]
+        for path, auth in gated:
             env = {"PYTHONPATH": str(args.baseline.resolve())} if path == "o" else {}
             gates[path] = Mailgate(root / f"mailgate-{path}",
                                    mailgate_config(root / f"mailgate-{path}", dovecot, dns, auth),
