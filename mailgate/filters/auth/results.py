@@ -6,6 +6,7 @@ one clause per line. Parsing the header back with authres gives the same clauses
 """
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -56,6 +57,11 @@ def _clause(result: Result) -> authres.AuthenticationResult:
                            result_comment=safe_comment(result.comment) or None, properties=props)
 
 
+@functools.lru_cache(maxsize=4096)  # repeated senders: the same spf, dmarc and arc clauses
+def _text(result: Result) -> str:
+    return str(_clause(result))
+
+
 def feed_clauses(verdicts: tuple[tuple[str, str], ...]) -> list[authres.AuthenticationResult]:
     """The trusted feed's own verdicts (e.g. x-ses-spam=pass), one clause each, as given;
     a pair that is not a method keyword and a result word is left out."""
@@ -67,7 +73,7 @@ def feed_clauses(verdicts: tuple[tuple[str, str], ...]) -> list[authres.Authenti
 def render(authserv_id: str, results: list[Result],
            feed: tuple[tuple[str, str], ...] = ()) -> bytes:
     """The header line, folded one clause per line, CRLF-terminated."""
-    clauses = [str(_clause(r)) for r in results] + [str(c) for c in feed_clauses(feed)]
+    clauses = [_text(r) for r in results] + [str(c) for c in feed_clauses(feed)]
     value = ";\r\n\t".join([authserv_id.lower(), *clauses]) if clauses else f"{authserv_id}; none"
     return f"Authentication-Results: {value}\r\n".encode("ascii", "replace")
 
