@@ -17,9 +17,9 @@ from mailgate import UsageError
 from mailgate.admin import address
 from mailgate.config import Config
 from mailgate.message import Client, Envelope, Message, parse, unparsed
-from mailgate.pipeline import Chain, FilterResult
+from mailgate.pipeline import Chain
 from mailgate.resources import Resources
-from mailgate.verdict import TEMP_FAILURE, Action, Verdict
+from mailgate.verdict import Action, Verdict
 
 
 @dataclass
@@ -80,18 +80,13 @@ async def run_filter(chain: Chain, flt, message: Message, report: Report) -> Non
         async with asyncio.timeout(chain.timeout):   # as the pipeline limits it
             result = await flt.check(message)
     except TimeoutError:
-        result = failed(message, f"filter {flt.name} timed out after {chain.timeout:g} s")
+        result = Chain.defer_all(message, f"filter {flt.name} timed out after {chain.timeout:g} s")
     except Exception as e:  # noqa: BLE001 - shown, as serve's 451 for the same bug
-        result = failed(message, f"filter {flt.name} failed: {type(e).__name__}: {e}")
+        result = Chain.defer_all(message, f"filter {flt.name} failed: {type(e).__name__}: {e}")
     for rcpt in message.envelope.recipients:
         report.steps.setdefault(rcpt, []).append((flt.name, result.verdicts.get(rcpt)))
     report.headers += result.headers
     report.outbound += getattr(result, "outbound", ())
-
-
-def failed(message: Message, reason: str) -> FilterResult:
-    verdict = Verdict(Action.DEFER, reason, TEMP_FAILURE)
-    return FilterResult({r: verdict for r in message.envelope.recipients})
 
 
 # -- output --------------------------------------------------------------------------------

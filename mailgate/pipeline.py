@@ -130,16 +130,18 @@ class Chain:
             async with asyncio.timeout(self.timeout):
                 result = await flt.check(message)
         except TimeoutError:
-            result = self._defer_all(message, f"filter {flt.name} timed out")
+            result = self.defer_all(message, f"filter {flt.name} timed out")
         # XXX a filter bug must become a retry (451), never a 5xx nor a pass: catch all here.
         except Exception as e:  # noqa: BLE001
             log.exception("%s: filter=%s failed", message.envelope.queue_id, flt.name)
-            result = self._defer_all(message, f"filter {flt.name} failed: {type(e).__name__}")
+            result = self.defer_all(message, f"filter {flt.name} failed: {type(e).__name__}")
         metrics.observe_filter(flt.name, result, time.perf_counter() - started)
         return result
 
     @staticmethod
-    def _defer_all(message: Message, reason: str) -> FilterResult:
+    def defer_all(message: Message, reason: str) -> FilterResult:
+        """Every recipient deferred (451 4.3.0) for `reason`: a filter that failed or ran out
+        of time (explain shows the same)."""
         verdict = Verdict(Action.DEFER, reason, TEMP_FAILURE)
         return FilterResult({r: verdict for r in message.envelope.recipients})
 
