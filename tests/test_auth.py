@@ -26,7 +26,14 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import USERS, base_config, merge, register
+from dkimpy_state import restored
 from dnsserver import DkimKey, DnsServer, dkim_key, hostile_record
+from mailgate.config import Config, build
+from mailgate.config.checks import validate
+from mailgate.config.sections import Dns
+from mailgate.dns import Resolver
+from mailgate.filters.auth import Auth, bounded, fastverify, fields, signatures
+from mailgate.resources import Resources
 from peers import (REPO, VMAIL_GID, VMAIL_UID, Dovecot, Mailgate, Postfix, lmtp_send,
                    maildir_files, run, swaks, wait_until)
 
@@ -342,12 +349,6 @@ def test_verification_leaves_the_loop_running_for_large_messages(dns: DnsServer,
     Verifying this 6 MB message (relaxed/relaxed, blank-heavy) takes ~0.5 s here: a 10 ms
     heartbeat on the loop must keep beating meanwhile, never 100 ms late. In process, with
     mailgate's resolver and the module's DNS server."""
-    # Imported here, not at the top: importing signatures swaps mailgate's parts into dkimpy
-    # (fastverify, bounded), and the other tests sign with dkimpy as it is, as senders do.
-    from mailgate.config.sections import Dns
-    from mailgate.dns import Resolver
-    from mailgate.filters.auth import fields, signatures
-
     data = message(mark(), body="a \t b  c\t\t d \r\n" * (6_000_000 // 16))
     data = dkim.sign(data, b"sel", b"signed.example", key.pem, canonicalize=(b"relaxed", b"relaxed"),
                      include_headers=[b"from", b"to", b"subject", b"message-id"]) + data
@@ -370,9 +371,23 @@ def test_verification_leaves_the_loop_running_for_large_messages(dns: DnsServer,
         times = [started, *beats, time.monotonic()]
         beat.cancel()
         return dkims[0].result, times
-    dkim_result, times = asyncio.run(check())
+    with restored():   # the other tests sign with dkimpy as senders run it
+        signatures.install()
+        dkim_result, times = asyncio.run(check())
     assert dkim_result == "pass"
     assert max(b - a for a, b in zip(times, times[1:])) < 0.1
+
+
+def test_the_filter_puts_mailgates_parts_into_dkimpy(dns: DnsServer, tmp_path: Path) -> None:
+    """Importing the filter leaves dkimpy alone; the filter, once made, verifies with
+    fastverify's and bounded's parts (what the test above and bench/auth.py measure)."""
+    config = validate(build(Config, {"hostname": "mx.example.test", "domains": ["example.test"],
+                                     "data_dir": str(tmp_path),
+                                     "dns": {"nameservers": [dns.address]}}, ""))
+    with restored():
+        assert dkim.rfc822_parse is not bounded.rfc822_parse
+        Auth(config, Resources(config))
+        assert (dkim.rfc822_parse, dkim.RE_BTAG) == (bounded.rfc822_parse, fastverify.B_TAG)
 
 
 def test_malformed_and_too_many_signatures(gate: GateFactory, dove: Dovecot, key: Key) -> None:

@@ -11,6 +11,7 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from dkimpy_state import restored
 from dnsserver import dkim_key
 from mailgate.filters.auth import bounded
 
@@ -69,13 +70,9 @@ def test_a_large_signed_message_still_verifies(canonicalize: tuple[bytes, bytes]
                b" folded\r\n\r\n" + body)
     signed = dkim.sign(message, b"sel", b"sender.test", key.pem, canonicalize=canonicalize,
                        include_headers=[b"from", b"to", b"subject"]) + message
-    before = dkim.rfc822_parse, dkim.canonicalization.Relaxed.canonicalize_body
-    bounded.install()
-    try:
+    with restored():
+        bounded.install()
         assert dkim.rfc822_parse is bounded.rfc822_parse
         assert dkim.verify(signed, dnsfunc=lambda name, timeout=5: key.record.encode())
         altered = signed[:-1000] + signed[-1000:].replace(b"line", b"lime", 1)
         assert not dkim.verify(altered, dnsfunc=lambda name, timeout=5: key.record.encode())
-    finally:
-        dkim.rfc822_parse = before[0]
-        dkim.canonicalization.Relaxed.canonicalize_body = staticmethod(before[1])

@@ -10,12 +10,12 @@ from __future__ import annotations
 import hashlib
 
 import dkim
-import dkim.canonicalization
 import dkim.crypto
 import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from dkimpy_state import restored
 from dnsserver import dkim_key
 from mailgate.filters.auth import fastverify
 
@@ -34,20 +34,12 @@ def signed(message: bytes = MESSAGE, algorithm: bytes = b"rsa-sha256") -> bytes:
                      include_headers=[b"from", b"to", b"subject"]) + message
 
 
-PATCHED = [(dkim, "RSASSA_PKCS1_v1_5_verify"), (dkim, "load_pk_from_dns"), (dkim, "RE_BTAG"),
-           (dkim.canonicalization, "strip_trailing_whitespace"),
-           (dkim.canonicalization, "compress_whitespace"),
-           (dkim.canonicalization, "unfold_header_value")]
-
-
 @pytest.fixture(autouse=True)
 def installed():
-    """fastverify in dkimpy for the test, dkimpy as it was after (the signer in other tests)."""
-    before = [getattr(module, name) for module, name in PATCHED]
-    fastverify.install()
-    yield
-    for (module, name), value in zip(PATCHED, before):
-        setattr(module, name, value)
+    """fastverify in dkimpy for the test; dkimpy as it was after (the signer in other tests)."""
+    with restored():
+        fastverify.install()
+        yield
 
 
 @pytest.mark.parametrize("algorithm", [b"rsa-sha256", b"rsa-sha1"])

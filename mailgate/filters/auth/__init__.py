@@ -33,6 +33,7 @@ class Auth:
         self.settings = config.auth
         self.dns = resources.dns
         dmarc.load()
+        signatures.install()
 
     async def check(self, message: Message) -> FilterResult:
         env = message.envelope
