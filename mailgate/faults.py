@@ -13,7 +13,7 @@ import signal
 POINTS = (
     "rcpt",                    # a RCPT is being checked
     "after-data",              # the whole message is in, nothing delivered yet
-    "before-lmtp-dot",         # the body went to Dovecot, the final "." not yet
+    "before-lmtp-dot",         # the message's end (DATA's ".", or BDAT LAST) not yet sent
     "after-lmtp-250",          # Dovecot said 250, the client has not heard ours
     "before-fallback-rename",  # the maildir file is in tmp/, fsynced, not yet in new/
     "after-fallback-rename",   # the maildir file is in new/, the client has not heard ours

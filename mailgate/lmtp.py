@@ -1,18 +1,22 @@
 """An LMTP connection to Dovecot: pipelined transactions, one reply per recipient.
 
 Every failure (connection, protocol, timeout) is an LMTPError; the pool (lmtppool.py) decides
-what it means. Data goes out with CRLF line endings and dot-stuffing done on the CRLF form, so a
-bare-LF dot can never end DATA early at Dovecot (an injection path in Dovecot 2.3's LMTP); a
-large body is sent as slices of the received bytes under flow control, never copied whole.
+what it means. A message of up to one CHUNK goes out in the same write as its MAIL and RCPTs, as
+BDAT LAST (RFC 3030; Dovecot offers CHUNKING): one round trip to Dovecot instead of two (DATA
+waits for the 354), about 5 % more messages a second in bench/auth.py. A larger message, or a
+server without CHUNKING, gets DATA: CRLF line endings and dot-stuffing done on the CRLF form, so
+a bare-LF dot can never end DATA early at Dovecot (an injection path in Dovecot 2.3's LMTP),
+sent as slices of the received bytes under flow control, never copied whole.
 """
 from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterable, Sequence
 
 from mailgate import faults
 from mailgate.config import parse_hostport
+from mailgate.wireform import CHUNK, bdat_data, data_chunks
 from mailgate.wireform import encode_data  # noqa: F401 (API)
 
 TIMED_OUT = "no reply from Dovecot in time (delivery.lmtp_timeout or the message budget)"
@@ -39,32 +43,54 @@ class LMTPReply:
         return f"{self.code // 100}.0.0", self.text
 
 
+class _Reader(asyncio.StreamReader):
+    """Counts what Dovecot sent (a close counts too), so that Connection can tell whether it
+    spoke since its last reply we read: an idle connection it closed, with or without a 421."""
+    received = 0
+
+    def feed_data(self, data: bytes) -> None:
+        self.received += len(data)
+        super().feed_data(data)
+
+    def feed_eof(self) -> None:
+        self.received += 1
+        super().feed_eof()
+
+
 class Connection:
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, timeout: float):
+    def __init__(self, reader: _Reader, writer: asyncio.StreamWriter, timeout: float):
         self.reader, self.writer, self.timeout = reader, writer, timeout
         self.data_sent = False
         self.deadline = float("inf")  # loop time by which the whole transaction must end
+        self.chunking = False  # the server offers BDAT (LHLO: CHUNKING)
+        self.read = 0          # bytes of replies read; reader.received - read: unread
 
     @classmethod
     async def open(cls, target: str, hostname: str, timeout: float,
                    deadline: float = float("inf")) -> Connection:
         """Connected and greeted within `timeout`, and by `deadline` (loop time)."""
-        try:
-            async with asyncio.timeout_at(min(asyncio.get_running_loop().time() + timeout,
-                                              deadline)):
+        loop = asyncio.get_running_loop()
+        reader = _Reader(loop=loop)
+        protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
+        try:  # asyncio.open_connection, with our reader
+            async with asyncio.timeout_at(min(loop.time() + timeout, deadline)):
                 if target.startswith("unix:"):
-                    reader, writer = await asyncio.open_unix_connection(target[5:])
+                    transport, _ = await loop.create_unix_connection(lambda: protocol, target[5:])
                 else:
-                    reader, writer = await asyncio.open_connection(*parse_hostport(target))
+                    transport, _ = await loop.create_connection(lambda: protocol,
+                                                                *parse_hostport(target))
         except (OSError, TimeoutError) as e:
             raise LMTPError(f"connect to {target}: {e or 'timeout'}") from None
+        writer = asyncio.StreamWriter(transport, protocol, reader, loop)
         conn = cls(reader, writer, timeout)
         conn.deadline = deadline
         try:
             async with asyncio.timeout_at(conn.limit()):
                 conn.expect(await conn.read_reply(), 220)
                 conn.send(f"LHLO {hostname}\r\n".encode())
-                conn.expect(await conn.read_reply(), 250)
+                lines: list[str] = []
+                conn.expect(await conn.read_reply(lines), 250)
+                conn.chunking = any(line.upper() == "CHUNKING" for line in lines)
         except (LMTPError, TimeoutError) as e:
             conn.close()
             raise LMTPError(f"greeting from {target}: {str(e) or TIMED_OUT}") from None
@@ -85,12 +111,14 @@ class Connection:
         """When the next reply is due: lmtp_timeout from now, never past the message budget."""
         return min(asyncio.get_running_loop().time() + self.timeout, self.deadline)
 
-    async def read_reply(self) -> LMTPReply:
-        """One (possibly multi-line) reply; the caller holds the timeout (one per phase)."""
-        lines = []
+    async def read_reply(self, lines: list[str] | None = None) -> LMTPReply:
+        """One (possibly multi-line) reply, its lines' texts added to `lines`; the caller holds
+        the timeout (one per phase)."""
+        lines = [] if lines is None else lines
         try:
             while True:
                 line = await self.reader.readline()
+                self.read += len(line)
                 if not line.endswith(b"\n") or len(line) < 4 or not line[:3].isdigit():
                     raise LMTPError(f"bad reply from Dovecot: {line[:80]!r}")
                 lines.append(line[4:].rstrip(b"\r\n").decode("utf-8", "replace"))
@@ -104,20 +132,27 @@ class Connection:
         if reply.code != code:
             raise LMTPError(f"unexpected reply from Dovecot: {reply}")
 
-    async def transaction(self, sender: str, recipients: list[str],
-                          chunks: Iterator[bytes | memoryview], body_8bit: bool,
-                          results: list[LMTPReply | None]) -> None:
-        """One pipelined MAIL/RCPT/DATA, filling `results` with the reply per recipient."""
+    async def transaction(self, sender: str, recipients: list[str], parts: Sequence[bytes],
+                          body_8bit: bool, results: list[LMTPReply | None],
+                          crlf_checked: bool = False) -> None:
+        """One pipelined transaction, filling `results` with the reply per recipient.
+        `parts` (trace headers, the message) are sent one after the other; `crlf_checked`:
+        see wireform.data_chunks."""
         body = " BODY=8BITMIME" if body_8bit else ""
         commands = [f"MAIL FROM:<{_clean(sender)}>{body}\r\n"]
         commands += [f"RCPT TO:<{_clean(r)}>\r\n" for r in recipients]
-        self.send("".join(commands).encode("utf-8") + b"DATA\r\n")
+        envelope = "".join(commands).encode("utf-8")
+        if self.chunking and len(parts) == 1 and len(parts[0]) <= CHUNK:
+            await self._in_one_write(envelope, bdat_data(parts[0], crlf_checked), results)
+            return
+        self.send(envelope + b"DATA\r\n")
         try:
             async with asyncio.timeout_at(self.limit()) as limit:
                 accepted = await self._envelope_replies(len(recipients), results)
                 if accepted is None:
                     return
-                last = await self._send_all_but_last(chunks, limit)
+                last = await self._send_all_but_last(
+                    data_chunks(parts, crlf_checked=crlf_checked), limit)
                 faults.point("before-lmtp-dot")
                 # From here on Dovecot may deliver: a lost reply is "unknown", not "not taken".
                 self.data_sent = True
@@ -128,7 +163,28 @@ class Connection:
         except TimeoutError:
             raise LMTPError(TIMED_OUT) from None
 
-    async def _send_all_but_last(self, chunks: Iterator[bytes | memoryview],
+    async def _in_one_write(self, envelope: bytes, data: bytes,
+                            results: list[LMTPReply | None]) -> None:
+        """MAIL, the RCPTs and the whole message as BDAT LAST in one write (RFC 3030)."""
+        if self.reader.received != self.read:
+            # Dovecot spoke (a 421) or closed since its last reply: stale, and nothing sent yet
+            # (the pool opens a fresh one). With DATA the envelope's replies would show it; here
+            # the message would be out before we knew.
+            raise LMTPError("connection closed by Dovecot")
+        faults.point("before-lmtp-dot")
+        self.send(envelope + b"BDAT %d LAST\r\n" % len(data) + data)
+        # From here on Dovecot may deliver: a lost reply is "unknown", not "not taken".
+        self.data_sent = True
+        try:
+            async with asyncio.timeout_at(self.limit()) as limit:
+                accepted = await self._envelope_replies(len(results), results, chunked=True)
+                for i in accepted or ():  # Dovecot delivers one by one: each gets lmtp_timeout
+                    limit.reschedule(self.limit())
+                    results[i] = await self.read_reply()
+        except TimeoutError:
+            raise LMTPError(TIMED_OUT) from None
+
+    async def _send_all_but_last(self, chunks: Iterable[bytes | memoryview],
                                  limit: asyncio.Timeout) -> bytes:
         """Write every chunk but the last under flow control (the transport holds one chunk
         at most, each gets lmtp_timeout); the last one, copied, for the caller to finish."""
@@ -142,8 +198,11 @@ class Connection:
             pending = chunk
         return b"" if pending is None else bytes(pending)
 
-    async def _envelope_replies(self, count: int, results: list[LMTPReply | None]) -> list[int] | None:
-        """Replies to the pipelined MAIL, RCPTs and DATA; the accepted indexes, None: no DATA."""
+    async def _envelope_replies(self, count: int, results: list[LMTPReply | None],
+                                chunked: bool = False) -> list[int] | None:
+        """Replies to the pipelined MAIL, RCPTs and DATA; the accepted indexes, None: no DATA.
+        `chunked` (BDAT LAST instead of DATA): the accepted indexes, whose replies come next;
+        with none accepted, the BDAT's one refusal is read here."""
         mail = await self.read_reply()
         accepted = []
         for i in range(count):
@@ -152,6 +211,10 @@ class Connection:
                 accepted.append(i)
             else:
                 results[i] = reply if mail.code == 250 else mail
+        if chunked:
+            if not accepted:
+                await self.read_reply()  # the BDAT's: "503 5.5.0 No valid recipients"
+            return accepted
         go_ahead = await self.read_reply()
         if go_ahead.code == 354:
             return accepted

@@ -2,8 +2,9 @@
 
 A connection that errs or times out is closed, never reused; an idle one Dovecot closed (it
 restarted) is replaced once by a fresh one, at no cost to the message. A recipient Dovecot never
-took gets `None` (the maildir fallback is safe); one whose reply was lost after the final "."
-went out gets a reply marked `unknown` (Dovecot may hold the message: defer, never fall back).
+took gets `None` (the maildir fallback is safe); one whose reply was lost after the message's
+end went out (DATA's final ".", or BDAT LAST) gets a reply marked `unknown` (Dovecot may hold
+the message: defer, never fall back).
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from typing import Sequence
 
 from mailgate import metrics
 from mailgate.lmtp import Connection, LMTPError, LMTPReply
-from mailgate.wireform import CHUNK, data_chunks
+from mailgate.wireform import CHUNK
 
 STALE = object()  # a pooled connection failed before anything was exchanged on it
 
@@ -43,9 +44,8 @@ class Pool:
         async def send(conn: Connection) -> None:
             conn.deadline = deadline
             try:
-                await conn.transaction(sender, recipients,
-                                       data_chunks(parts, crlf_checked=crlf_checked),
-                                       body_8bit, results)
+                await conn.transaction(sender, recipients, parts, body_8bit, results,
+                                       crlf_checked)
             finally:
                 conn.deadline = float("inf")
         return results, await self._with_connection(send, results, deadline)

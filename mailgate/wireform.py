@@ -1,5 +1,6 @@
-"""The message in the form it travels to Dovecot after a 354: CRLF, dot-stuffed, in slices;
-and the check that refuses a received message with a bare CR or LF (SMTP smuggling).
+"""The message in the form it travels to Dovecot after a 354: CRLF, dot-stuffed, in slices
+(or, small, in one BDAT chunk: the same without dot-stuffing); and the check that refuses a
+received message with a bare CR or LF (SMTP smuggling).
 
 What arrives from the listener is already CRLF; only a line that starts with "." (and, from other
 callers, a bare CR or LF) needs a change. Windows with nothing to change are handed on as slices
@@ -67,6 +68,14 @@ def windows(data: bytes, chunk: int = CHUNK) -> Iterator[tuple[int, int]]:
                 end -= 1
         yield start, end
         start = end
+
+
+def bdat_data(data: bytes, crlf_checked: bool = False) -> bytes:
+    """The message for BDAT, which counts octets: CRLF everywhere and a final CRLF, as
+    data_chunks gives it, but no dot-stuffing (RFC 3030 §2)."""
+    if not crlf_checked and has_bare_newline(data):
+        data = LINE_END.sub(b"\r\n", data)
+    return data if not data or data.endswith(b"\n") else data + b"\r\n"
 
 
 def encode_data(data: bytes) -> bytes:

@@ -1,23 +1,27 @@
 """A TCP proxy for tests, between mailgate and Dovecot, that delays, drops or resets on command.
 
 It runs its own event loop in a thread. Point delivery.lmtp at `proxy.target` and choose what
-happens once a message's final "." has gone upstream (Dovecot always gets it whole):
+happens once a message's end (DATA's final ".", or the last octet of BDAT ... LAST) has gone
+upstream (Dovecot always gets it whole):
   "pass"   replies flow (the default)
   "delay"  the reply to the final "." is held for `proxy.delay` seconds
   "hang"   replies are never forwarded (Dovecot slower than any budget, the 700 s case)
   "drop"   mailgate's side is closed at once (FIN); Dovecot still delivers and answers
   "reset"  the same with a RST
 `refuse()` closes the port (connections refused) and `accept()` opens it again; `reset_all()`
-resets every open connection. Counters: `connections` accepted, `dots` forwarded, `open`.
+resets every open connection. Counters: `connections` accepted, `dots` forwarded (message ends,
+either kind), `chunked` (those that were BDAT ... LAST), `open`.
 """
 from __future__ import annotations
 
 import asyncio
+import re
 import socket
 import struct
 import threading
 
 END_OF_DATA = b"\r\n.\r\n"
+BDAT = re.compile(rb"BDAT (\d+)( LAST)?\r\n", re.IGNORECASE)
 CALL_TIMEOUT = 10.0  # seconds a command to the proxy's loop may take
 
 
@@ -55,7 +59,7 @@ class FaultProxy:
         self.upstream = (host, upstream_port)
         self.mode = "pass"
         self.delay = 0.0
-        self.connections = self.dots = 0
+        self.connections = self.dots = self.chunked = 0
         self.links: set[_Link] = set()
         self.server: asyncio.base_events.Server | None = None
         self.port = 0
@@ -121,12 +125,12 @@ class FaultProxy:
 
     async def _up(self, link: _Link, reader: asyncio.StreamReader) -> None:
         """mailgate -> Dovecot, watching for the end of a message's data."""
-        tail = b""
+        ends = _MessageEnds()
         while data := await _read(reader):
             link.upstream.write(data)
-            window, tail = tail + data, (tail + data)[-4:]
-            if END_OF_DATA in window:
+            if end := ends.found_in(data):
                 self.dots += 1
+                self.chunked += end == "BDAT"
                 link.after_dot = self.mode
                 if self.mode in ("drop", "reset"):
                     link.close_client(reset=self.mode == "reset")
@@ -149,6 +153,48 @@ class FaultProxy:
             if not link.client.is_closing():
                 link.client.write(data)
         link.close()
+
+
+class _MessageEnds:
+    """Reads mailgate's side of LMTP as it passes: commands, DATA up to its final ".", and BDAT
+    chunks by their octet counts (no dot there: a "." line inside is message text)."""
+
+    def __init__(self) -> None:
+        self.commands = b""    # an unfinished command line
+        self.chunk = 0         # octets of a BDAT chunk still to come
+        self.last = False      # that chunk ends the message
+        self.in_data = False   # after DATA: until CRLF.CRLF
+        self.tail = b""        # DATA's last bytes, for a CRLF.CRLF split across reads
+
+    def found_in(self, data: bytes) -> str:
+        """How a message that ended in `data` was sent ("DATA", "BDAT"); "" if none did."""
+        found = ""
+        while data:
+            if self.chunk:
+                taken, data = data[:self.chunk], data[self.chunk:]
+                self.chunk -= len(taken)
+                if not self.chunk and self.last:
+                    found = "BDAT"
+            elif self.in_data:
+                window = self.tail + data
+                end = window.find(END_OF_DATA)
+                if end < 0:
+                    self.tail, data = window[-4:], b""
+                else:
+                    data, self.in_data, found = window[end + len(END_OF_DATA):], False, "DATA"
+            else:
+                line, newline, data = (self.commands + data).partition(b"\n")
+                if not newline:
+                    self.commands = line
+                    continue
+                self.commands = b""
+                if line.upper() == b"DATA\r":
+                    self.in_data, self.tail = True, b"\r\n"
+                elif bdat := BDAT.fullmatch(line + b"\n"):
+                    self.chunk, self.last = int(bdat.group(1)), bool(bdat.group(2))
+                    if self.chunk == 0 and self.last:
+                        found = "BDAT"
+        return found
 
 
 async def _read(reader: asyncio.StreamReader) -> bytes:

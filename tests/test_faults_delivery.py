@@ -58,6 +58,24 @@ def test_dovecot_restart_with_every_pooled_connection_open_costs_nothing(dovecot
                           gate.log_text())) == 2 * n
 
 
+def test_dovecot_restart_under_an_idle_connection_costs_the_next_message_nothing(
+        dovecot, fault_proxy, mailgate_factory):
+    """Invariant 8 with nothing asked first: the recipient is cached, so the next message meets
+    the pooled connection Dovecot closed. A small message goes out with its envelope in one
+    write (BDAT LAST): nothing may go out on the dead connection, and a fresh one takes it."""
+    gate = mailgate_factory({"delivery": {"lmtp": fault_proxy.target, "maildir": ""}})
+    assert_reply(send(gate, [ALICE], message(token()))[1], "250 2.0.0")
+    wait_until(lambda: fault_proxy.open == 1, 10, what="the pooled connection")
+    dovecot.restart()
+    wait_until(lambda: fault_proxy.open == 0, 10, what="Dovecot closed the pooled connection")
+
+    mark = token()
+    assert_reply(send(gate, [ALICE], message(mark))[1], "250 2.0.0")
+    assert copies(dovecot, ALICE, mark) == 1
+    assert fault_proxy.connections == 2
+    assert fault_proxy.chunked == fault_proxy.dots == 2  # each message once, as BDAT LAST
+
+
 def test_dovecot_unreachable_defers_then_its_return_costs_nothing(dovecot, fault_proxy,
                                                                  mailgate_factory):
     """No fallback: Dovecot's port closed is 451 4.3.0 after DATA (recipient known from the

@@ -2,8 +2,8 @@
 
 The reader must give exactly what aiosmtpd's line reader gave (CRLF lines, a leading dot
 dropped, the first ".\r\n" line ends it) and leave what follows for the next command; the
-encoder, windowed, exactly what the one-piece encoding gives. A real StreamReader, fed in
-pieces as a socket would.
+encoder, windowed, exactly what the one-piece encoding gives (and for BDAT, the same without
+dot-stuffing). A real StreamReader, fed in pieces as a socket would.
 """
 import asyncio
 import re
@@ -75,6 +75,16 @@ def test_windowed_encoding_is_the_one_piece_encoding(data, chunk):
     prefix = b"Received: x\r\n"
     joined = b"".join(bytes(p) for p in wireform.data_chunks((prefix, data), chunk))
     assert joined + b".\r\n" == one_piece(prefix + data)
+
+
+@settings(max_examples=400, deadline=None)
+@given(STREAMS)
+def test_bdat_form_is_the_data_form_but_for_dot_stuffing(data):
+    """BDAT counts octets: the same CRLF lines and final CRLF as DATA, no dot doubled."""
+    whole = b"Received: x\r\n" + data
+    chunked = wireform.bdat_data(whole)
+    assert re.sub(rb"(?m)^\.", b"..", chunked) + b".\r\n" == one_piece(whole)
+    assert wireform.bdat_data(chunked, crlf_checked=True) == chunked
 
 
 def test_unchanged_windows_are_slices_not_copies():
