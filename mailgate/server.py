@@ -76,9 +76,16 @@ class SMTPServer(Forwarded, SMTP):
             self.last_line = self.last_activity
         super().data_received(data)
 
+    def _reset_timeout(self, duration: float | None = None) -> None:
+        # aiosmtpd re-arms the idle timer for every command: a cancel and a new timer each.
+        # _timeout_cb counts idleness from last_activity itself, so a timer already running
+        # is left to fire and re-arm for what remains.
+        if duration is not None or self._timeout_handle is None:
+            super()._reset_timeout(duration)
+
     def _timeout_cb(self) -> None:
         if self.processing:  # bounded by limits.message_timeout instead
-            self._reset_timeout()
+            self._reset_timeout(self._timeout_duration)
             return
         now, timeout = self.loop.time(), self._timeout_duration
         # XXX bytes arriving (during DATA, say) are not idleness; but a client that sends a
