@@ -104,12 +104,19 @@ class Resolver:
             self._derived.clear()
         self._derived[key] = (expiration, value)
 
+    def cached_all(self, queries: list[tuple[str, str]]) -> list[Answer] | None:
+        """The answer to each (name, type) from the cache; None unless all are there."""
+        answers = [self._cache.get((_normal(name), rdtype)) for name, rdtype in queries]
+        if any(answer is None for answer in answers):
+            return None
+        metrics.child(metrics.DNS_CACHE, "hit").inc(len(answers))
+        return answers
+
     async def lookup_all(self, queries: list[tuple[str, str]], budget: Budget) -> list:
         """lookup() for each (name, type) at once: an Answer or the DnsError per query. When all
         are cached, no task per name (a warm cache is the common case, every message)."""
-        answers = [self._cache.get((_normal(name), rdtype)) for name, rdtype in queries]
-        if all(answer is not None for answer in answers):
-            metrics.child(metrics.DNS_CACHE, "hit").inc(len(answers))
+        answers = self.cached_all(queries)
+        if answers is not None:
             return answers
         done = await asyncio.gather(*(self.lookup(name, rdtype, budget)
                                       for name, rdtype in queries), return_exceptions=True)

@@ -40,11 +40,16 @@ class Auth:
         header = fields.read(message.raw)
         from_domain, from_problem = fields.from_domain(header)
         budget = self.dns.budget()
-        spf, (dkims, arc), found = await asyncio.gather(
-            sender.check(self.dns, budget, env.client, env.sender, self.hostname),
-            signatures.check(self.dns, budget, message.raw, header,
-                             self.settings.max_signatures, self.settings.max_key_bits),
-            self._policy(budget, from_domain, from_problem))
+        spf = sender.known(self.dns, env.client, env.sender, self.hostname)
+        found = (None, False, "") if from_problem else dmarc.known_policy(self.dns, from_domain)
+        keys = signatures.check(self.dns, budget, message.raw, header,
+                                self.settings.max_signatures, self.settings.max_key_bits)
+        if spf is not None and found is not None:  # a warm cache: no lookups, so no tasks
+            dkims, arc = await keys
+        else:  # the lookups of all three at once
+            spf, (dkims, arc), found = await asyncio.gather(
+                sender.check(self.dns, budget, env.client, env.sender, self.hostname), keys,
+                self._policy(budget, from_domain, from_problem))
         dmarc_result, disposition = dmarc.judge(from_domain, from_problem, found, spf, dkims)
         results = [spf, *dkims, dmarc_result, arc]
         forged = fields.forged_results(header, self.hostname)

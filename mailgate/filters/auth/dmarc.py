@@ -74,9 +74,21 @@ async def find_policy(resolver: Resolver, budget: Budget,
                       domain: str) -> tuple[Policy | None, bool, str]:
     """(policy, found at the organizational domain, problem); problem is "temperror" or
     "permerror: why" when there is no usable answer."""
+    return _policy_in(await resolver.lookup_all(_queries(domain), budget))
+
+
+def known_policy(resolver: Resolver, domain: str) -> tuple[Policy | None, bool, str] | None:
+    """find_policy from the cache alone; None when an answer it needs is not there."""
+    answers = resolver.cached_all(_queries(domain))
+    return None if answers is None else _policy_in(answers)
+
+
+def _queries(domain: str) -> list[tuple[str, str]]:
     org = org_domain(domain)
-    names = [f"_dmarc.{domain}"] + ([f"_dmarc.{org}"] if org != domain else [])
-    answers = await resolver.lookup_all([(name, "TXT") for name in names], budget)
+    return [(f"_dmarc.{domain}", "TXT")] + ([(f"_dmarc.{org}", "TXT")] if org != domain else [])
+
+
+def _policy_in(answers: list) -> tuple[Policy | None, bool, str]:
     for at_org, answer in enumerate(answers):
         if isinstance(answer, DnsError):
             return None, False, "temperror"

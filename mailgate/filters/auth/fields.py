@@ -7,6 +7,7 @@ that is not a field is skipped (and counted), never an error; the checks decide 
 from __future__ import annotations
 
 import email.utils
+import functools
 import re
 from dataclasses import dataclass
 
@@ -83,7 +84,11 @@ def from_domain(header: Header) -> tuple[str, str]:
         return "", "no From field"
     if len(values) > 1:
         return "", f"{len(values)} From fields"
-    text = values[0].decode("utf-8", "surrogateescape").replace("\r\n", " ")
+    return (_known_domain if len(values[0]) <= _KEPT else _domain_of)(values[0])
+
+
+def _domain_of(value: bytes) -> tuple[str, str]:
+    text = value.decode("utf-8", "surrogateescape").replace("\r\n", " ")
     addresses = [addr for _, addr in email.utils.getaddresses([text]) if addr]
     domains = {addr.rpartition("@")[2].rstrip(".").lower() for addr in addresses if "@" in addr}
     if not domains or "" in domains:
@@ -97,3 +102,8 @@ def from_domain(header: Header) -> tuple[str, str]:
         except UnicodeError:
             pass
     return (domain, "") if is_domain(domain) else ("", "From domain is not a domain name")
+
+
+# A repeated sender's From is parsed once (30 us a message); long values, rare, are not kept.
+_KEPT = 256
+_known_domain = functools.lru_cache(maxsize=4096)(_domain_of)

@@ -25,7 +25,7 @@ from mailgate.filters.auth.results import Result, safe_value
 from mailgate.message import Client
 
 # Measured (2 KB message, include chain, warm cache): pyspf 0.14 ms per check, on the loop;
-# a result kept from an earlier message (_evaluate) 8 us.
+# a result kept from an earlier message (known) 8 us.
 log = logging.getLogger("mailgate.auth")
 MAX_MX = 10      # RFC 7208 §4.6.4: more MX records than this are a permerror anyway
 MAX_ROUNDS = 60  # fetch-and-restart rounds per message; far above what pyspf's limits allow
@@ -86,30 +86,37 @@ def _props(sender: str, helo: str) -> tuple[tuple[str, str, str], ...]:
 
 async def check(resolver: Resolver, budget: Budget, client: Client, sender: str,
                 receiver: str) -> Result:
-    props = _props(sender, client.helo)
-    domain = (sender.rpartition("@")[2] if sender else client.helo).rstrip(".").lower()
+    result = known(resolver, client, sender, receiver)
+    if result is not None:
+        return result
+    ip = client_address(client.addr)
+    key = ("spf", ip, sender, client.helo, receiver)
+    answers = _Answers()
+    done = await _run(resolver, budget, ip, sender, client.helo, receiver, answers)
+    if done[0] != "temperror" and answers.expiration < math.inf:
+        resolver.remember(key, done, answers.expiration)
+    return _result(ip, sender, client.helo, done)
+
+
+def known(resolver: Resolver, client: Client, sender: str, receiver: str) -> Result | None:
+    """The check's Result without any lookup, or None: local mail, no client address, or a
+    result worked out for an earlier message while the answers pyspf read are fresh (the same
+    senders repeat: pyspf is most of the check's cost with a warm cache)."""
     if client.local:
-        return Result("spf", "none", "local mail, not checked", props)
+        return Result("spf", "none", "local mail, not checked", _props(sender, client.helo))
     ip = client_address(client.addr)
     if ip is None:
-        return Result("spf", "none", "no client address", props)
-    result, why = await _evaluate(resolver, budget, ip, sender, client.helo, receiver)
+        return Result("spf", "none", "no client address", _props(sender, client.helo))
+    done = resolver.recall(("spf", ip, sender, client.helo, receiver))
+    return None if done is None else _result(ip, sender, client.helo, done)
+
+
+def _result(ip: str, sender: str, helo: str, done: tuple[str, str]) -> Result:
+    result, why = done
+    domain = (sender.rpartition("@")[2] if sender else helo).rstrip(".").lower()
     comment = f"client {ip}: {why}" if why else f"client {ip}"
-    return Result("spf", result, comment, props, domain if result == "pass" else "")
-
-
-async def _evaluate(resolver: Resolver, budget: Budget, ip: str, sender: str, helo: str,
-                    receiver: str) -> tuple[str, str]:
-    """pyspf's (result, explanation); worked out once while the answers it read are fresh (the
-    same senders repeat: pyspf is most of the check's cost with a warm cache)."""
-    key = ("spf", ip, sender, helo, receiver)
-    done = resolver.recall(key)
-    if done is None:
-        known = _Answers()
-        done = await _run(resolver, budget, ip, sender, helo, receiver, known)
-        if done[0] != "temperror" and known.expiration < math.inf:
-            resolver.remember(key, done, known.expiration)
-    return done
+    return Result("spf", result, comment, _props(sender, helo),
+                  domain if result == "pass" else "")
 
 
 async def _run(resolver: Resolver, budget: Budget, ip: str, sender: str, helo: str,
