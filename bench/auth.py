@@ -236,24 +236,27 @@ def _machine_ms(run: Run) -> float:
 
 def table(runs: list[Run]) -> list[str]:
     by = {p: [r for r in runs if r.path == p] for p in PATHS + "o"}
-    base = bool(by["o"])   # --baseline: (o) and u/o as two more columns
+    base = bool(by["o"])   # --baseline: (o), u/o and its CPU as three more columns
     lines = ["| round | order | (u) auth | (e) empty | (d) direct | u/d | u/e "
              "| CPU ms/msg (u) | CPU ms/msg (e) | machine ms/msg u / e / d |"
-             + (" (o) baseline | u/o |" if base else ""), "|---" * (12 if base else 10) + "|"]
+             + (" (o) baseline | u/o | CPU ms/msg (o) |" if base else ""),
+             "|---" * (13 if base else 10) + "|"]
     for u, e, d, *o in zip(by["u"], by["e"], by["d"], *([by["o"]] if base else [])):
         lines.append(f"| {u.round} | {u.order} | {u.rate:.0f} | {e.rate:.0f} | {d.rate:.0f} "
                      f"| {u.rate / d.rate:.2f} | {u.rate / e.rate:.2f} | {_cpu_ms(u):.2f} "
                      f"| {_cpu_ms(e):.2f} | {_machine_ms(u):.2f} / {_machine_ms(e):.2f} / "
                      f"{_machine_ms(d):.2f} |"
-                     + (f" {o[0].rate:.0f} | {u.rate / o[0].rate:.2f} |" if o else ""))
+                     + (f" {o[0].rate:.0f} | {u.rate / o[0].rate:.2f} | {_cpu_ms(o[0]):.2f} |"
+                        if o else ""))
     med = {p: median(r.rate for r in by[p]) for p in by if by[p]}
-    cpu = {p: median(_cpu_ms(r) for r in by[p]) for p in "ue"}
+    cpu = {p: median(_cpu_ms(r) for r in by[p]) for p in by if by[p]}
     machine = {p: median(_machine_ms(r) for r in by[p]) for p in PATHS}
     lines.append(f"| **median** | | **{med['u']:.0f}** | **{med['e']:.0f}** | **{med['d']:.0f}** "
                  f"| **{med['u'] / med['d']:.2f}** | **{med['u'] / med['e']:.2f}** "
                  f"| **{cpu['u']:.2f}** | **{cpu['e']:.2f}** | **{machine['u']:.2f} / "
                  f"{machine['e']:.2f} / {machine['d']:.2f}** |"
-                 + (f" **{med['o']:.0f}** | **{med['u'] / med['o']:.2f}** |" if base else ""))
+                 + (f" **{med['o']:.0f}** | **{med['u'] / med['o']:.2f}** | **{cpu['o']:.2f}** |"
+                    if base else ""))
     ratio = med["u"] / med["d"]
     cores = os.cpu_count() or 1
     ceiling = {p: 1000 * cores / machine[p] for p in "ue"}
