@@ -202,7 +202,7 @@ class Connection:
                                 chunked: bool = False) -> list[int] | None:
         """Replies to the pipelined MAIL, RCPTs and DATA; the accepted indexes, None: no DATA.
         `chunked` (BDAT LAST instead of DATA): the accepted indexes, whose replies come next;
-        with none accepted, the BDAT's one refusal is read here."""
+        with none accepted, the BDAT's one refusal is read here and the transaction reset."""
         mail = await self.read_reply()
         accepted = []
         for i in range(count):
@@ -211,17 +211,18 @@ class Connection:
                 accepted.append(i)
             else:
                 results[i] = reply if mail.code == 250 else mail
-        if chunked:
-            if not accepted:
-                await self.read_reply()  # the BDAT's: "503 5.5.0 No valid recipients"
-            return accepted
-        go_ahead = await self.read_reply()
-        if go_ahead.code == 354:
-            return accepted
-        self.expect(go_ahead, 354 if accepted else go_ahead.code)
+        if chunked and accepted:
+            return accepted  # their replies come once Dovecot has delivered
+        answer = await self.read_reply()  # to DATA (354 to go on), or the BDAT's refusal
+        if not chunked:
+            if answer.code == 354:
+                return accepted
+            self.expect(answer, 354 if accepted else answer.code)
+        # Nothing goes further, and the server may still hold the MAIL (Dovecot does after a
+        # refused BDAT): RSET, so that the next transaction on this connection starts clean.
         self.send(b"RSET\r\n")
         self.expect(await self.read_reply(), 250)
-        return None
+        return [] if chunked else None
 
     async def probe(self, recipient: str) -> LMTPReply:
         """Ask Dovecot's userdb about one address (MAIL, RCPT, RSET; nothing delivered)."""

@@ -68,6 +68,9 @@ MUTANTS = {
     "bdat-on-stale-connection": ("mailgate/lmtp.py", "        if self.reader.received != self.read:\n",
                                  "        if False:\n",
                                  [f"{D}::test_dovecot_restart_under_an_idle_connection_costs_the_next_message_nothing"]),
+    "bdat-refused-left-open": ("mailgate/lmtp.py", "        # Nothing goes further,",
+                               "        if chunked:\n            return []\n        # Nothing goes further,",
+                               ["tests/test_delivery.py::test_a_transaction_dovecot_refused_leaves_the_connection_fit_for_the_next"]),
     "uvloop-write-error": ("mailgate/lmtp.py", [
         ("        if self.writer.transport.is_closing():\n"
          '            raise LMTPError("connection closed by Dovecot")\n', ""),

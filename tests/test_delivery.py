@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from peers import VMAIL_UID, Dovecot, Mailgate, lmtp_send, make_maildir
+from peers import VMAIL_UID, Dovecot, Mailgate, lmtp_rcpt, lmtp_send, make_maildir, wait_until
 from mailgate.verdict import (DELIVERED, DELIVERY_DEFERRED, OUTCOME_UNKNOWN, RCPT_OK, UNKNOWN_USER,
                               USERDB_UNAVAILABLE, Reply)
 
@@ -366,6 +366,27 @@ def test_pooled_connection_dropped_by_dovecot_is_replaced(dovecot, mailgate_fact
     assert gate.log_text().count(f"to=<{ALICE}>, relay=dovecot[") == 2
     delivery_line(gate, ALICE, relay, "sent")
     assert "relay=maildir" not in gate.log_text()
+    assert [m for m in dovecot.fetch_imap(ALICE) if second.encode() in m]
+
+
+def test_a_transaction_dovecot_refused_leaves_the_connection_fit_for_the_next(
+        dovecot, mailgate_factory) -> None:
+    """Carol is known at RCPT (cached) but gone from Dovecot's userdb by delivery: Dovecot
+    refuses her and with her the whole transaction, a small one sent at once (BDAT LAST). The
+    next message goes over the same pooled connection and must find no transaction still open
+    there (Dovecot: "503 5.5.1 MAIL already given", a permanent refusal of good mail)."""
+    gate = mailgate_factory({"delivery": {"maildir": "", "lmtp_connections": 1}})
+    expect(smtp_send(gate, [ALICE, CAROL], message(mark(), to=CAROL)).data, DELIVERED)  # cached
+    dovecot.users.remove(CAROL)
+    dovecot._write_users()
+    wait_until(lambda: lmtp_rcpt("127.0.0.1", dovecot.lmtp_port, CAROL)[0] == 550, REPLY_BOUND,
+               interval=0.05, what="Dovecot forgot carol")
+
+    refused = smtp_send(gate, [CAROL], message(mark(), to=CAROL))
+    expect(refused.rcpt[CAROL], RCPT_OK)
+    assert refused.data[0] == 550, refused.data  # Dovecot's own refusal, passed on
+    second = mark()
+    expect(smtp_send(gate, [ALICE], message(second)).data, DELIVERED)
     assert [m for m in dovecot.fetch_imap(ALICE) if second.encode() in m]
 
 
