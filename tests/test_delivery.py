@@ -385,9 +385,15 @@ def test_a_transaction_dovecot_refused_leaves_the_connection_fit_for_the_next(
     refused = smtp_send(gate, [CAROL], message(mark(), to=CAROL))
     expect(refused.rcpt[CAROL], RCPT_OK)
     assert refused.data[0] == 550, refused.data  # Dovecot's own refusal, passed on
+    # One refused and one taken in the same transaction: a reply each, over LMTP.
+    mixed = mark()
+    _, replies = lmtp_send(*gate.lmtp, SENDER, [CAROL, ALICE], message(mixed),
+                           timeout=REPLY_BOUND)
+    assert [code for code, _ in replies] == [550, DELIVERED.code], replies
     second = mark()
     expect(smtp_send(gate, [ALICE], message(second)).data, DELIVERED)
-    assert [m for m in dovecot.fetch_imap(ALICE) if second.encode() in m]
+    for m in (mixed, second):
+        assert len([s for s in dovecot.fetch_imap(ALICE) if m.encode() in s]) == 1
 
 
 def test_lmtp_over_dovecot_unix_socket(dovecot, mailgate_factory) -> None:
