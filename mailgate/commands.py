@@ -52,8 +52,13 @@ def _is_hex(text: str) -> bool:
 def is_trusted(peer: object, networks: tuple[str, ...]) -> bool:
     if not isinstance(peer, tuple):  # unix socket: only local processes can connect
         return True
+    return _trusted(peer[0], networks)
+
+
+@functools.lru_cache(maxsize=1024)  # per connection, and the peers are few (Postfix, swaks, sync)
+def _trusted(address: str, networks: tuple[str, ...]) -> bool:
     try:
-        addr = ipaddress.ip_address(peer[0])
+        addr = ipaddress.ip_address(address)
     except ValueError:
         return False
     return any(addr in network for network in _networks(networks))
