@@ -63,7 +63,7 @@ class Connection:
         self.data_sent = False
         self.deadline = float("inf")  # loop time by which the whole transaction must end
         self.chunking = False  # the server offers BDAT (LHLO: CHUNKING)
-        self.read = 0          # bytes of replies read; reader.received - read: unread
+        self.consumed = 0      # bytes of replies read: reader.received - consumed are unread
 
     @classmethod
     async def open(cls, target: str, hostname: str, timeout: float,
@@ -118,7 +118,7 @@ class Connection:
         try:
             while True:
                 line = await self.reader.readline()
-                self.read += len(line)
+                self.consumed += len(line)
                 if not line.endswith(b"\n") or len(line) < 4 or not line[:3].isdigit():
                     raise LMTPError(f"bad reply from Dovecot: {line[:80]!r}")
                 lines.append(line[4:].rstrip(b"\r\n").decode("utf-8", "replace"))
@@ -166,7 +166,7 @@ class Connection:
     async def _in_one_write(self, envelope: bytes, data: bytes,
                             results: list[LMTPReply | None]) -> None:
         """MAIL, the RCPTs and the whole message as BDAT LAST in one write (RFC 3030)."""
-        if self.reader.received != self.read:
+        if self.reader.received != self.consumed:
             # Dovecot spoke (a 421) or closed since its last reply: stale, and nothing sent yet
             # (the pool opens a fresh one). With DATA the envelope's replies would show it; here
             # the message would be out before we knew.

@@ -65,7 +65,7 @@ MUTANTS = {
     "probe-on-stale-connection": ("mailgate/lmtppool.py", "            conn.data_sent = False\n            await work(conn)",
                                   "            await work(conn)",
                                   [f"{D}::test_dovecot_restart_with_every_pooled_connection_open_costs_nothing"]),
-    "bdat-on-stale-connection": ("mailgate/lmtp.py", "        if self.reader.received != self.read:\n",
+    "bdat-on-stale-connection": ("mailgate/lmtp.py", "        if self.reader.received != self.consumed:\n",
                                  "        if False:\n",
                                  [f"{D}::test_dovecot_restart_under_an_idle_connection_costs_the_next_message_nothing"]),
     "bdat-refused-left-open": ("mailgate/lmtp.py", "        # Nothing goes further,",
