@@ -513,6 +513,15 @@ class Dovecot:
                            START_TIMEOUT, interval=0.05, what=f"dovecot knows {addr}")
         return path
 
+    def remove_user(self, addr: str) -> None:
+        """Take a user out of the passwd-file (the maildir stays); if running, wait until
+        Dovecot refuses it (550 at RCPT)."""
+        self.users.remove(addr)
+        self._write_users()
+        if self.running:
+            wait_until(lambda: lmtp_rcpt("127.0.0.1", self.lmtp_port, addr)[0] == 550,
+                       START_TIMEOUT, interval=0.05, what=f"dovecot forgot {addr}")
+
     def _write_users(self) -> None:
         # Written aside and renamed: passwd-file is re-read when it changes, never half-written.
         tmp = self.users_file.with_suffix(".tmp")
