@@ -10,6 +10,7 @@ class LMTPServer(SMTPServer):
     """LMTP (RFC 2033): LHLO instead of HELO/EHLO; the Gateway answers per recipient."""
 
     protocol_name = "LMTP"
+    greeting = "mailgate"
 
     replies_due = 0  # recipients awaiting a reply after DATA
 

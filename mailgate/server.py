@@ -30,6 +30,8 @@ class SMTPServer(Forwarded, SMTP):
     the client is, XFORWARD and XFEED, in Forwarded; the LMTP variant in lmtpserver.py."""
 
     protocol_name = "SMTP"
+    greeting = "ESMTP mailgate"  # after "220 hostname": ESMTP, as Postfix says, for clients
+    #                              that send EHLO only to a server that says so (smtp-source)
     last_line = 0.0  # when a line last ended (a LF arrived); set from connection_made on
 
     def __init__(self, gateway: Gateway, listener: str):
@@ -41,7 +43,7 @@ class SMTPServer(Forwarded, SMTP):
         self.in_ehlo = False
         self.trusted = False
         self.last_activity = 0.0
-        settings = dict(hostname=config.hostname, ident="mailgate",
+        settings = dict(hostname=config.hostname, ident=self.greeting,
                         data_size_limit=config.limits.message_size, enable_SMTPUTF8=True,
                         decode_data=False, timeout=config.listen.command_timeout,
                         auth_require_tls=True)

@@ -530,6 +530,16 @@ def test_session_cap(gate: GateFactory) -> None:
         pass
 
 
+def test_smtp_greeting_says_esmtp_lmtp_greeting_does_not(gate: GateFactory) -> None:
+    """As Postfix greets ("220 host ESMTP Postfix"): clients such as smtp-source send EHLO,
+    and so get 8BITMIME, SMTPUTF8 and SIZE, only when the greeting says ESMTP."""
+    mg = gate()
+    with Session(mg.smtp) as s:
+        assert s.reply() == (220, "mx.example.test ESMTP mailgate")
+    with Session(mg.lmtp) as s:
+        assert s.reply() == (220, "mx.example.test mailgate")
+
+
 def test_idle_session_gets_421_and_is_closed(gate: GateFactory) -> None:
     with Session(gate({"listen": {"command_timeout": 1}}).smtp, timeout=5) as s:
         s.reply()

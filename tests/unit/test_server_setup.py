@@ -22,7 +22,7 @@ def sessions(cls):
         vars(slow).update({k: v for k, v in vars(fast).items()
                            if k in ("gateway", "listener", "xforward", "busy", "processing",
                                     "in_ehlo", "trusted", "last_activity")})
-        SMTP.__init__(slow, gateway, hostname=fast.hostname, ident="mailgate",
+        SMTP.__init__(slow, gateway, hostname=fast.hostname, ident=cls.greeting,
                       data_size_limit=fast.data_size_limit, enable_SMTPUTF8=True,
                       decode_data=False, timeout=fast._timeout_duration, auth_require_tls=True)
         return fast, slow
