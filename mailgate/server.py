@@ -30,8 +30,9 @@ class SMTPServer(Forwarded, SMTP):
     the client is, XFORWARD and XFEED, in Forwarded; the LMTP variant in lmtpserver.py."""
 
     protocol_name = "SMTP"
-    greeting = "ESMTP mailgate"  # after "220 hostname": ESMTP, as Postfix says, for clients
-    #                              that send EHLO only to a server that says so (smtp-source)
+    # After "220 hostname". ESMTP, as in Postfix's greeting: some clients (smtp-source) send
+    # EHLO only to a server that says it.
+    greeting = "ESMTP mailgate"
     last_line = 0.0  # when a line last ended (a LF arrived); set from connection_made on
 
     def __init__(self, gateway: Gateway, listener: str):
