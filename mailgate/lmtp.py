@@ -157,9 +157,7 @@ class Connection:
                 # From here on Dovecot may deliver: a lost reply is "unknown", not "not taken".
                 self.data_sent = True
                 self.send(last + b".\r\n")  # a small message: one write in all
-                for i in accepted:  # Dovecot delivers one by one: each gets lmtp_timeout
-                    limit.reschedule(self.limit())
-                    results[i] = await self.read_reply()
+                await self._delivery_replies(accepted, results, limit)
         except TimeoutError:
             raise LMTPError(TIMED_OUT) from None
 
@@ -178,11 +176,16 @@ class Connection:
         try:
             async with asyncio.timeout_at(self.limit()) as limit:
                 accepted = await self._envelope_replies(len(results), results, chunked=True)
-                for i in accepted or ():  # Dovecot delivers one by one: each gets lmtp_timeout
-                    limit.reschedule(self.limit())
-                    results[i] = await self.read_reply()
+                await self._delivery_replies(accepted or [], results, limit)
         except TimeoutError:
             raise LMTPError(TIMED_OUT) from None
+
+    async def _delivery_replies(self, accepted: list[int], results: list[LMTPReply | None],
+                                limit: asyncio.Timeout) -> None:
+        """A reply per accepted recipient: Dovecot delivers one by one, each gets lmtp_timeout."""
+        for i in accepted:
+            limit.reschedule(self.limit())
+            results[i] = await self.read_reply()
 
     async def _send_all_but_last(self, chunks: Iterable[bytes | memoryview],
                                  limit: asyncio.Timeout) -> bytes:

@@ -42,13 +42,13 @@ class Auth:
         budget = self.dns.budget()
         spf = sender.known(self.dns, env.client, env.sender, self.hostname)
         found = (None, False, "") if from_problem else dmarc.known_policy(self.dns, from_domain)
-        keys = signatures.check(self.dns, budget, message.raw, header,
-                                self.settings.max_signatures, self.settings.max_key_bits)
+        signed = signatures.check(self.dns, budget, message.raw, header,
+                                  self.settings.max_signatures, self.settings.max_key_bits)
         if spf is not None and found is not None:  # a warm cache: no lookups, so no tasks
-            dkims, arc = await keys
+            dkims, arc = await signed
         else:  # the lookups of all three at once
             spf, (dkims, arc), found = await asyncio.gather(
-                sender.check(self.dns, budget, env.client, env.sender, self.hostname), keys,
+                sender.check(self.dns, budget, env.client, env.sender, self.hostname), signed,
                 self._policy(budget, from_domain, from_problem))
         dmarc_result, disposition = dmarc.judge(from_domain, from_problem, found, spf, dkims)
         results = [spf, *dkims, dmarc_result, arc]

@@ -90,11 +90,10 @@ async def check(resolver: Resolver, budget: Budget, client: Client, sender: str,
     if result is not None:
         return result
     ip = client_address(client.addr)
-    key = ("spf", ip, sender, client.helo, receiver)
     answers = _Answers()
     done = await _run(resolver, budget, ip, sender, client.helo, receiver, answers)
     if done[0] != "temperror" and answers.expiration < math.inf:
-        resolver.remember(key, done, answers.expiration)
+        resolver.remember(_kept(ip, sender, client.helo, receiver), done, answers.expiration)
     return _result(ip, sender, client.helo, done)
 
 
@@ -107,8 +106,13 @@ def known(resolver: Resolver, client: Client, sender: str, receiver: str) -> Res
     ip = client_address(client.addr)
     if ip is None:
         return Result("spf", "none", "no client address", _props(sender, client.helo))
-    done = resolver.recall(("spf", ip, sender, client.helo, receiver))
+    done = resolver.recall(_kept(ip, sender, client.helo, receiver))
     return None if done is None else _result(ip, sender, client.helo, done)
+
+
+def _kept(ip: str, sender: str, helo: str, receiver: str) -> tuple:
+    """The key a result is kept under: everything pyspf's answer depends on."""
+    return ("spf", ip, sender, helo, receiver)
 
 
 def _result(ip: str, sender: str, helo: str, done: tuple[str, str]) -> Result:
