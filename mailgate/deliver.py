@@ -23,7 +23,7 @@ from mailgate.lmtp import LMTPReply
 from mailgate.lmtppool import Pool
 from mailgate.message import Envelope
 from mailgate.store import Store, StoreUnavailable
-from mailgate.verdict import DELIVERED, DELIVERY_DEFERRED, OUTCOME_UNKNOWN, Reply
+from mailgate.verdict import DELIVERED, DELIVERY_DEFERRED, OUTCOME_UNKNOWN, TEMP_FAILURE, Reply
 
 log = logging.getLogger("mailgate.deliver")
 HASH_IN_THREAD_BYTES = 1 << 20  # below this, a thread hop costs more than the hash
@@ -74,12 +74,25 @@ class Deliverer:
         results = [self._settled(rcpt, reply, error) for rcpt, reply in zip(recipients, replies)]
         retry = [i for i, result in enumerate(results) if result is None]
         if retry:  # only the fallback runs concurrently; Dovecot's answers need no task
+            # XXX every write ends before we answer: a bug in one recipient's must not let the
+            # client hear 451 while another's thread still writes (a copy the retry doubles).
             written = await asyncio.gather(*(
                 self._to_maildir(envelope, recipients[i], parts, str(replies[i] or error))
-                for i in retry))
+                for i in retry), return_exceptions=True)
             for i, result in zip(retry, written):
-                results[i] = result
+                results[i] = self._failed(envelope, recipients[i], result) \
+                    if isinstance(result, BaseException) else result
         return results
+
+    @staticmethod
+    def _failed(envelope: Envelope, rcpt: str, error: BaseException) -> Result:
+        """Our bug in one recipient's fallback: a retry (451 4.3.0) for that recipient only."""
+        if not isinstance(error, Exception):  # cancelled: not ours to turn into a reply
+            raise error
+        log.error("%s: internal error while processing the maildir fallback for %s",
+                  envelope.queue_id, rcpt, exc_info=error)
+        metrics.child(metrics.ERRORS, "message").inc()
+        return Result(rcpt, TEMP_FAILURE, "maildir", "deferred", "internal error")
 
     def _settled(self, rcpt: str, reply: LMTPReply | None, error: str) -> Result | None:
         """The outcome Dovecot's reply decides, or None where the maildir fallback should try."""

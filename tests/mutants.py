@@ -71,6 +71,9 @@ MUTANTS = {
     "bdat-refused-left-open": ("mailgate/lmtp.py", "        # Nothing goes further,",
                                "        if chunked:\n            return []\n        # Nothing goes further,",
                                ["tests/test_delivery.py::test_a_transaction_dovecot_refused_leaves_the_connection_fit_for_the_next"]),
+    "fallback-bug-not-awaited": ("mailgate/deliver.py", "for i in retry), return_exceptions=True)",
+                                 "for i in retry))",
+                                 ["tests/unit/test_fallback_writes.py::test_a_bug_in_one_fallback_write_defers_only_its_recipient_once_all_writes_ended"]),
     "uvloop-write-error": ("mailgate/lmtp.py", [
         ("        if self.writer.transport.is_closing():\n"
          '            raise LMTPError("connection closed by Dovecot")\n', ""),
