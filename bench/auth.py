@@ -52,6 +52,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--domains", type=int, default=4, help="sender domains (default 4)")
     p.add_argument("--size", type=int, default=2048, help="message bytes (default 2048)")
     p.add_argument("--warmup", type=int, default=300, help="messages per path first (300)")
+    p.add_argument("--reuse", action="store_true", help="smtp-source -d: each session keeps "
+                   "its connection for the next message, as Postfix's connection cache does "
+                   "when mail queues up (default: a new connection per message)")
     p.add_argument("--fsync", choices=("optimized", "never"), default="optimized")
     p.add_argument("--profile", action="store_true", help="one more (u) run under py-spy")
     p.add_argument("--baseline", type=Path, help="another checkout of mailgate (say, a git "
@@ -156,7 +159,7 @@ def send(env: SimpleNamespace, path: str, rcpt: str, messages: int,
     budget = 60 + 0.1 * messages
     started = time.monotonic()
     procs = [subprocess.Popen(
-        ["smtp-source", *(["-L"] if lmtp else []), "-s", str(args.sessions // args.domains),
+        ["smtp-source", *(["-L"] if lmtp else []), *(["-d"] if args.reuse else []), "-s", str(args.sessions // args.domains),
          "-m", str(messages // args.domains), "-F", str(eml), "-f", f"bounce@{sender_domain(k)}",
          "-t", rcpt, "-M", "client.test", f"127.0.0.1:{port}"],
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
