@@ -159,7 +159,8 @@ def send(env: SimpleNamespace, path: str, rcpt: str, messages: int,
     budget = 60 + 0.1 * messages
     started = time.monotonic()
     procs = [subprocess.Popen(
-        ["smtp-source", *(["-L"] if lmtp else []), *(["-d"] if args.reuse else []), "-s", str(args.sessions // args.domains),
+        ["smtp-source", *(["-L"] if lmtp else []), *(["-d"] if args.reuse else []),
+         "-s", str(args.sessions // args.domains),
          "-m", str(messages // args.domains), "-F", str(eml), "-f", f"bounce@{sender_domain(k)}",
          "-t", rcpt, "-M", "client.test", f"127.0.0.1:{port}"],
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -295,8 +296,9 @@ def section(facts: dict, args: argparse.Namespace, runs: list[Run], prof: dict |
              f"Dovecot {facts['dovecot']}", f"- command: `{facts['command']}`",
              f"- load: {args.messages} DKIM-signed (RSA-2048, relaxed/simple) messages of "
              f"{args.size} bytes per run from {args.domains} sender domains (SPF, DKIM, DMARC "
-             f"p=reject on the loopback DNS server), {args.sessions} sessions in all, a new "
-             f"connection per message; {args.warmup} warm-up messages per path first (the DNS "
+             f"p=reject on the loopback DNS server), {args.sessions} sessions in all, "
+             f"{'each keeping its connection' if args.reuse else 'a new connection per message'}"
+             f"; {args.warmup} warm-up messages per path first (the DNS "
              f"cache is warm); Dovecot `mail_fsync = {args.fsync}`; log level info.",
              "- the (u) mailgate trusts no peer, so SPF runs for every message; each run's "
              "delivered messages were checked for spf=pass, dkim=pass, dmarc=pass.",
