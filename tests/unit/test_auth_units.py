@@ -1,14 +1,18 @@
 """Pure parts of `auth`: header fields with offsets, forged-header detection, the From domain,
 DMARC records and alignment, the rendered header (parsed back with authres), config checks."""
+import time
+
 import pytest
 
 from mailgate import config, pipeline
 from mailgate.config import ConfigError
 from mailgate.filters.auth import dmarc, fields
+from mailgate.filters.auth import signatures
 from mailgate.filters.auth.signatures import read_signature
 from mailgate.filters.auth.results import Result, parse, render
 from mailgate.gateway import without
 from mailgate.filters.auth.sender import client_address
+from mailgate.dns import Answer
 
 RAW = (b"Received: from a\r\n\tby b; now\r\n"
        b"Authentication-Results: mx.example.test; spf=pass\r\n"
@@ -45,10 +49,29 @@ def test_removing_the_forged_field_keeps_every_other_byte():
     (b' "mx.example.test"; dkim=pass', "mx.example.test"),
     (b"\r\n\tmx.example.test;\r\n\tdmarc=pass", "mx.example.test"),
     (b" mx.example.test.evil; spf=pass", "mx.example.test.evil"),
-    (b" (unclosed mx.example.test; spf=pass", ""),
+    (b" (unclosed mx.example.test; spf=pass", None),
+    (rb" (a \) b) mx.example.test; spf=pass", "mx.example.test"),   # RFC 5322 quoted-pair
+    (rb' "mx.example\.test"; spf=pass', "mx.example.test"),
+    (b" (a)(b (c)) mx.example.test; spf=pass", "mx.example.test"),
 ])
 def test_authserv_id_is_read_leniently(value, claimed):
     assert fields.authserv_id(value) == claimed
+
+
+def test_a_claim_that_cannot_be_read_but_names_us_is_removed():
+    raw = (b"Authentication-Results: (never closed mx.example.test; spf=pass\r\n"
+           b"Authentication-Results: (never closed) (other.example; spf=pass\r\n\r\nbody\r\n")
+    assert [f.value[:14] for f in fields.forged_results(fields.read(raw), "mx.example.test")] == \
+        [b" (never closed"]
+
+
+def test_a_header_of_nested_comments_is_read_in_bounded_time():
+    # 100,000 nested comments before the id: quadratic once (13 s for 80 KB on the loop)
+    raw = (b"Authentication-Results: " + b"(" * 100_000 + b")" * 100_000
+           + b" mx.example.test; spf=pass\r\n\r\nbody\r\n")
+    started = time.process_time()
+    assert len(fields.forged_results(fields.read(raw), "mx.example.test")) == 1
+    assert time.process_time() - started < 1.0
 
 
 def test_obsolete_space_before_colon_is_still_a_field():
@@ -72,6 +95,7 @@ def test_lines_that_are_not_fields_are_skipped_and_counted():
     (b"From: undisclosed-recipients:;\r\n\r\n", ("", "From has no domain")),
     (b"From: a@x.example, b@y.example\r\n\r\n", ("", "From names several domains")),
     (b"From: a@bad_domain!.example\r\n\r\n", ("", "From domain is not a domain name")),
+    (b"From: " + b"(" * 1000 + b"a@x.example\r\n\r\n", ("", "From not parseable")),
 ])
 def test_from_domain_or_why_there_is_none(raw, expected):
     assert fields.from_domain(fields.read(raw)) == expected
@@ -90,6 +114,9 @@ def test_client_address_as_postfix_forwards_it(addr, ip):
     (b"v=1; a=rsa-sha256; d=x.example; s=s; h=from; bh=YWJj", "missing"),
     (b"v=1; a=rsa-sha256; d=x.example; i=x.example; s=s; h=from; bh=YWJj; b=YWJj", "unreadable"),
     (b"this is not a tag list", "bad tag list"),
+    (b"v=1; a=rsa-sha256; d=x.example; s=s; h=to : subject; bh=YWJj; b=YWJj",
+     "From field not signed"),
+    (b"v=1; a=rsa-sha256; d=x.example; s=s; h=to:\r\n\tFROM; bh=YWJj; b=YWJj", ""),
 ])
 def test_signature_problems_are_read_never_raised(value, problem):
     found = read_signature(value).problem
@@ -146,6 +173,34 @@ def test_dmarc_evaluation(from_domain, policy, at_org, spf_r, dkims, expected):
     assert dmarc.evaluate(from_domain, policy, at_org, spf_r, dkims) == expected
 
 
+def timed_out(method, ptype, prop, value):
+    return Result(method, "temperror", "timeout", ((ptype, prop, value),))
+
+
+@pytest.mark.parametrize("spf_r, dkims, expected", [
+    # RFC 7489 §6.6.2: an aligned check that failed for now: no conclusion, no policy
+    (timed_out("spf", "smtp", "mailfrom", "b@bounce.example.org"), [dkim()], ("temperror", "none")),
+    (spf(), [dkim(), timed_out("dkim", "header", "d", "example.org")], ("temperror", "none")),
+    (timed_out("spf", "smtp", "helo", "mail.example.org"), [], ("temperror", "none")),
+    # a stranger's timeout does not excuse the From domain's failure
+    (timed_out("spf", "smtp", "mailfrom", "b@example.net"), [dkim()], ("fail", "reject")),
+    (spf(), [timed_out("dkim", "header", "d", "attacker.example")], ("fail", "reject")),
+])
+def test_dmarc_cannot_conclude_when_an_aligned_check_failed_for_now(spf_r, dkims, expected):
+    policy = dmarc.Policy("reject", "reject")
+    assert dmarc.evaluate("example.org", policy, False, spf_r, dkims) == expected
+
+
+@pytest.mark.parametrize("text, usable", [
+    ("v=DMARC1; p=reject", True), ("V=DMARC1; p=reject", True), ("v = DMARC1 ; p=reject", True),
+    ("v=DMARC1", True), ("v=dmarc1; p=reject", False), ("v=DMARC10; p=reject", False),
+    ("p=reject; v=DMARC1", False),
+])
+def test_dmarc_version_tag_as_rfc_7489_writes_it(text, usable):
+    answer = Answer("_dmarc.example.org", "TXT", ((text.encode(),),), True, 0.0)
+    assert bool(dmarc._records(answer)) is usable
+
+
 # ---------------------------------------------------------------- the header
 
 def test_header_round_trips_through_authres_with_feed_verdicts():
@@ -168,6 +223,14 @@ def test_header_round_trips_through_authres_with_feed_verdicts():
     assert parsed.results[0].smtp_mailfrom == "a@example.org"
     assert (parsed.results[1].header_d, parsed.results[1].header_b) == ("example.org", "ab/cd+ef")
     assert parsed.results[2].header_from == "example.org"
+
+
+def test_header_lines_stay_within_rfc_5322_limits_whatever_the_signature_says():
+    header = render("mx.example.test", [
+        Result("dkim", "pass", "", (("header", "d", "d" * 243 + ".example"),
+                                    ("header", "s", "s" * 900), ("header", "b", "abcdefgh")))])
+    assert max(len(line) for line in header.split(b"\r\n")) <= 998
+    assert parse(header).results[0].header_s is None
 
 
 def test_hostile_values_cannot_break_the_header():
@@ -213,3 +276,9 @@ def test_bad_dns_and_auth_settings_name_the_key(tmp_path, text, key):
     path.write_text('domains = ["example.test"]\n' + text)
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         config.load(str(path), {})
+
+
+def test_arc_has_only_its_three_words_even_when_dns_fails():
+    # RFC 8617 registers none, pass and fail for arc; a key lookup that failed is a fail
+    assert signatures._verify_arc(b"", None, 1, True, False) == (
+        "fail", "key lookup failed (temporary)")

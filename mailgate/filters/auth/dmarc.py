@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import random
+import re
 from dataclasses import dataclass
 
 from publicsuffixlist import PublicSuffixList
@@ -65,9 +66,14 @@ def parse_record(text: str) -> Policy | None:
                   min(100, int(pct)) if pct.isdigit() else 100)
 
 
+# RFC 7489 §6.4: "v" *WSP "=" *WSP "DMARC1", then the end or ";" (the "v" in any case, the
+# version exactly as written)
+_VERSION = re.compile(r"[vV][ \t]*=[ \t]*DMARC1[ \t]*(?:;|\Z)")
+
+
 def _records(answer) -> list[str]:
     texts = [b"".join(strings).decode("ascii", "replace") for strings in answer.records]
-    return [t for t in texts if t.startswith("v=DMARC1") and t[8:9] in ("", ";", " ", "\t")]
+    return [t for t in texts if _VERSION.match(t)]
 
 
 async def find_policy(resolver: Resolver, budget: Budget,
@@ -122,11 +128,27 @@ def evaluate(from_domain: str, policy: Policy | None, at_org: bool, spf: Result,
     if aligned(spf.domain, from_domain, policy.aspf) or any(
             aligned(d.domain, from_domain, policy.adkim) for d in dkims):
         return "pass", "none"
+    # §6.6.2: no aligned pass, but an aligned identifier's check failed for now: DMARC cannot
+    # conclude, so no policy applies (a DNS timeout must never reject mail)
+    if spf.result == "temperror" and aligned(_spf_domain(spf), from_domain, policy.aspf) or any(
+            d.result == "temperror" and aligned(_prop(d, "d"), from_domain, policy.adkim)
+            for d in dkims):
+        return "temperror", "none"
     requested = published(policy, at_org, from_domain)
     if policy.pct < 100 and random.random() * 100 >= policy.pct:
         # §6.6.4: outside the sampled share, the next less strict policy applies
         requested = POLICIES[max(0, POLICIES.index(requested) - 1)]
     return "fail", requested
+
+
+def _prop(result: Result, name: str) -> str:
+    return next((value.lower() for _, prop, value in result.props if prop == name), "")
+
+
+def _spf_domain(spf: Result) -> str:
+    """The domain SPF checked: MAIL FROM's, or HELO's for the null sender (RFC 7489 §3.1.2)."""
+    mailfrom = _prop(spf, "mailfrom")
+    return mailfrom.rpartition("@")[2] if mailfrom else _prop(spf, "helo")
 
 
 def judge(from_domain: str, from_problem: str, found: tuple[Policy | None, bool, str],

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 # name (printable, no colon), optional WSP before the colon (obsolete syntax, still seen and
 # still honoured by mail clients), the value with its continuation lines.
 _FIELD = re.compile(rb"([\x21-\x39\x3b-\x7e]+)[ \t]*:([^\r\n]*(?:\r\n[ \t][^\r\n]*)*)\r\n")
-_COMMENT = re.compile(r"\([^()]*\)")
 _DOMAIN = re.compile(r"(?=.{1,253}\Z)(?:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)*"
                      r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 
@@ -53,24 +52,62 @@ def read(raw: bytes) -> Header:
     return Header(tuple(fields), malformed)
 
 
-def authserv_id(value: bytes) -> str:
-    """The authserv-id an Authentication-Results value claims, read leniently (comments,
-    quotes, a trailing dot and case do not hide a claim)."""
-    text = value.decode("latin-1").replace("\r\n", " ")
-    for _ in range(text.count("(")):  # innermost comments first; bounded by their number
-        stripped = _COMMENT.sub(" ", text)
-        if stripped == text:
-            break
-        text = stripped
-    token = re.split(r"[\s;(]", text.strip(), maxsplit=1)[0]
-    return token.strip('"').rstrip(".").lower()
+def authserv_id(value: bytes) -> str | None:
+    """The authserv-id an Authentication-Results value claims, read as RFC 5322 reads it
+    (comments, nested or holding quoted-pairs; a quoted-string with quoted-pairs), plus a
+    trailing dot and case: none of these hides a claim. None when it cannot be read within
+    the first READ_LIMIT characters (a comment that does not end there): the caller decides.
+    Bounded, so a hostile header of many "(" costs no more than a normal one."""
+    text = value[:READ_LIMIT].decode("latin-1")
+    at = _skip_cfws(text, 0)
+    if at is None:
+        return None
+    if text.startswith('"', at):
+        claimed = _QUOTED_PAIR.sub(r"\1", _QUOTED.match(text, at)[1])
+    else:
+        claimed = _TOKEN_END.split(text[at:], maxsplit=1)[0]
+    return claimed.strip().rstrip(".").lower()
+
+
+READ_LIMIT = 4096   # characters; an authserv-id is a host name, its comments short
+_TOKEN_END = re.compile(r'[\s;()"]')
+_QUOTED = re.compile(r'"((?:[^"\\]|\\.)*)', re.S)
+_QUOTED_PAIR = re.compile(r"\\(.)", re.S)
+_WSP = re.compile(r"[ \t\r\n]*")
+_COMMENT_STOP = re.compile(r"[()\\]")
+
+
+def _skip_cfws(text: str, at: int) -> int | None:
+    """Where the next token starts after white space and comments; None if a comment is still
+    open at the end."""
+    while True:
+        at = _WSP.match(text, at).end()
+        if not text.startswith("(", at):
+            return at
+        depth, at = 1, at + 1
+        while depth:
+            stop = _COMMENT_STOP.search(text, at)
+            if stop is None:
+                return None
+            char, at = stop[0], stop.end()
+            if char == "\\":
+                at += 1
+            else:
+                depth += 1 if char == "(" else -1
 
 
 def forged_results(header: Header, hostname: str) -> tuple[Field, ...]:
-    """Authentication-Results fields that claim to be ours: RFC 8601 §5 says remove them."""
+    """Authentication-Results fields that claim to be ours: RFC 8601 §5 says remove them.
+    One whose authserv-id cannot be read counts as ours if it names our host anywhere: a
+    malformed header is no loss, a forged one reaching the mailbox is."""
     ours = hostname.rstrip(".").lower()
     return tuple(f for f in header.fields
-                 if f.name == b"authentication-results" and authserv_id(f.value) == ours)
+                 if f.name == b"authentication-results" and _claims(f.value, ours))
+
+
+def _claims(value: bytes, ours: str) -> bool:
+    claimed = authserv_id(value)
+    return claimed == ours if claimed is not None else ours.encode() in value.lower()
 
 
 def is_domain(name: str) -> bool:
@@ -89,7 +126,12 @@ def from_domain(header: Header) -> tuple[str, str]:
 
 def _domain_of(value: bytes) -> tuple[str, str]:
     text = value.decode("utf-8", "surrogateescape").replace("\r\n", " ")
-    addresses = [addr for _, addr in email.utils.getaddresses([text]) if addr]
+    try:
+        addresses = [addr for _, addr in email.utils.getaddresses([text]) if addr]
+    # XXX the stdlib's parser recurses once per nested comment: a From of 1000 "(" raises
+    # RecursionError. Hostile bytes are a From we cannot read, not a reason to defer the mail.
+    except Exception:  # noqa: BLE001
+        return "", "From not parseable"
     domains = {addr.rpartition("@")[2].rstrip(".").lower() for addr in addresses if "@" in addr}
     if not domains or "" in domains:
         return "", "From has no domain"

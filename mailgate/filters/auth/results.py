@@ -22,6 +22,7 @@ _ADDRESS = re.compile(r"[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@[A-Za-z0-9.-]+")
 _KEYWORD = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?")
 _UNSAFE = re.compile(r"[^\x20-\x7e]|[()\\]")
 COMMENT_CHARS = 120
+VALUE_CHARS = 256   # RFC 5321 §4.5.3.1.3: a path; a domain name is shorter still
 # To parse what we render (tests, Sieve-minded tools): the methods this header carries.
 FEATURES = authres.FeatureContext(authres.dkim_b, authres.dmarc, authres.arc)
 
@@ -42,7 +43,11 @@ def safe_comment(text: str) -> str:
 
 def safe_value(value: str) -> str | None:
     """A property value authres can write without breaking the header: an address, a token
-    or base64 (quoted by authres); None for anything else, which is then left out."""
+    or base64 (quoted by authres), of at most VALUE_CHARS; None for anything else, which is
+    then left out (a hostile d= or s= of 1000 characters would make a line over RFC 5322's
+    998)."""
+    if len(value) > VALUE_CHARS:
+        return None
     if _ADDRESS.fullmatch(value) or _TOKEN.fullmatch(value):
         return value
     if re.fullmatch(r"[A-Za-z0-9+/=]+", value):
