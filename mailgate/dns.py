@@ -1,6 +1,7 @@
 """The one DNS resolver every filter shares: async (dnspython), cached across messages, bounded.
 
-Answers are cached for their TTL (NXDOMAIN and "no such record" for the zone's negative TTL);
+Answers are cached for their TTL (NXDOMAIN and "no such record" for the zone's negative TTL, or
+dnspython's 300 s when the answer carries no SOA);
 concurrent lookups of one name share one query. Each lookup is bounded by `[dns] timeout` and by
 the message's `Budget`; a timeout, SERVFAIL or a spent budget raises DnsError, which a check turns
 into `temperror`, never into a hang or a rejection. Nothing here blocks the event loop.
@@ -23,7 +24,7 @@ from mailgate import metrics
 from mailgate.config import Dns, parse_nameserver
 
 CACHE_ENTRIES = 50_000        # answers kept (LRU beyond that)
-NEGATIVE_TTL = 60.0           # seconds, when a negative answer carries no SOA to say
+NEGATIVE_TTL = 60.0           # seconds: a name that cannot exist, an NXDOMAIN dnspython cannot read
 
 
 class DnsError(Exception):
