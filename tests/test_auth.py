@@ -26,7 +26,7 @@ import authres
 import dkim
 import pytest
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import padding
+from cryptography.hazmat.primitives.asymmetric import ed25519, padding
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import USERS, base_config, merge, register
@@ -317,6 +317,25 @@ def test_dkim_failures(gate: GateFactory, dove: Dovecot, key: Key, selector: str
     data = sign(message(m), key, selector)
     assert send(gate(), alter(data) if alter else data)[0] == 250
     assert result(delivered(dove, m), "dkim").result == expected
+
+
+def test_ed25519_signature_as_rfc_8463_writes_it(gate: GateFactory, dove: Dovecot,
+                                                 dns: DnsServer) -> None:
+    private = ed25519.Ed25519PrivateKey.generate()
+    raw = serialization.Encoding.Raw
+    public = private.public_key().public_bytes(raw, serialization.PublicFormat.Raw)
+    dns.txt("ed._domainkey.signed.example",
+            "v=DKIM1; k=ed25519; p=" + base64.b64encode(public).decode())
+    seed = private.private_bytes(raw, serialization.PrivateFormat.Raw,
+                                 serialization.NoEncryption())
+    m = mark()
+    data = message(m)
+    data = dkim.sign(data, b"ed", b"signed.example", base64.b64encode(seed),
+                     include_headers=[b"from", b"subject"],
+                     signature_algorithm=b"ed25519-sha256") + data
+    assert send(gate(), data)[0] == 250
+    d = result(delivered(dove, m), "dkim")
+    assert (d.result, d.header_d, d.header_s) == ("pass", "signed.example", "ed")
 
 
 def test_two_signatures_one_good(gate: GateFactory, dove: Dovecot, key: Key) -> None:
