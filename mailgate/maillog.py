@@ -120,8 +120,17 @@ def client_text(name: str, addr: str) -> str:
 
 def delivery(queue_id: str, sender: str, recipient: str, relay: str, delay: float,
              dsn: str, status: str, detail: str) -> None:
-    log.info("%s: from=<%s>, to=<%s>, relay=%s, delay=%.3g, dsn=%s, status=%s (%s)",
-             queue_id, sender, recipient, relay, delay, dsn, status, detail)
+    log.info("%s: from=<%s>, to=<%s>, relay=%s, delay=%s, dsn=%s, status=%s (%s)",
+             queue_id, sender, recipient, relay, delay_text(delay), dsn, status, detail)
+
+
+def delay_text(seconds: float) -> str:
+    """A delay as Postfix logs it: whole seconds from 10 on, else two significant digits and at
+    most two after the point (delay_logging_resolution_limit = 2); never an exponent, which
+    log parsers written for Postfix do not expect (0.00009 s is "0", not "9e-05")."""
+    if seconds >= 10:
+        return f"{seconds:.0f}"
+    return f"{float(f'{seconds:.2g}'):.2f}".rstrip("0").rstrip(".") or "0"
 
 
 def reject(stage: str, client: str, reply: object, sender: str | None, recipient: str,

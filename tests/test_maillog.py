@@ -48,7 +48,7 @@ def test_under_the_journal_lines_are_bare_with_a_priority(dovecot, mailgate_fact
     gate = start_under_journal(mailgate_factory)
     queue_id = deliver(gate)
     gate.wait_log(rf"^<6>{queue_id}: from=<{SENDER}>, to=<{ALICE}>, relay=dovecot\[127\.0\.0\.1:"
-                  rf"{dovecot.lmtp_port}\], delay=[\d.e-]+, dsn=2\.0\.0, status=sent \(250 ")
+                  rf"{dovecot.lmtp_port}\], delay=[\d.]+, dsn=2\.0\.0, status=sent \(250 ")
     with socket.create_connection(gate.lookup, timeout=10) as s:  # a malformed lookup: a warning
         s.sendall(b"3:abcd,")
         s.recv(1)
