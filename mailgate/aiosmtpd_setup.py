@@ -34,7 +34,7 @@ def fast_init(server: SMTP, handler, *, hostname: str, ident: str, data_size_lim
     server.__ident__, server.loop, server.event_handler = ident, loop, handler
     server.data_size_limit, server.enable_SMTPUTF8 = data_size_limit, enable_SMTPUTF8
     server._decode_data, server.hostname = decode_data, hostname
-    server.command_size_limits.clear()
+    server.command_size_limits.clear()  # the session's own dict (SMTPServer.__init__)
     server.tls_context, server.require_starttls = None, None
     server._timeout_duration, server._timeout_handle = timeout, None
     server._tls_handshake_okay, server._tls_protocol, server._original_transport = True, None, None

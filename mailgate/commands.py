@@ -17,6 +17,8 @@ XFEED_VERDICT = re.compile(r"([a-z][a-z0-9-]{0,63})=([a-z]{1,32})\Z")
 _ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
 SIMPLE_PATH = re.compile(rf"<({_ATEXT}(?:\.{_ATEXT})*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*)>"
                          r"((?: +[A-Za-z0-9][A-Za-z0-9-]*(?:=[!-~]+)?)*) *\Z")
+# A character no path may hold: lmtp.py could not pass it on unchanged (another address).
+PATH_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 IGNORED_MAIL_PARAMS = {"RET", "ENVID", "AUTH"}       # DSN and AUTH: Postfix may pass them on
 IGNORED_RCPT_PARAMS = {"NOTIFY", "ORCPT"}
 
@@ -93,6 +95,18 @@ def parse_path(arg: str, getaddr, smtputf8: bool) -> tuple[str, list[str]] | Non
         return None
     # SMTPUTF8 may come as a parameter of this very MAIL command.
     utf8 = smtputf8 or "SMTPUTF8" in rest.upper().split()
-    if not address.isascii() and not utf8:
+    if not address.isascii() and not (utf8 and _is_utf8(address)):
+        return None
+    if PATH_CONTROL.search(before) or PATH_CONTROL.search(address):
         return None
     return address, rest.split()
+
+
+def _is_utf8(text: str) -> bool:
+    """False for bytes that were not UTF-8 (aiosmtpd decodes with surrogateescape): no such
+    address can be logged, hashed or handed to Dovecot."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True

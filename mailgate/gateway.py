@@ -7,6 +7,7 @@ the client's retry does not deliver twice. Any exception becomes 451 4.3.0, neve
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 
 from mailgate import faults, maillog, metrics, trace
@@ -111,12 +112,23 @@ class Gateway(Sessions):
         try:
             faults.point("after-data")
             results = await self._process(env, raw, server.protocol_name)
+            await self._remember(env, raw, results, server)
         # XXX our bug must become a retry (451), never a bounce nor a silent loss.
         except Exception:
             log.exception("%s: internal error while processing", env.queue_id)
             metrics.child(metrics.ERRORS, "message").inc()
             results = [Result(r, TEMP_FAILURE, "none", "deferred", "internal error")
                        for r in env.recipients]
+        try:
+            maillog.transaction(env, len(raw), results, server.listener)
+        except Exception:  # the answer stands: the mail is where the results say it is
+            log.exception("%s: internal error while logging the transaction", env.queue_id)
+            metrics.child(metrics.ERRORS, "message").inc()
+        return results
+
+    async def _remember(self, env: Envelope, raw: bytes, results: list[Result],
+                        server: Session) -> None:
+        """Who got it, when the client is not told so per recipient (see DeliveryRecord)."""
         lost = server.transport is None or server.transport.is_closing()
         told_per_recipient = server.protocol_name == "LMTP" and not lost
         if (not told_per_recipient and not all(r.ok for r in results)) or lost:
@@ -125,17 +137,20 @@ class Gateway(Sessions):
                 if result.ok:  # keyed by the envelope recipient: that is what a retry names
                     self.record.remember(self.record.key(digest, rcpt))
             await self.record.flush()  # in the store before the client hears 451
-        maillog.transaction(env, len(raw), results, server.listener)
-        return results
 
     async def _process(self, env: Envelope, raw: bytes, proto: str) -> list[Result]:
         deadline = env.received_at + self.config.limits.message_timeout
         outcome = await self._run_chain(env, raw, deadline)
+        # Each address once, as Postfix's cleanup removes duplicate recipients: bob@x and BOB@x
+        # are one mailbox. The first spelling is delivered; every duplicate gets its result.
+        first: dict[str, str] = {}
+        for rcpt in env.recipients:
+            first.setdefault(rcpt.lower(), rcpt)
         done: dict[str, Result] = {}
         targets: list[str] = []  # recipients delivered to their own mailbox
         forwards: dict[str, Verdict] = {}  # recipients whose copies go elsewhere (forward.py)
         digest = await self.record.digest(env, raw) if self.record.entries else b""
-        for rcpt in env.recipients:
+        for rcpt in first.values():
             verdict = outcome.verdicts.get(rcpt, Verdict(Action.CONTINUE))
             if digest and self.record.seen(self.record.key(digest, rcpt)):
                 done[rcpt] = Result(rcpt, self._delivered(env), "none", "sent",
@@ -155,12 +170,28 @@ class Gateway(Sessions):
         if targets or forwards:
             head = trace.received(env.client, self.config.hostname,
                                   trace.protocol_word(proto, env.client.proto, env.smtputf8),
-                                  env.queue_id, env.recipients) + b"".join(outcome.headers)
+                                  env.queue_id, tuple(first.values())) + b"".join(outcome.headers)
             done.update(await self._deliver(env, targets, forwards, head,
                                             without(raw, outcome.drop), deadline))
         if outcome.outbound and self.chain.resources is not None:
             self._send_after(env, outcome, done)
-        return [done[r] for r in env.recipients]
+        return self._per_recipient(env, first, done)
+
+    @staticmethod
+    def _per_recipient(env: Envelope, first: dict[str, str],
+                       done: dict[str, Result]) -> list[Result]:
+        """One result per envelope recipient, in order (LMTP: one reply per RCPT); a duplicate
+        shares its address's result, and its log line says it got no copy of its own."""
+        results, seen = [], set()
+        for rcpt in env.recipients:
+            key = rcpt.lower()
+            result = done[first[key]]
+            if key in seen:
+                result = dataclasses.replace(result, recipient=rcpt,
+                                             detail=f"duplicate of <{result.recipient}>")
+            seen.add(key)
+            results.append(result)
+        return results
 
     async def _deliver(self, env: Envelope, targets: list[str], forwards: dict[str, Verdict],
                        head: bytes, raw: bytes, deadline: float) -> dict[str, Result]:

@@ -22,10 +22,12 @@ class LMTPServer(SMTPServer):
             self.replies_due = 0
 
     async def push(self, status) -> None:
-        """aiosmtpd's own DATA errors (552, line too long) are one line: LMTP needs one each."""
-        if self.replies_due > 1 and isinstance(status, str) and "\r\n" not in status \
-                and status[:1] in "45":
-            status = "\r\n".join([enhance(status)] * self.replies_due)
+        """aiosmtpd's own DATA errors (552, line too long) are one line: LMTP needs one each.
+        The replies to DATA are given once; what follows them (421 at shutdown) is one line."""
+        if self.replies_due and isinstance(status, str) and status[:1] in "245":
+            if self.replies_due > 1 and "\r\n" not in status and status[:1] in "45":
+                status = "\r\n".join([enhance(status)] * self.replies_due)
+            self.replies_due = 0
         await super().push(status)
 
     async def smtp_LHLO(self, hostname: str) -> None:

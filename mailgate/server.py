@@ -9,6 +9,7 @@ line that takes longer than twice that deadline ends the session too (a slowlori
 from __future__ import annotations
 
 import asyncio
+import collections
 from typing import TYPE_CHECKING
 
 from aiosmtpd.smtp import SMTP
@@ -41,13 +42,18 @@ class SMTPServer(Forwarded, SMTP):
         self.xforward: dict[str, str] = {}
         self.busy = False        # between DATA and our reply: shutdown waits
         self.processing = False  # the whole message is in, our reply is due: idle timer waits
-        self.in_ehlo = False
+        self.in_ehlo = False     # replying to EHLO or HELO: no enhanced status codes
+        self.data_failed = False  # an exception inside DATA: handle_exception ends the transaction
         self.trusted = False
         self.last_activity = 0.0
         settings = dict(hostname=config.hostname, ident=self.greeting,
                         data_size_limit=config.limits.message_size, enable_SMTPUTF8=True,
                         decode_data=False, timeout=config.listen.command_timeout,
                         auth_require_tls=True)
+        # XXX aiosmtpd 1.4.6 keeps command_size_limits on the class: its __init__ clears it and
+        # every EHLO adds to it, so one session's limit for MAIL moved with others' connections.
+        # One dict per session (__init__ then clears this one).
+        self.command_size_limits = collections.defaultdict(lambda: SMTP.command_size_limit)
         if FAST_INIT:
             fast_init(self, gateway, **settings)
         else:
@@ -154,15 +160,26 @@ class SMTPServer(Forwarded, SMTP):
             self.transport.close()
 
     async def handle_exception(self, error: Exception) -> str:
-        in_data = self.envelope.content is not None
+        """451 for our failure. Inside DATA the transaction ends with it (it must not leak into
+        the next one); elsewhere only that command failed, and MAIL and the RCPTs accepted
+        before it stand."""
+        in_data, self.data_failed = self.data_failed, False
         replies = len(self.envelope.rcpt_tos) if in_data and self.protocol_name == "LMTP" else 1
-        self._set_post_data_state()  # a failed transaction must not leak into the next one
+        if in_data:
+            self._set_post_data_state()
         status = enhance(await super().handle_exception(error))
         return "\r\n".join([status] * max(replies, 1))  # LMTP: one reply per recipient
 
     # -- verbs ----------------------------------------------------------------------------
     async def smtp_EHLO(self, hostname: str) -> None:
         await self._ehlo(hostname)
+
+    async def smtp_HELO(self, hostname: str) -> None:
+        self.in_ehlo = True  # nor do HELO's (RFC 2034 §3)
+        try:
+            await super().smtp_HELO(hostname)
+        finally:
+            self.in_ehlo = False
 
     async def _ehlo(self, hostname: str) -> None:
         self.in_ehlo = True  # EHLO lines carry no enhanced status code (RFC 2034 §3)
@@ -195,7 +212,7 @@ class SMTPServer(Forwarded, SMTP):
             name, _, value = param.partition("=")
             name = name.upper()
             if name == "SIZE":
-                if not value.isdigit():
+                if not (value.isascii() and value.isdigit()):  # "²".isdigit(), int() fails
                     return BAD_ARGUMENTS
                 if int(value) > self.data_size_limit:
                     return TOO_BIG
@@ -216,6 +233,8 @@ class SMTPServer(Forwarded, SMTP):
             await self.reply(BAD_SEQUENCE, "Error: need MAIL command; ")
             return
         parsed = self._path(arg, "TO:")
+        if parsed is not None and parsed[0].lower() == "postmaster":  # RFC 5321 §4.5.1: MUST
+            parsed = f"postmaster@{self.gateway.config.domains[0]}", parsed[1]
         if parsed is None or "@" not in parsed[0]:
             await self.reply(BAD_RECIPIENT)
             return
@@ -239,6 +258,9 @@ class SMTPServer(Forwarded, SMTP):
         self.busy = True
         try:
             await self._data(arg)
+        except Exception:
+            self.data_failed = True  # for handle_exception, which aiosmtpd calls next
+            raise
         finally:
             self.busy = False
             self.gateway.transaction_ended()

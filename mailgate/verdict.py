@@ -77,6 +77,7 @@ BAD_PARAMETER = Reply(555, "5.5.4", "Unsupported option")
 # aiosmtpd sends some replies of its own without enhanced status codes; this gives them one.
 _ENHANCED_BY_CODE = {
     "221": "2.0.0", "250": "2.0.0", "252": "2.0.0", "421": "4.3.0", "451": "4.3.0",
+    "454": "4.7.0",  # STARTTLS: "TLS not available" (we never offer it; RFC 3207 §4)
     "500": "5.5.2", "501": "5.5.4", "502": "5.5.1", "503": "5.5.1", "504": "5.5.4",
     "530": "5.7.0", "550": "5.0.0", "552": "5.3.4", "553": "5.1.3", "554": "5.0.0",
     "555": "5.5.4",

@@ -56,3 +56,15 @@ class RedirectCarolToBob(_Filter):
         return FilterResult({r: Verdict(Action.REDIRECT, "carol is away",
                                         redirect_to=("bob@example.test",))
                              for r in message.envelope.recipients if r == "carol@example.test"})
+
+
+class BugAtRcpt(_Filter):
+    """A bug that escapes at RCPT, for carol only: what it leaves of the transaction shows.
+    (A filter's exception is caught there; a verdict that is not one is not.)"""
+    name = "bug-at-rcpt"
+
+    async def check(self, message: Message) -> FilterResult:
+        return FilterResult()
+
+    async def check_recipient(self, sender: str, rcpt: str) -> Verdict | None:
+        return "not a verdict" if rcpt == "carol@example.test" else None  # type: ignore

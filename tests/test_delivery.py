@@ -594,3 +594,50 @@ def test_concurrent_sessions_deliver_each_message_once(dovecot, mailgate_factory
         for m in marks:
             assert sum(f"body {m}".encode() in body for body in stored) == 1
         assert files(dovecot.maildir(addr), "tmp") == []
+
+
+# ---------------------------------------------------------------- duplicate recipients
+
+def lmtp_each(gate: Mailgate, rcpts: list[str], data: bytes) -> list[tuple[int, str]]:
+    """One LMTP transaction with every RCPT as given (duplicates too): the replies after DATA."""
+    with smtplib.LMTP(*gate.lmtp, local_hostname="client.test", timeout=REPLY_BOUND) as s:
+        s.ehlo()
+        assert s.mail(SENDER)[0] == 250
+        for rcpt in rcpts:
+            expect(s.rcpt(rcpt), RCPT_OK)
+        s.putcmd("DATA")
+        assert s.getreply()[0] == 354
+        s.send(re.sub(rb"(?m)^\.", b"..", data) + b".\r\n")
+        return [(code, text.decode()) for code, text in (s.getreply() for _ in rcpts)]
+
+
+def test_duplicate_recipients_over_lmtp_get_one_copy_and_a_reply_each(dovecot,
+                                                                      mailgate_factory) -> None:
+    """As Postfix's cleanup: an address named twice, in any case, is delivered once; every
+    accepted RCPT still gets its reply, in order (RFC 2033)."""
+    gate = mailgate_factory()
+    m = mark()
+    replies = lmtp_each(gate, [BOB, "BOB@example.test", ALICE, BOB], message(m))
+
+    for reply in replies:
+        expect(reply, DELIVERED, text=False)
+    assert [sum(f"body {m}".encode() in body for body in dovecot.maildir_messages(addr))
+            for addr in (ALICE, BOB)] == [1, 1]
+    gate.wait_log(r"to=<BOB@example\.test>, relay=dovecot.*status=sent "
+                  r"\(duplicate of <bob@example\.test>\)")
+
+
+def test_duplicate_recipient_in_the_fallback_is_written_once(dovecot, mailgate_factory) -> None:
+    dovecot.stop()
+    gate = mailgate_factory()
+    m = mark()
+    with smtplib.SMTP(*gate.smtp, local_hostname="client.test", timeout=REPLY_BOUND) as s:
+        s.ehlo()
+        assert s.mail(SENDER)[0] == 250
+        expect(s.rcpt(ALICE), RCPT_OK)
+        expect(s.rcpt(ALICE), RCPT_OK)
+        expect(s.data(message(m)), DELIVERED)
+
+    [written] = files(dovecot.maildir(ALICE))
+    assert written.parent.name == "new" and f"body {m}".encode() in written.read_bytes()
+    assert "delivered to maildir" in delivery_line(gate, ALICE, "maildir", "sent")

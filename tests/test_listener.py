@@ -293,6 +293,139 @@ def test_malformed_recipient_is_bad_syntax(gate: GateFactory, address: str) -> N
         assert_reply(s.command(f"RCPT TO:{address}"), verdict.BAD_RECIPIENT)
 
 
+@pytest.mark.parametrize("command, expected", [
+    (b"MAIL FROM:<\xff@b.test> SMTPUTF8", verdict.BAD_SENDER),       # not UTF-8
+    (b"MAIL FROM:<a\x00b@b.test>", verdict.BAD_SENDER),
+    (b"MAIL FROM:<a@b.test\x7f>", verdict.BAD_SENDER),
+    (b"RCPT TO:<\xff@example.test>", verdict.BAD_RECIPIENT),
+    (b"RCPT TO:<alice\r@example.test>", verdict.BAD_RECIPIENT),      # not alice: refused
+    (b"RCPT TO:<alice\x00@example.test>", verdict.BAD_RECIPIENT),
+    (b"RCPT TO:<ali\x1bce@example.test>", verdict.BAD_RECIPIENT),
+    (b'RCPT TO:<"ali\x01ce"@example.test>', verdict.BAD_RECIPIENT),
+], ids=["mail-not-utf8", "mail-nul", "mail-del", "rcpt-not-utf8", "rcpt-cr", "rcpt-nul",
+        "rcpt-esc", "rcpt-quoted-control"])
+def test_path_with_a_control_character_or_not_utf8_is_bad_syntax(gate: GateFactory,
+                                                                  dove: Dovecot, command: bytes,
+                                                                  expected: Reply) -> None:
+    """Refused at the command (501), not accepted and then lost to a 451 at every DATA, nor
+    delivered to another address with the character dropped."""
+    mark = marker()
+    with Session(gate().smtp) as s:
+        s.reply()
+        s.command("EHLO client.test")
+        if command.startswith(b"RCPT"):
+            assert_reply(s.command("MAIL FROM:<sender@remote.test> SMTPUTF8"), verdict.SENDER_OK)
+        s.send(command + b"\r\n")
+        code, text = s.reply()
+        assert (code, text.partition(" ")[0]) == (501, "5.1.7" if expected is verdict.BAD_SENDER
+                                                  else "5.1.3"), (code, text)
+        # the session goes on, and so does the transaction where there is one
+        if command.startswith(b"MAIL"):
+            assert_reply(s.command("MAIL FROM:<sender@remote.test>"), verdict.SENDER_OK)
+        assert_reply(s.command(f"RCPT TO:<{BOB}>"), verdict.RCPT_OK)
+        assert s.command("DATA")[0] == 354
+        s.send(dot_stuff(message(mark, to=BOB)))
+        assert_reply(s.reply(), verdict.DELIVERED)
+    assert on_disk(dove, ALICE, mark) == [] and len(on_disk(dove, BOB, mark)) == 1
+
+
+@pytest.mark.parametrize("address", ["postmaster", "PostMaster", "POSTMASTER"])
+def test_postmaster_without_a_domain_is_accepted(gate: GateFactory, dove: Dovecot,
+                                                 address: str) -> None:
+    """RFC 5321 §4.5.1: a server MUST accept <postmaster> (any case); it is the postmaster of
+    the first of `domains`."""
+    postmaster = "postmaster@example.test"
+    dove.add_user(postmaster)
+    mg = gate()
+    mark = marker()
+    with Session(mg.smtp) as s:
+        s.reply()
+        s.command("EHLO client.test")
+        assert_reply(s.command("MAIL FROM:<sender@remote.test>"), verdict.SENDER_OK)
+        code, text = s.command(f"RCPT TO:<{address}>")
+        assert (code, text.partition(" ")[0]) == (250, "2.1.5"), (code, text)
+        assert s.command("DATA")[0] == 354
+        s.send(dot_stuff(message(mark, to=address)))
+        qid = queue_id(assert_reply(s.reply(), verdict.DELIVERED))
+    assert len(stored(dove, postmaster, mark)) == 1
+    [line] = wait_delivery_lines(mg, qid, 1)
+    assert f"to=<{postmaster}>" in line and "status=sent" in line, line
+
+
+def test_helo_reply_has_no_enhanced_status_code(gate: GateFactory) -> None:
+    """RFC 2034 §3: no enhanced code on the replies to HELO or EHLO; on the next command, one."""
+    with Session(gate().smtp) as s:
+        s.reply()
+        assert s.command("HELO client.test") == (250, "mx.example.test")
+        assert s.command("HELO") == (501, "Syntax: HELO hostname")
+        assert_reply(s.command("MAIL FROM:<sender@remote.test>"), verdict.SENDER_OK)
+        assert s.command("EHLO client.test")[1].split("\n")[0] == "mx.example.test"
+
+
+def test_starttls_is_refused_with_an_enhanced_status_code(gate: GateFactory) -> None:
+    with Session(gate().smtp) as s:
+        s.reply()
+        s.command("EHLO client.test")
+        assert s.command("STARTTLS") == (454, "4.7.0 TLS not available")
+
+
+def test_size_parameter_that_is_not_ascii_digits_is_bad_syntax(gate: GateFactory) -> None:
+    """"²".isdigit() is true in Python, int("²") fails: a 501, not a 451 with a traceback."""
+    mg = gate()
+    with Session(mg.smtp) as s:
+        s.reply()
+        s.command("EHLO client.test")
+        for size in ("²", "١٢", "1x"):
+            s.send(f"MAIL FROM:<sender@remote.test> SIZE={size}\r\n".encode())
+            code, text = s.reply()
+            assert (code, text.partition(" ")[0]) == (501, "5.5.4"), (size, code, text)
+        assert_reply(s.command("MAIL FROM:<sender@remote.test> SIZE=100"), verdict.SENDER_OK)
+    assert "internal error" not in mg.log_text()
+
+
+def test_long_mail_command_after_ehlo_does_not_depend_on_other_sessions(gate: GateFactory) -> None:
+    """After EHLO, MAIL may be longer than 512 octets (SIZE= and SMTPUTF8 add to it, as
+    aiosmtpd counts); another client connecting in between must not take that away."""
+    mg = gate()
+    command = "MAIL FROM:<{}@remote.test>"
+    command = command.format("x" * (540 - len(command.format(""))))
+    assert len(command) == 540
+    with Session(mg.smtp) as first:
+        first.reply()
+        assert first.command("EHLO client.test")[0] == 250
+        with Session(mg.smtp) as second:
+            assert second.reply()[0] == 220  # its session is set up
+            assert_reply(first.command(command), verdict.SENDER_OK)
+            assert second.command("EHLO other.test")[0] == 250
+            assert_reply(second.command(command), verdict.SENDER_OK)
+
+
+@pytest.mark.parametrize("listener", ["smtp", "lmtp"])
+def test_bug_at_one_rcpt_leaves_the_transaction_standing(gate: GateFactory, dove: Dovecot,
+                                                         listener: str) -> None:
+    """Our bug at carol's RCPT is a 451 for carol only: MAIL and the recipients accepted
+    before stand, a later RCPT is accepted, DATA goes ahead and both get the message."""
+    mg = gate({"pipeline": {"filters": ["filters_for_tests:BugAtRcpt"]}})
+    mark = marker()
+    lmtp = listener == "lmtp"
+    with Session(mg.lmtp if lmtp else mg.smtp) as s:
+        s.reply()
+        assert s.command("LHLO client.test" if lmtp else "EHLO client.test")[0] == 250
+        assert_reply(s.command("MAIL FROM:<sender@remote.test>"), verdict.SENDER_OK)
+        assert_reply(s.command(f"RCPT TO:<{ALICE}>"), verdict.RCPT_OK)
+        code, text = s.command(f"RCPT TO:<{CAROL}>")
+        assert (code, text.partition(" ")[0]) == (451, "4.3.0"), (code, text)
+        assert_reply(s.command(f"RCPT TO:<{BOB}>"), verdict.RCPT_OK)
+        assert s.command("DATA")[0] == 354
+        s.send(dot_stuff(message(mark)))
+        for _ in range(2 if lmtp else 1):
+            assert_reply(s.reply(), verdict.DELIVERED)
+        assert_reply(s.command("QUIT"), verdict.CLOSING)
+    assert len(on_disk(dove, ALICE, mark)) == len(on_disk(dove, BOB, mark)) == 1
+    assert on_disk(dove, CAROL, mark) == []
+    mg.wait_log(r"error: internal error, answered 451 4\.3\.0")
+
+
 def test_ehlo_advertises_extensions(gate: GateFactory) -> None:
     with smtp(gate({"limits": {"message_size": 10000}})) as client:
         features = client.esmtp_features

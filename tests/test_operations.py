@@ -328,6 +328,31 @@ def test_sigterm_lets_the_transaction_in_flight_finish(dovecot: Dovecot, mailgat
     gate.wait_log(r"mailgate\[\d+\]: stopped$")
 
 
+def test_sigterm_during_an_lmtp_transaction_says_421_once(dovecot: Dovecot,
+                                                           mailgate_factory) -> None:
+    """LMTP: one reply per recipient, then ONE 421 4.3.2 and the close (not a 421 each)."""
+    gate = mailgate_factory({"listen": {"shutdown_timeout": 10}})
+    mark = uuid.uuid4().hex
+    data = message(mark)
+    client = smtplib.LMTP(*gate.lmtp, local_hostname=HELO, timeout=10)
+    client.ehlo()
+    client.mail(SENDER)
+    assert client.rcpt(ALICE)[0] == 250 and client.rcpt(BOB)[0] == 250
+    assert client.docmd("DATA")[0] == 354
+    client.send(data[:40])
+
+    gate.proc.send_signal(signal.SIGTERM)
+    wait_until(lambda: refuses_new_connections(gate), 10, what="new connections refused")
+    client.send(data[40:] + b".\r\n")
+    replies = [client.getreply() for _ in range(3)]
+    assert [code for code, _ in replies] == [250, 250, SHUTTING_DOWN.code], replies
+    assert replies[2][1] == str(SHUTTING_DOWN)[4:].encode()
+    assert client.file.read() == b""  # closed, with nothing after the one 421
+    client.close()
+    assert gate.proc.wait(15) == 0, gate.log_text()
+    assert len(with_mark(dovecot, ALICE, mark)) == len(with_mark(dovecot, BOB, mark)) == 1
+
+
 def test_sigterm_gives_up_on_a_stalled_transaction_after_the_timeout(dovecot: Dovecot,
                                                                      mailgate_factory) -> None:
     shutdown_timeout = 2

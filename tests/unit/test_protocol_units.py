@@ -3,7 +3,7 @@ import pytest
 
 from mailgate.gateway import has_bare_newline
 from mailgate.lmtp import encode_data
-from mailgate.commands import is_trusted, xtext_decode
+from mailgate.commands import is_trusted, parse_path, xtext_decode
 from mailgate.trace import received
 from mailgate.message import Client
 from mailgate import verdict
@@ -16,6 +16,7 @@ from mailgate import verdict
     ("451 4.3.0 already", "451 4.3.0 already"),
     ("354 End data with <CR><LF>.<CR><LF>", "354 End data with <CR><LF>.<CR><LF>"),
     ("220 mx ESMTP", "220 mx ESMTP"),
+    ("454 TLS not available", "454 4.7.0 TLS not available"),  # aiosmtpd's STARTTLS reply
 ])
 def test_every_reply_gets_an_enhanced_code(line, expected):
     assert verdict.enhance(line) == expected
@@ -86,3 +87,26 @@ def test_delivery_record_digest_is_one_hash_of_sender_and_message(size):
     env = Envelope("Q1", "a@b.test", ("c@example.test",), Client("127.0.0.1"), 0.0)
     got = asyncio.run(DeliveryRecord.digest(env, raw))
     assert got == hashlib.sha256(b"a@b.test\0" + raw).digest()
+
+
+def _getaddr(arg):
+    from aiosmtpd.smtp import SMTP
+    return SMTP._getaddr(object.__new__(SMTP), arg)
+
+
+@pytest.mark.parametrize("arg", [
+    "<alice\r@example.test>", "<alice\n@example.test>", "<al\x00ice@example.test>",
+    "<a\x1f@example.test>", "<a@example.test\x7f>", '<"a\x01b"@example.test>',
+    "<\udcff@example.test> SMTPUTF8",   # the byte 0xff, as aiosmtpd decodes it
+])
+def test_path_with_a_control_character_or_not_utf8_is_refused(arg):
+    assert parse_path(arg, _getaddr, True) is None
+
+
+@pytest.mark.parametrize("arg, parsed", [
+    ("<\u00e9@example.test> SMTPUTF8", ("\u00e9@example.test", ["SMTPUTF8"])),
+    ("<a@example.test> SIZE=10", ("a@example.test", ["SIZE=10"])),
+    ('<"a b"@example.test>', ('"a b"@example.test', [])),
+])
+def test_path_that_is_fine_is_parsed(arg, parsed):
+    assert parse_path(arg, _getaddr, True) == parsed
