@@ -1,9 +1,12 @@
-"""Delivery: Dovecot over LMTP first; on a 4xx or no answer, the maildir fallback.
+"""Delivery: Dovecot over LMTP first; when Dovecot cannot take it (no answer, or a 4xx of its
+own trouble), the maildir fallback.
 
 Returns one Result per recipient. A recipient is "sent" only when Dovecot said 250 or the
 maildir file is durable; a Dovecot 5xx is "bounced" with Dovecot's words; anything else is
 "deferred". An LMTP reply lost after DATA is deferred, not written to the maildir, because
-Dovecot may already hold the message (a duplicate is worse than a retry).
+Dovecot may already hold the message (a duplicate is worse than a retry). A 4xx that says the
+mailbox is full or disabled, or refuses by policy (decided()), is Dovecot deciding, not failing:
+deferred with its words, never written around its quota.
 """
 from __future__ import annotations
 
@@ -46,6 +49,14 @@ def from_lmtp(recipient: str, reply: LMTPReply, relay: str) -> Result:
     status, text = reply.split()
     kind = "sent" if reply.code < 400 else "deferred" if reply.code < 500 else "bounced"
     return Result(recipient, Reply(reply.code, status, text), relay, kind, str(reply))
+
+
+def decided(reply: LMTPReply) -> bool:
+    """A 4xx in which Dovecot decides rather than fails (RFC 3463): the mailbox is full (4.2.2,
+    Dovecot's quota_full_tempfail) or not accepting mail (4.2.1), or its policy says no (4.7.x).
+    Not 4.2.0: Dovecot says that when it cannot write the mailbox, which the fallback may."""
+    status = reply.split()[0]
+    return status in ("4.2.1", "4.2.2") or status.startswith("4.7.")
 
 
 class Deliverer:
@@ -99,7 +110,7 @@ class Deliverer:
         relay = self.pool.relay if self.pool else "none"
         if reply is not None and reply.unknown:  # Dovecot may hold it: defer, no fallback
             return Result(rcpt, OUTCOME_UNKNOWN, relay, "deferred", reply.text)
-        if reply is not None and (reply.code < 400 or reply.code >= 500):
+        if reply is not None and (reply.code < 400 or reply.code >= 500 or decided(reply)):
             return from_lmtp(rcpt, reply, relay)
         if self.template:
             return None

@@ -246,6 +246,32 @@ def test_lmtp_fallback_as_root_writes_the_failed_recipient(dovecot, mailgate_fac
     assert over_imap.endswith(message(m))
 
 
+def test_a_full_mailbox_is_deferred_as_dovecot_says_never_written_around_its_quota(
+        dovecot, mailgate_factory) -> None:
+    """Dovecot's quota with quota_full_tempfail: 452 4.2.2 for the full mailbox. The fallback
+    is for a Dovecot that cannot take mail, not for one that decided not to."""
+    full = "full@example.test"
+    dovecot.stop()  # stopped, Dovecot reads its config and users afresh when it starts
+    with open(dovecot.conf, "a") as conf:
+        conf.write("mail_plugins = $mail_plugins quota\nquota_full_tempfail = yes\n"
+                   "plugin {\n  quota = maildir:User quota\n}\n")
+    dovecot.add_user(full)
+    text = dovecot.users_file.read_text()
+    line = next(x for x in text.splitlines() if x.startswith(f"{full}:"))
+    dovecot.users_file.write_text(text.replace(line, line + "userdb_quota_rule=*:storage=1K"))
+    dovecot.start()
+    gate = mailgate_factory()
+    m = mark()
+    rcpt_replies, [reply] = lmtp_send(*gate.lmtp, SENDER, [full],
+                                      message(m, to=full) + (b"x" * 70 + b"\r\n") * 30,
+                                      timeout=REPLY_BOUND)
+    expect(rcpt_replies[full], RCPT_OK)
+    assert (reply[0], reply[1].split()[0]) == (452, "4.2.2")
+    assert files(dovecot.maildir(full)) == []
+    assert "452 4.2.2" in delivery_line(gate, full, re.escape(
+        f"dovecot[{gate.config['delivery']['lmtp']}]"), "deferred")
+
+
 def test_lmtp_fallback_as_vmail_cannot_write_either(dovecot, mailgate_factory,
                                                    unwritable) -> None:
     gate = as_vmail(mailgate_factory)
