@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import time
 from dataclasses import dataclass, field
 
@@ -64,18 +65,21 @@ async def explain(config: Config, sender: str, recipients: tuple[str, ...], raw:
             if early is not None:
                 report.at_rcpt[rcpt] = early
         for flt in chain.filters:
-            await run_filter(chain, flt, message, report)
+            found = await run_filter(chain, flt, message, report)
+            if found:  # as the chain hands them on (vacation: no reply to a forged sender)
+                message = dataclasses.replace(message, findings=message.findings + found)
         return report
     finally:
         await resources.close()
 
 
-async def run_filter(chain: Chain, flt, message: Message, report: Report) -> None:
+async def run_filter(chain: Chain, flt, message: Message, report: Report) -> tuple:
+    """Runs one filter into the report; what it found, for the filters after it."""
     if message.headers is None and getattr(flt, "needs_headers", True):
         for rcpt in message.envelope.recipients:
             report.steps.setdefault(rcpt, []).append(
                 (flt.name, Verdict(Action.CONTINUE, f"skipped: {message.parse_error}")))
-        return
+        return ()
     try:
         async with asyncio.timeout(chain.timeout):   # as the pipeline limits it
             result = await flt.check(message)
@@ -87,6 +91,7 @@ async def run_filter(chain: Chain, flt, message: Message, report: Report) -> Non
         report.steps.setdefault(rcpt, []).append((flt.name, result.verdicts.get(rcpt)))
     report.headers += result.headers
     report.outbound += getattr(result, "outbound", ())
+    return getattr(result, "findings", ())
 
 
 # -- output --------------------------------------------------------------------------------

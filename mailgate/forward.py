@@ -5,7 +5,10 @@ the relay, envelope sender rewritten (SRS or `rules.bounce_address`: SPF and DMA
 senders still pass), with `Delivered-To: <recipient>` on top so a loop is seen; a bounce to one
 of our SRS addresses goes back to the original sender. A copy failing temporarily defers the
 recipient (4xx) and the copies that made it are remembered, so the retry does not double them;
-a target refusing for good leaves the message in the recipient's own mailbox, logged.
+without a local copy, a target refusing for good leaves the message in the recipient's own
+mailbox, logged. With one, any copy refused for good (the mailbox over quota, a target that
+does not exist) is that recipient's 5xx, so the sender hears of it (Postfix's bounce), and the
+copies that went are remembered like those of a 4xx.
 """
 from __future__ import annotations
 
@@ -137,8 +140,9 @@ class Forwarder:
     async def _settle(self, env: Envelope, rcpt: str, copies: list[Copy],
                       done: dict[Copy, Result], verdict: Verdict, head: bytes, raw: bytes,
                       deadline: float) -> Result:
-        """The recipient's answer: 4xx while any copy may still go; else delivered, and a
-        target that refused for good leaves the message in the recipient's own mailbox."""
+        """The recipient's answer: 4xx while any copy may still go; a copy refused for good is
+        the recipient's 5xx, but for a forward without a local copy: the message is then kept
+        in the recipient's own mailbox."""
         if len(copies) == 1 and copies[0].own:  # nothing forwarded: its delivery says it all
             return done[copies[0]]
         results = {c: done[c] for c in copies}
@@ -155,8 +159,15 @@ class Forwarder:
             if not results[own].ok:
                 return self._result(rcpt, results, results[own].reply,
                                     results[own].status)
-        elif failed and len(failed) == len(copies):
-            return self._result(rcpt, results, results[failed[0]].reply, "bounced")
+        elif failed:  # no copy is lost in silence: the sender is told (the own copy first)
+            refused = failed[0]
+            reply = results[refused].reply
+            if not refused.own:
+                reply = reply.with_text(f"forward to <{refused.target}> refused: {reply.text}")
+            what = ", ".join("own mailbox" if c.own else f"<{c.target}>" for c in failed)
+            log.warning("%s: <%s>: %s refused for good, %d of %d copies delivered", env.queue_id,
+                        rcpt, what, len(copies) - len(failed), len(copies))
+            return self._result(rcpt, results, reply, "bounced")
         delivered = DELIVERED.with_text(DELIVERED.text.format(queue_id=env.queue_id))
         return self._result(rcpt, results, delivered, "sent")
 

@@ -49,6 +49,9 @@ class Message:
     raw: bytes                  # as received, CRLF line endings, dot-unstuffed
     headers: email.message.Message | None = None  # None: not parsed (see parse_error)
     parse_error: str = ""
+    # (method, result) pairs earlier filters found (FilterResult.findings): auth's spf=fail,
+    # dmarc=fail, quarantine; set by the chain, for the filters after them (vacation).
+    findings: tuple[tuple[str, str], ...] = ()
 
 
 # A multipart nested deeper than this many boundaries is not handed to the stdlib parser,

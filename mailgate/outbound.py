@@ -4,7 +4,9 @@ SMTP to the local Postfix by default (it queues and retries; STARTTLS and AUTH o
 SES API (`send_raw_email`). Blocking clients run in a small thread pool of their own, bounded by
 `relay.timeout`. Per recipient the relay's answer comes back as a Reply: our own trouble
 (connection, TLS, login, throttling) is temporary, only the relay's 5xx for a recipient or for
-the content is permanent. With dry_run (`mailgate explain`) nothing is sent.
+the content is permanent. An address that is not ASCII goes with SMTPUTF8 (RFC 6531) when the
+relay offers it; when it does not (SES never does), that copy fails for good: 553 5.6.7 (§3.5).
+With dry_run (`mailgate explain`) nothing is sent.
 """
 from __future__ import annotations
 
@@ -73,6 +75,11 @@ def _quit(smtp: smtplib.SMTP) -> None:
         smtp.close()
 
 
+# RFC 6531 §3.5: a non-ASCII address the next hop cannot take (no SMTPUTF8) is a permanent failure.
+NO_SMTPUTF8 = Reply(553, "5.6.7", "the relay does not offer SMTPUTF8, needed for a non-ASCII "
+                                  "address")
+
+
 def our_failure(what: str) -> Reply:
     """A failure on our side of the relay (no answer, TLS, login): temporary."""
     return Reply(451, "4.4.0", what)
@@ -118,11 +125,19 @@ class Outbound:
     # -- SMTP (runs in the pool) -------------------------------------------------------------
     def _smtp_send(self, sender: str, recipients: list[str],
                    data: bytes) -> tuple[dict[str, Reply], str]:
+        unsent: dict[str, Reply] = {}  # non-ASCII addresses the relay cannot take
         try:
             smtp = self._take()
             options = [] if data.isascii() or not smtp.has_extn("8bitmime") else ["BODY=8BITMIME"]
+            if not (sender.isascii() and all(r.isascii() for r in recipients)):
+                if smtp.has_extn("smtputf8"):
+                    options.append("SMTPUTF8")  # smtplib then writes the commands in UTF-8
+                else:  # an ASCII sender's ASCII recipients still go
+                    unsent = {r: NO_SMTPUTF8 for r in recipients
+                              if not (sender.isascii() and r.isascii())}
+                    recipients = [r for r in recipients if r not in unsent]
             try:
-                refused = smtp.sendmail(sender, recipients, data, options)
+                refused = smtp.sendmail(sender, recipients, data, options) if recipients else {}
             except smtplib.SMTPRecipientsRefused:
                 self._give_back(smtp)  # smtplib has sent RSET: the connection is fine
                 raise
@@ -133,14 +148,16 @@ class Outbound:
         except smtplib.SMTPRecipientsRefused as e:
             refused = e.recipients
         except smtplib.SMTPDataError as e:  # the content, for every recipient
-            return self._all(recipients, relay_reply(e.smtp_code, e.smtp_error)), ""
+            return {**self._all(recipients, relay_reply(e.smtp_code, e.smtp_error)), **unsent}, ""
         except (smtplib.SMTPException, OSError, ValueError) as e:
             # XXX a refused sender, a failed STARTTLS or login is our setup, not the recipient's
             # fault: temporary, so the operator can fix it while the senders retry.
             log.warning("relay %s: %s", self.settings.smtp, e)
-            return self._all(recipients, our_failure(f"relay: {type(e).__name__}: {e}")), ""
+            failure = our_failure(f"relay: {type(e).__name__}: {e}")
+            return {**self._all(recipients, failure), **unsent}, ""
         ok = Reply(250, "2.0.0", "Ok")
-        return {r: relay_reply(*refused[r]) if r in refused else ok for r in recipients}, ""
+        return {**{r: relay_reply(*refused[r]) if r in refused else ok for r in recipients},
+                **unsent}, ""
 
     def _take(self) -> smtplib.SMTP:
         """An idle relay connection that still answers NOOP, or a new one."""
@@ -191,6 +208,8 @@ class Outbound:
     def _ses_send(self, sender: str, recipients: list[str],
                   data: bytes) -> tuple[dict[str, Reply], str]:
         from botocore.exceptions import BotoCoreError, ClientError
+        if not (sender.isascii() and all(r.isascii() for r in recipients)):
+            return self._all(recipients, NO_SMTPUTF8), ""  # SES takes ASCII addresses only
         args = {"Destinations": recipients, "RawMessage": {"Data": data}}
         if sender:  # the null sender: SES takes the From header's address
             args["Source"] = sender

@@ -2,11 +2,13 @@
 
 A filter is a small object with `async check(message) -> FilterResult`. The pipeline bounds each
 filter in time and turns a filter that raises or times out into DEFER for every recipient
-(451 4.3.0): our own failure is temporary, never a bounce and never a silent pass.
+(451 4.3.0): our own failure is temporary, never a bounce and never a silent pass. What a filter
+found (`findings`, e.g. auth's spf=fail) is handed to the filters after it on the message.
 """
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import importlib
 import logging
 import time
@@ -33,6 +35,9 @@ class FilterResult:
     # only `auth` uses it, for forged Authentication-Results (RFC 8601 §5).
     drop: tuple[tuple[int, int], ...] = ()
     outbound: tuple[OutboundMail, ...] = ()  # sent once the recipient's copy is durable
+    # (method, result) pairs for the filters after this one (Message.findings): auth's
+    # ("spf", "fail"), ("dmarc", "fail"), ("quarantine", "dmarc"), ...
+    findings: tuple[tuple[str, str], ...] = ()
 
 
 class Filter(Protocol):
@@ -119,6 +124,8 @@ class Chain:
             headers.extend(result.headers)
             drop.update(result.drop)
             outbound.extend(result.outbound)
+            if result.findings:  # Message is frozen: the later filters get a new one
+                message = dataclasses.replace(message, findings=message.findings + result.findings)
             for rcpt, verdict in result.verdicts.items():
                 if rcpt in verdicts and verdict.action > verdicts[rcpt].action:
                     verdicts[rcpt] = verdict

@@ -68,3 +68,21 @@ class BugAtRcpt(_Filter):
 
     async def check_recipient(self, sender: str, rcpt: str) -> Verdict | None:
         return "not a verdict" if rcpt == "carol@example.test" else None  # type: ignore
+
+
+class FindsForgery(_Filter):
+    """Finds what auth finds for a forged sender, and says so to the filters after it."""
+    name = "finds"
+
+    async def check(self, message: Message) -> FilterResult:
+        return FilterResult(findings=(("spf", "fail"),))
+
+
+class ShowsFindings(_Filter):
+    """Says what the filters before it found (Message.findings)."""
+    name = "shows"
+
+    async def check(self, message: Message) -> FilterResult:
+        seen = " ".join(f"{method}={result}" for method, result in message.findings) or "nothing"
+        return FilterResult({r: Verdict(Action.CONTINUE, f"was told {seen}")
+                             for r in message.envelope.recipients})

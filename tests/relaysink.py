@@ -1,8 +1,8 @@
 """A real SMTP relay for tests: aiosmtpd on a loopback port, keeping every message it accepts.
 
 Stands in for the local Postfix that mailgate hands forwards and auto-replies to. A test can make
-it refuse (`refuse_rcpt = "451 4.3.0 ..."`), stop and start it on the same port (relay down), or
-require STARTTLS and AUTH. Plain class, no pytest: a benchmark can use it too.
+it refuse (`refuse_rcpt = "451 4.3.0 ..."`), stop and start it on the same port (relay down),
+require STARTTLS and AUTH, or not offer SMTPUTF8 (`smtputf8=False`). Plain class, no pytest: a benchmark can use it too.
 """
 from __future__ import annotations
 
@@ -49,13 +49,14 @@ class _Handler:
 
 class RelaySink:
     def __init__(self, tls_cert: tuple[Path, Path] | None = None,
-                 login: tuple[str, str] | None = None):
+                 login: tuple[str, str] | None = None, smtputf8: bool = True):
         self.port = free_port()
         self.messages: list[Received] = []
         self.lock = threading.Lock()
         self.refuse_rcpt = ""          # e.g. "451 4.3.0 try later": every RCPT gets it
         self.login = login
         self.tls_cert = tls_cert
+        self.smtputf8 = smtputf8
         self.controller: Controller | None = None
 
     @property
@@ -72,7 +73,8 @@ class RelaySink:
             extra.update(authenticator=self._authenticate, auth_required=True,
                          auth_require_tls=bool(self.tls_cert))
         self.controller = Controller(_Handler(self), hostname="127.0.0.1", port=self.port,
-                                     server_hostname="relay.test", **extra)
+                                     server_hostname="relay.test",
+                                     enable_SMTPUTF8=self.smtputf8, **extra)
         self.controller.start()
         return self
 

@@ -1,5 +1,6 @@
 """The `bounce` filter end to end: an SES bounce DSN for a message we sent becomes a readable
-notice for its sender; anything else arrives as it is. Real mailgate, Dovecot and store (both
+notice for its sender, once per failed recipient; anything else (a forged DSN too) arrives as
+it is. Real mailgate, Dovecot and store (both
 backends); the outbound table's items are written through the store, as mailgate writes them.
 """
 from __future__ import annotations
@@ -65,6 +66,7 @@ def test_matched_bounce_becomes_a_notice_for_the_sender(gates, dove: Dovecot) ->
     m = mark()
     ses_id = f"0100019{m}-000000"
     store_call(gate, "put_outbound", ses_id, {"original_sender": ALICE, "subject": f"Lunch {m}?",
+                                              "recipients": [FRIEND],
                                               "sent_at": "2024-07-01T09:59:58+00:00"})
     assert status(lmtp(gate, [ALICE], dsn(m, ses_id), sender="")[0]) == (250, "2.0.0")
     [stored] = copies(dove, ALICE, m)
@@ -81,14 +83,71 @@ def test_matched_bounce_becomes_a_notice_for_the_sender(gates, dove: Dovecot) ->
 
 
 def test_notice_goes_to_the_sender_not_the_bounce_mailbox(gates, dove: Dovecot) -> None:
-    gate = gates(("bounce",))
+    gate = gates(("bounce",), {"rules": {"bounce_address": CAROL}})
     m = mark()
     ses_id = f"0100019{m}-000000"
-    store_call(gate, "put_outbound", ses_id, {"original_sender": BOB})
+    store_call(gate, "put_outbound", ses_id, {"original_sender": BOB, "recipients": [FRIEND]})
     assert status(lmtp(gate, [CAROL], dsn(m, ses_id, to=CAROL), sender="")[0]) == (250, "2.0.0")
     [stored] = copies(dove, BOB, m)
     assert parsed(stored)["Subject"] == f"Undelivered: Lunch {m}?"
     assert copies(dove, CAROL, m) == []
+
+
+FORWARD = {"original_sender": BOB, "recipients": [FRIEND], "forwarded_for": ALICE}
+
+
+@pytest.mark.parametrize("sender, rcpt, item", [
+    (SENDER, ALICE, FORWARD),                                    # not a bounce: a sender
+    ("", CAROL, FORWARD),                                        # not where our bounces arrive
+    ("", ALICE, {**FORWARD, "recipients": ["other@elsewhere.test"]}),  # FRIEND never sent to
+], ids=["sender-not-null", "not-our-bounce-address", "final-recipient-not-sent-to"])
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+def test_forged_bounce_is_delivered_as_it_is(gates, dove: Dovecot, relay: RelaySink,
+                                             sender: str, rcpt: str, item: dict) -> None:
+    """Knowing an SES message id is not enough to make us write to its sender (bob)."""
+    gate = gates(("bounce",))
+    m = mark()
+    ses_id = f"0100019{m}-000000"
+    store_call(gate, "put_outbound", ses_id, item)
+    forged = dsn(m, ses_id, to=rcpt)
+    assert status(lmtp(gate, [rcpt], forged, sender=sender)[0]) == (250, "2.0.0")
+    [stored] = copies(dove, rcpt, m)
+    assert stored.endswith(forged.replace(b"\r\n", b"\n"))
+    assert copies(dove, BOB, m) == [] and relay.received() == []
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+def test_one_notice_per_message_and_recipient(gates, dove: Dovecot) -> None:
+    """The same bounce again (a replay, or the remote MTA's second report) arrives as it is."""
+    gate = gates(("bounce",))
+    m = mark()
+    ses_id = f"0100019{m}-000000"
+    store_call(gate, "put_outbound", ses_id, FORWARD)
+    first = dsn(m, ses_id)
+    assert status(lmtp(gate, [ALICE], first, sender="")[0]) == (250, "2.0.0")
+    [notice] = copies(dove, BOB, m)
+    assert parsed(notice)["Subject"] == f"Undelivered: Lunch {m}?"
+    assert copies(dove, ALICE, m) == []
+    again = first.replace(b"Message-ID: <dsn-", b"Message-ID: <dsn-again-")
+    assert status(lmtp(gate, [ALICE], again, sender="")[0]) == (250, "2.0.0")
+    [stored] = copies(dove, ALICE, m)
+    assert stored.endswith(again.replace(b"\r\n", b"\n"))
+    assert len(copies(dove, BOB, m)) == 1
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+def test_8bit_dsn_is_delivered_as_it_is_not_deferred(gates, dove: Dovecot) -> None:
+    """Raw UTF-8 in the report (RFC 6533): read as text, never a 451 retried for ever; a DSN
+    with 8-bit bytes cannot be attached to a notice, so it arrives as it is."""
+    gate = gates(("bounce",))
+    m = mark()
+    ses_id = f"0100019{m}-000000"
+    store_call(gate, "put_outbound", ses_id, FORWARD)
+    raw = dsn(m, ses_id).replace(b"a8-52.smtp-out.amazonses.com", "mx.ëxample.test".encode())
+    assert status(lmtp(gate, [ALICE], raw, sender="")[0]) == (250, "2.0.0")
+    [stored] = copies(dove, ALICE, m)
+    assert stored.endswith(raw.replace(b"\r\n", b"\n"))
+    assert copies(dove, BOB, m) == []
 
 
 def test_unmatched_bounce_is_delivered_as_it_is(gates, dove: Dovecot) -> None:

@@ -94,3 +94,12 @@ def test_a_filter_over_its_time_shows_serves_451(tmp_path, backend):
     out = explain(gate, tmp_path, ALICE)
     assert ("  slow       defer     filter slow timed out after 0.5 s\n"
             "  => deferred (the sender retries): 451 4.3.0 ") in out, out
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+def test_later_filters_see_what_earlier_ones_found_as_in_serve(tmp_path, backend):
+    # serve's chain hands auth's findings to vacation (no reply to a forged sender): explain too
+    gate = explainer(tmp_path, backend, ["filters_for_tests:FindsForgery",
+                                         "filters_for_tests:ShowsFindings"])
+    out = explain(gate, tmp_path, BOB)
+    assert "  shows      continue  was told spf=fail\n" in out, out

@@ -167,3 +167,34 @@ def test_kept_connection_survives_a_relay_restart(relay: RelaySink) -> None:
     assert first.ok and second.ok
     assert [m.recipients for m in relay.wait_for(2)] == [("x@elsewhere.test",),
                                                         ("y@elsewhere.test",)]
+
+
+UTF8_SENDER = "SRS0=PtNF=JO=remote.test=jörg@example.test"  # SRS of an SMTPUTF8 sender
+
+
+def test_non_ascii_addresses_go_with_smtputf8(relay: RelaySink) -> None:
+    sent = send(Relay(smtp=relay.address), UTF8_SENDER, ["frïend@elsewhere.test",
+                                                         "x@elsewhere.test"])
+    assert {r: (v.code, v.status) for r, v in sent.replies.items()} == {
+        "frïend@elsewhere.test": (250, "2.0.0"), "x@elsewhere.test": (250, "2.0.0")}
+    [got] = relay.wait_for(1)
+    assert (got.sender, got.recipients, got.data) == (
+        UTF8_SENDER, ("frïend@elsewhere.test", "x@elsewhere.test"), MESSAGE)
+
+
+def test_relay_without_smtputf8_refuses_non_ascii_addresses_for_good() -> None:
+    """RFC 6531 §3.5: 553 5.6.7 for what cannot go, never a 451 retried for ever; an ASCII
+    sender's ASCII recipients still go."""
+    sink = RelaySink(smtputf8=False).start()
+    try:
+        sent = send(Relay(smtp=sink.address), "SRS0=x@example.test",
+                    ["frïend@elsewhere.test", "x@elsewhere.test"])
+        assert {r: (v.code, v.status) for r, v in sent.replies.items()} == {
+            "frïend@elsewhere.test": (553, "5.6.7"), "x@elsewhere.test": (250, "2.0.0")}
+        assert sink.wait_for(1)[0].recipients == ("x@elsewhere.test",)
+        sent = send(Relay(smtp=sink.address), UTF8_SENDER, ["x@elsewhere.test"])
+        reply = sent.replies["x@elsewhere.test"]
+        assert (reply.code, reply.status) == (553, "5.6.7")
+        assert len(sink.received()) == 1
+    finally:
+        sink.stop()

@@ -11,12 +11,13 @@ import pytest
 import srslib
 
 from mailgate.store import Rule
-from peers import Dovecot, lmtp_send, wait_until
+from peers import PASSWORD, Dovecot, lmtp_send, wait_until
 from policy import (ALICE, BOB, CAROL, FRIEND, SENDER, backend, cli, copies,  # noqa: F401
                     gates, lmtp, mark, message, moto_server, smtp, status, store_call)
 from relaysink import RelaySink
 
 DMARC_REJECT_SENDER = "ceo@dmarc-reject.test"  # a domain whose DMARC policy is p=reject
+FULL = "full@example.test"  # a mailbox over its quota (over_quota)
 
 
 def alice_forwards(gates, *targets: str, keep_copy: bool = False):
@@ -220,3 +221,70 @@ def test_store_down_defers_unread_addresses_until_the_outage_budget(gates, dove:
                what="alice delivered once store.outage_budget has passed")
     assert len(copies(dove, ALICE, m2)) == 1
     gate.wait_log(rf"past store.outage_budget\): <{ALICE}> delivered locally")
+
+
+def over_quota(dove: Dovecot, address: str) -> None:
+    """Dovecot with the quota plugin, and `address` a new user with 1 KB (every message of
+    over 1 KB exceeds it: 552 5.2.2). The others keep no quota."""
+    dove.stop()  # stopped, Dovecot reads the users file afresh when it starts
+    if "quota = maildir" not in dove.conf.read_text():
+        with open(dove.conf, "a") as conf:
+            conf.write("mail_plugins = $mail_plugins quota\nplugin {\n"
+                       "  quota = maildir:User quota\n}\n")
+    dove.add_user(address)
+    dove.users_file.write_text(dove.users_file.read_text().replace(
+        f"{address}:{{PLAIN}}{PASSWORD}::::::\n",
+        f"{address}:{{PLAIN}}{PASSWORD}::::::userdb_quota_rule=*:storage=1K\n"))
+    dove.start()
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+def test_own_copy_refused_for_good_is_told_though_the_forward_went(gates, dove: Dovecot,
+                                                                    relay: RelaySink) -> None:
+    """keep_copy: the forward goes, the mailbox is full: the sender hears 552, not 250."""
+    over_quota(dove, FULL)
+    gate = gates()
+    store_call(gate, "set_rule", Rule(FULL, forward=(FRIEND,), keep_copy=True))
+    m = mark()
+    data = message(m, to=FULL) + (b"x" * 70 + b"\r\n") * 30  # over the 1 KB quota
+    [reply] = lmtp(gate, [FULL], data)
+    assert status(reply) == (552, "5.2.2")
+    assert len(relay.wait_for(1)) == 1  # the forward went once: remembered, not sent again
+    assert copies(dove, FULL, m) == []
+    gate.wait_log(rf"<{FULL}>: own mailbox refused for good, 1 of 2 copies delivered")
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+def test_forward_refused_for_good_with_a_copy_kept_is_told(gates, dove: Dovecot,
+                                                           relay: RelaySink) -> None:
+    """keep_copy: the mailbox has it, the target refuses for good: the sender hears of it
+    (the 550 names the target); a second try does not put a second copy in the mailbox."""
+    gate = alice_forwards(gates, FRIEND, keep_copy=True)
+    relay.refuse_rcpt = "550 5.1.1 no such user here"
+    m = mark()
+    data = message(m)
+    [reply] = lmtp(gate, [ALICE], data)
+    assert status(reply) == (550, "5.1.1")
+    assert f"forward to <{FRIEND}> refused: no such user here" in reply[1]
+    assert len(copies(dove, ALICE, m)) == 1
+    assert status(lmtp(gate, [ALICE], data)[0]) == (550, "5.1.1")
+    assert len(copies(dove, ALICE, m)) == 1
+    gate.wait_log(rf"<{ALICE}>: <{FRIEND}> refused for good, 1 of 2 copies delivered")
+
+
+@pytest.mark.parametrize("backend", ["dynamodb"], indirect=True)
+def test_store_down_defers_no_one_who_was_read_before(gates, dove: Dovecot, relay: RelaySink,
+                                                      backend) -> None:
+    """Every recipient read before the outage: served from what was read, none deferred."""
+    gate = gates()
+    store_call(gate, "set_rule", Rule(BOB, forward=(FRIEND,), keep_copy=False))
+    assert [status(r) for r in lmtp(gate, [BOB, CAROL], message(mark(), to=BOB))] == \
+        [(250, "2.0.0")] * 2  # bob and carol are read: bob forwards, carol has no rule
+    relay.wait_for(1)
+    backend.moto.stop()
+    gate.restart()  # nothing in memory: what was read comes from the local copy (last_read)
+    m = mark()
+    assert status(lmtp(gate, [BOB], message(m, to=BOB))[0]) == (250, "2.0.0")
+    assert len(relay.wait_for(2)) == 2 and copies(dove, BOB, m) == []
+    assert status(lmtp(gate, [CAROL], message(m, to=CAROL))[0]) == (250, "2.0.0")
+    assert len(copies(dove, CAROL, m)) == 1

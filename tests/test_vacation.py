@@ -9,13 +9,15 @@ from __future__ import annotations
 import email
 import email.policy
 import re
+from typing import Iterator
 
 import pytest
 
+from dnsserver import DnsServer
 from mailgate.store import Rule
-from peers import Dovecot
-from policy import (ALICE, BOB, SENDER, backend, copies, gates, lmtp,  # noqa: F401
-                    mark, message, moto_server, status, store_call)
+from peers import Dovecot, lmtp_send
+from policy import (ALICE, BOB, REPLY_BOUND, SENDER, backend, copies, gates,  # noqa: F401
+                    lmtp, mark, message, moto_server, status, store_call)
 from relaysink import RelaySink
 
 AWAY = Rule(ALICE, vacation=True, subject="", body="Back on Monday.\n")
@@ -163,3 +165,71 @@ def test_no_reply_while_the_message_is_not_delivered(gates, dove: Dovecot,
     assert parsed(reply.data)["In-Reply-To"] == f"<{second}@remote.test>"
     gate.wait_log(rf"auto-reply for <{ALICE}>: to=<{SENDER}>")
     assert gate.log_text().count("auto-reply for") == 1
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+def test_8bit_auto_submitted_is_read_and_the_message_delivered(gates, dove: Dovecot,
+                                                              relay: RelaySink) -> None:
+    """Raw UTF-8 in a header (RFC 6532) is read as text: never a 451 retried for ever."""
+    gate = gates(("vacation",))
+    store_call(gate, "set_rule", AWAY)
+    m = mark()
+    data = message(m, head="Auto-Submitted: auto-généré\r\n")
+    assert [status(r) for r in lmtp(gate, [ALICE, BOB], data)] == [(250, "2.0.0")] * 2
+    assert len(copies(dove, ALICE, m)) == 1 and len(copies(dove, BOB, m)) == 1
+    no_reply(gate, relay, "Auto-Submitted: auto-généré")
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+def test_8bit_precedence_and_subject_are_read_as_utf8(gates, dove: Dovecot,
+                                                      relay: RelaySink) -> None:
+    gate = gates(("vacation",))
+    store_call(gate, "set_rule", AWAY)
+    m = mark()
+    data = message(m, head="Precedence: bulké\r\n", subject=f"café {m}")
+    assert status(lmtp(gate, [ALICE], data)[0]) == (250, "2.0.0")
+    [got] = relay.wait_for(1)  # "bulké" is not bulk: a person wrote it
+    assert parsed(got.data)["Subject"] == f"Auto: café {m}"
+
+
+# ---------------------------------------------------------------- with `auth` before it
+
+INSIDE, OUTSIDE = "192.0.2.10", "203.0.113.99"  # inside / outside the senders' SPF records
+
+
+@pytest.fixture(scope="module")
+def dns() -> Iterator[DnsServer]:
+    server = DnsServer().start()
+    try:
+        server.txt("hard.test", "v=spf1 ip4:192.0.2.0/24 -all")
+        server.txt("soft.test", "v=spf1 ip4:192.0.2.0/24 ~all")
+        server.txt("_dmarc.strict.test", "v=DMARC1; p=quarantine")  # no SPF, no DKIM: fail
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("sender, client, why", [
+    ("boss@hard.test", OUTSIDE, r"no reply: sender not authenticated \(spf=fail\)"),
+    ("boss@soft.test", OUTSIDE, r"no reply: sender not authenticated \(spf=softfail\)"),
+    ("boss@strict.test", OUTSIDE, r"no reply: sender not authenticated \(dmarc=fail\)"),
+    ("boss@hard.test", INSIDE, "reply to <boss@hard.test> once delivered"),
+], ids=["spf-fail", "spf-softfail", "dmarc-fail", "spf-pass"])
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+def test_no_reply_to_a_sender_auth_found_forged(gates, dove: Dovecot, relay: RelaySink,
+                                                dns: DnsServer, sender: str, client: str,
+                                                why: str) -> None:
+    """A forged sender gets no reply (backscatter): what auth found reaches vacation."""
+    gate = gates(("auth", "vacation"), {"dns": {"nameservers": [dns.address], "timeout": 1.0,
+                                                "budget": 2.0}})
+    store_call(gate, "set_rule", AWAY)
+    m = mark()
+    _, replies = lmtp_send(*gate.lmtp, sender, [ALICE], message(m, sender=sender),
+                           timeout=REPLY_BOUND, xforward=f"ADDR={client} HELO=mail.remote.test")
+    assert [status(r) for r in replies] == [(250, "2.0.0")]
+    assert len(copies(dove, ALICE, m)) == 1
+    gate.wait_log(rf"vacation for <{ALICE}>: {why}")
+    if client == INSIDE:
+        assert relay.wait_for(1)[0].recipients == (sender,)
+    else:
+        assert relay.received() == []

@@ -1,9 +1,13 @@
 """`bounce`: an SES bounce (a DSN, RFC 3464) for a message we sent becomes a readable notice.
 
 The DSN's returned Message-ID gives the SES message id; the outbound table says who sent that
-message. The notice (which recipient failed, why, when; the DSN attached) goes to that sender
-in place of the DSN. A DSN that matches nothing we sent, or one read while the store is
-unreachable, is delivered as it is. Parsing uses the stdlib's report support.
+message. Only a real bounce of it is acted on: null envelope sender (RFC 5321 §4.5.5), sent to
+where bounces of our mail arrive (`rules.bounce_address`, an SRS address of ours for that
+sender, the forwarding recipient, the sender itself), and only for Final-Recipients the message
+went to, each told once (claimed in the store). The notice (which recipient failed, why, when;
+the DSN attached) goes to that sender in place of the DSN. Anything else, a DSN we cannot read,
+or one read while the store is unreachable, is delivered as it is. Parsing uses the stdlib's
+report support.
 """
 from __future__ import annotations
 
@@ -14,17 +18,19 @@ import email.policy
 import email.utils
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from mailgate.config import Config
-from mailgate.filters.vacation import clean, decoded
+from mailgate.filters.vacation import clean, decoded, header_text
 from mailgate.message import Message
 from mailgate.pipeline import FilterResult
+from mailgate.srs import SenderRewriter
 from mailgate.store import StoreUnavailable
 from mailgate.verdict import Action, Verdict
 
 log = logging.getLogger("mailgate.bounce")
 MSGID = re.compile(r"<([^<>@\s]+)@([^<>\s]+)>")
+TOLD_TTL = 30 * 86400.0  # seconds a notice is remembered: as long as the outbound item lives
 
 
 @dataclass(frozen=True)
@@ -63,20 +69,21 @@ def read_report(headers: email.message.Message) -> Report | None:
                 text, headersonly=True)
     if not blocks:
         return None
-    when = blocks[0].get("Arrival-Date", "")
+    when = header_text(blocks[0], "Arrival-Date")
     failures = tuple(_failure(b, when) for b in blocks[1:] if b.get("Final-Recipient"))
     returned = returned or email.message.Message()
-    return Report(failures, clean(blocks[0].get("Reporting-MTA", "")),
-                  clean(str(returned.get("Message-ID", ""))),
-                  clean(decoded(returned.get("Subject"))))
+    return Report(failures, clean(header_text(blocks[0], "Reporting-MTA")),
+                  clean(header_text(returned, "Message-ID")),
+                  clean(decoded(header_text(returned, "Subject"))))
 
 
 def _failure(block: email.message.Message, arrival: str) -> Failure:
     def field(name: str) -> str:
-        value = clean(str(block.get(name, "")))
+        value = clean(header_text(block, name))
         return value.split(";", 1)[1].strip() if ";" in value and name != "Action" else value
     return Failure(field("Final-Recipient"), field("Action").lower(), field("Status"),
-                   field("Diagnostic-Code"), clean(str(block.get("Last-Attempt-Date") or arrival)))
+                   field("Diagnostic-Code"),
+                   clean(header_text(block, "Last-Attempt-Date") or arrival))
 
 
 def candidate_ids(message_id: str) -> list[str]:
@@ -137,27 +144,66 @@ class Bounce:
         self.store = resources.store
         self.hostname = config.hostname
         self.domain = config.domains[0]
+        self.bounce_address = config.rules.bounce_address.lower()
+        self.senders = SenderRewriter(config)
 
     async def check(self, message: Message) -> FilterResult:
-        report = read_report(message.headers)
-        if report is None:
-            return FilterResult()
         recipients = message.envelope.recipients
         try:
-            found = await self._find(report)
+            report = read_report(message.headers)
+            if report is None:
+                return FilterResult()
+            if message.envelope.sender:  # a DSN's sender is null: anyone else wrote this one
+                return self._as_is(recipients, f"not a bounce: sender <{message.envelope.sender}>"
+                                               " is not null")
+            return await self._notice(message, report)
         except StoreUnavailable as e:
             return self._as_is(recipients, f"store unavailable ({e})")
+        # XXX a report the stdlib or we cannot read must reach its mailbox, never be deferred:
+        # raised, the pipeline would answer 451 to every retry of it.
+        except Exception as e:  # noqa: BLE001
+            log.exception("%s: bounce: cannot read the report", message.envelope.queue_id)
+            return self._as_is(recipients, f"cannot read it ({type(e).__name__})")
+
+    async def _notice(self, message: Message, report: Report) -> FilterResult:
+        recipients = message.envelope.recipients
+        found = await self._find(report)
         if found is None:
             return self._as_is(recipients, f"no message we sent has id {report.message_id or '?'}")
         key, item = found
-        to = original_sender(item) or recipients[0]
+        rcpt = next((r for r in recipients if self._ours(r, item)), None)
+        if rcpt is None:
+            return self._as_is(recipients, f"not sent to where bounces of SES message {key} "
+                                           "arrive")
+        went_to = {a.lower() for a in item.get("recipients") or () if isinstance(a, str)}
+        failures = [f for f in report.failures if f.recipient.lower() in went_to]
+        if not failures:
+            return self._as_is(recipients, f"no Final-Recipient is one SES message {key} went to")
+        # One notice per message and failed recipient: a repeated (or replayed) DSN arrives as
+        # it is. Claimed before delivery: a notice lost to a retry leaves the DSN, not nothing.
+        fresh = [f for f in failures
+                 if await self.store.claim(f"bounce:{key}:{f.recipient.lower()}", TOLD_TTL)]
+        if not fresh:
+            return self._as_is(recipients, f"the sender of SES message {key} was told before")
+        to = original_sender(item) or rcpt
         try:
-            notice = build_notice(report, item, to, message.raw, self.hostname, self.domain)
+            notice = build_notice(replace(report, failures=tuple(fresh)), item, to, message.raw,
+                                  self.hostname, self.domain)
         except (ValueError, TypeError, email.errors.MessageError) as e:
             return self._as_is(recipients, f"cannot build the notice ({type(e).__name__}: {e})")
         reason = f"bounce: SES message {key} from <{to}>: notice instead of the DSN"
-        first = Verdict(Action.REDIRECT, reason, redirect_to=(to,), content=notice)
-        return FilterResult({recipients[0]: first})
+        return FilterResult({rcpt: Verdict(Action.REDIRECT, reason, redirect_to=(to,),
+                                           content=notice)})
+
+    def _ours(self, rcpt: str, item: dict) -> bool:
+        """Whether `rcpt` is where bounces of the item's message arrive: our bounce address,
+        the forwarding recipient, the sender itself (mail sent through SES by our users), or
+        an SRS address of ours that stands for that sender."""
+        address, sender = rcpt.lower(), original_sender(item).lower()
+        if address in (self.bounce_address, str(item.get("forwarded_for") or "").lower(), sender):
+            return True
+        original = self.senders.reverse(rcpt)
+        return original is not None and original.lower() == sender != ""
 
     async def _find(self, report: Report) -> tuple[str, dict] | None:
         for key in candidate_ids(report.message_id):

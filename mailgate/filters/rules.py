@@ -67,8 +67,10 @@ class Rules:
             self.outage_since = None
         except StoreUnavailable as e:
             # What the store still knows (read before the outage) keeps serving those addresses.
+            # An empty `unread` means every address was read before: none is deferred.
             rules = dict(getattr(e, "known", None) or {})
-            unread = set(getattr(e, "unread", None) or env.recipients)
+            told = getattr(e, "unread", None)
+            unread = set(env.recipients if told is None else told)
             error = e
         verdicts: dict[str, Verdict] = {}
         seen: set[str] | None = None

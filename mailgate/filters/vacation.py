@@ -1,13 +1,16 @@
 """`vacation`: out-of-office replies, as RFC 3834 and Dovecot Pigeonhole's vacation send them.
 
 No reply to the null sender, to automatic or list mail, to system senders, nor to mail that does
-not name the recipient in To/Cc/Bcc/Resent-*; at most one per sender per `[vacation] period`,
-claimed in the store only once the recipient's copy is durable (hosts sharing the store share
-the memory). The reply is built by the stdlib email package. Store unreachable: no reply; the
-message is delivered as ever. This filter never changes a verdict.
+not name the recipient in To/Cc/Bcc/Resent-*, nor to a sender `auth` found forged (SPF fail or
+softfail, DMARC fail, quarantined); at most one per sender per `[vacation] period`, claimed in
+the store only once the recipient's copy is durable (hosts sharing the store share the memory).
+The reply is built by the stdlib email package. Store unreachable or slow, or a message this
+filter cannot read: no reply; the message is delivered as ever. This filter never changes a
+verdict (CONTINUE, never a 451).
 """
 from __future__ import annotations
 
+import asyncio
 import datetime
 import email.errors
 import email.header
@@ -43,6 +46,11 @@ SUBJECT_LIMIT = 200  # characters of the reply's subject, before encoding
 REFERENCES_KEPT = 10
 REMEMBERED = 300.0   # seconds a "replied already" answer from the store is reused here
 REMEMBERED_MAX = 10_000
+# What `auth` found (Message.findings) that makes the sender unproven: a reply would go to
+# whoever the forger named (backscatter).
+UNPROVEN = frozenset({("spf", "fail"), ("spf", "softfail"), ("dmarc", "fail"),
+                      ("quarantine", "dmarc")})
+BUDGET_SHARE = 0.8   # of pipeline.filter_timeout: past it no reply, before the pipeline's 451
 
 
 def why_not(message: Message, recipient: str) -> str:
@@ -50,13 +58,16 @@ def why_not(message: Message, recipient: str) -> str:
     sender, headers = message.envelope.sender, message.headers
     if not sender:
         return "null sender"
-    auto = (headers.get("Auto-Submitted") or "").strip()
+    unproven = next((f"{m}={r}" for m, r in message.findings if (m, r) in UNPROVEN), "")
+    if unproven:
+        return f"sender not authenticated ({unproven})"
+    auto = header_text(headers, "Auto-Submitted").strip()
     if auto and auto.split(";")[0].strip().lower() != "no":
         return f"Auto-Submitted: {clean(auto)[:40]}"
     listed = next((h for h in LIST_HEADERS if h in headers), None)
     if listed:
         return f"list mail ({listed})"
-    precedence = (headers.get("Precedence") or "").strip().lower()
+    precedence = header_text(headers, "Precedence").strip().lower()
     if precedence in ("bulk", "list", "junk"):
         return f"Precedence: {precedence}"
     if not sender.isascii():  # an SMTPUTF8 address cannot be written in a plain header
@@ -97,6 +108,18 @@ def clean(text: str) -> str:
     return " ".join(CONTROLS.sub(" ", text).split())
 
 
+def header_text(headers: email.message.Message, name: str) -> str:
+    """A header's value as str, "" when absent. Raw 8-bit bytes (RFC 6532) are read as UTF-8:
+    compat32 would give an email.header.Header object, which has no str methods."""
+    value = headers.get(name)
+    if value is None or isinstance(value, str):
+        return value or ""
+    # XXX compat32 keeps the raw bytes as surrogates and wraps them in a Header of charset
+    # unknown-8bit, whose str() is mojibake: read the stored value back as bytes instead.
+    raw = next((str(v) for k, v in headers.raw_items() if k.lower() == name.lower()), "")
+    return raw.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
 def decoded(value: str | None) -> str:
     """A header's text with RFC 2047 words decoded; undecodable words are kept as they are."""
     if not value:
@@ -113,7 +136,7 @@ def build_reply(message: Message, recipient: str, rule: Rule, hostname: str) -> 
     reply = email.message.EmailMessage(policy=email.policy.SMTP)
     reply["From"] = recipient
     reply["To"] = message.envelope.sender
-    subject = clean(rule.subject) or "Auto: " + clean(decoded(headers.get("Subject")))
+    subject = clean(rule.subject) or "Auto: " + clean(decoded(header_text(headers, "Subject")))
     reply["Subject"] = subject[:SUBJECT_LIMIT].rstrip()
     reply["Date"] = email.utils.formatdate(localtime=True)
     reply["Message-ID"] = email.utils.make_msgid(domain=hostname)
@@ -142,11 +165,28 @@ class Vacation:
         self.store = resources.store
         self.hostname = config.hostname
         self.period = config.vacation.period
+        self.budget = config.pipeline.filter_timeout * BUDGET_SHARE
         # "Replied already" stays true until the period ends, so it may be reused for a while:
         # a sender who writes often costs no store call per message. "Not yet" is never kept.
         self.replied: dict[str, float] = {}
 
     async def check(self, message: Message) -> FilterResult:
+        """Never a 451: a slow store or a message this filter cannot read means no reply."""
+        try:
+            async with asyncio.timeout(self.budget):
+                return await self._check(message)
+        except TimeoutError:
+            why = f"store slower than {self.budget:g} s"
+            log.warning("%s: vacation: no reply to anyone: %s", message.envelope.queue_id, why)
+        # XXX a bug reading an unusual message must cost the reply, not the delivery: raised,
+        # the pipeline would defer every recipient, and the sender's retries meet it again.
+        except Exception as e:  # noqa: BLE001
+            why = f"failed ({type(e).__name__}: {e})"[:200]
+            log.exception("%s: vacation: no reply to anyone: %s", message.envelope.queue_id, why)
+        return FilterResult({r: Verdict(Action.CONTINUE, f"vacation: no reply: {why}")
+                             for r in message.envelope.recipients})
+
+    async def _check(self, message: Message) -> FilterResult:
         recipients = message.envelope.recipients
         try:
             rules = await self.store.rules(recipients)
@@ -159,11 +199,14 @@ class Vacation:
         verdicts: dict[str, Verdict] = {}
         replies: list[OutboundMail] = []
         now = datetime.datetime.now().astimezone()
-        for rcpt in recipients:
-            rule = rules.get(rcpt) or rules.get(rcpt.lower())
-            if rule is None or not rule.vacation or not active(rule, now):
-                continue
-            why, mail = await self._reply(message, rcpt, rule)
+        away = [(rcpt, rule) for rcpt in recipients
+                if (rule := rules.get(rcpt) or rules.get(rcpt.lower())) is not None
+                and rule.vacation and active(rule, now)]
+        if len(away) == 1:  # the usual case: no task
+            answers = [await self._reply(message, *away[0])]
+        else:  # each asks the store: at once, so many recipients take as long as one
+            answers = await asyncio.gather(*(self._reply(message, *a) for a in away))
+        for (rcpt, _), (why, mail) in zip(away, answers):
             log.info("%s: vacation for <%s>: %s", message.envelope.queue_id, rcpt, why)
             verdicts[rcpt] = Verdict(Action.CONTINUE, f"vacation: {why}")
             if mail is not None:

@@ -2,6 +2,8 @@
 rules and copies, the bounce report reader and notice, the relay's reply parsing, SRS."""
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import datetime
 import email
 import email.parser
@@ -9,17 +11,20 @@ import email.policy
 import os
 import stat
 
+from types import SimpleNamespace
+
 import pytest
 import srslib
 
-from mailgate.config import Config, Rules
+from mailgate.config import Config, Pipeline, Rules
 from mailgate.filters.bounce import build_notice, candidate_ids, read_report
 from mailgate.filters.rules import delivered_to, forwarding
-from mailgate.filters.vacation import active, build_reply, memory_key, why_not
+from mailgate.filters.vacation import Vacation, active, build_reply, memory_key, why_not
 from mailgate.forward import plan
 from mailgate.srs import SenderRewriter, read_secret
 from mailgate.message import Client, Envelope, Message
 from mailgate.outbound import relay_reply
+from mailgate.pipeline import Chain, FilterResult
 from mailgate.store import Rule
 from mailgate.verdict import Action, Verdict
 
@@ -253,3 +258,78 @@ def test_notice_says_who_why_when() -> None:
 def test_relay_reply(code: int, text, status: str, words: str) -> None:
     reply = relay_reply(code, text)
     assert (reply.code, reply.status, reply.text) == (code, status, words)
+
+
+# ---------------------------------------------------------------- vacation: never a 451
+
+class SlowStore:
+    """Every vacation rule on; each state read takes `delay` seconds (None: never answers)."""
+    def __init__(self, delay: float | None):
+        self.delay = delay
+
+    async def rules(self, addresses):
+        return {a: Rule(a, vacation=True) for a in addresses}
+
+    async def seen(self, key: str) -> bool:
+        await (asyncio.sleep(self.delay) if self.delay is not None else asyncio.Event().wait())
+        return False
+
+
+def vacation_chain(store, timeout: float = 1.0) -> Chain:
+    config = Config(hostname="mx.example.test", pipeline=Pipeline(filter_timeout=timeout))
+    return Chain([Vacation(config, SimpleNamespace(store=store))], config.pipeline)
+
+
+AWAY = [f"u{i}@example.test" for i in range(4)]
+TO_ALL = f"From: <{SENDER}>\nTo: {', '.join(AWAY)}\nSubject: hi\nMessage-ID: <m1@remote.test>\n"
+
+
+def test_vacation_asks_the_store_for_all_recipients_at_once() -> None:
+    """Four reads of 0.3 s fit in a filter_timeout of 1 s: together, not one after another."""
+    msg = dataclasses.replace(message(TO_ALL), envelope=dataclasses.replace(
+        message(TO_ALL).envelope, recipients=tuple(AWAY)))
+    outcome = asyncio.run(vacation_chain(SlowStore(0.3)).run(msg))
+    assert {v.action for v in outcome.verdicts.values()} == {Action.CONTINUE}
+    assert sorted(m.after for m in outcome.outbound) == AWAY
+
+
+def test_vacation_store_too_slow_means_no_reply_not_451(caplog) -> None:
+    msg = dataclasses.replace(message(TO_ALL), envelope=dataclasses.replace(
+        message(TO_ALL).envelope, recipients=tuple(AWAY)))
+    outcome = asyncio.run(vacation_chain(SlowStore(None)).run(msg))
+    assert {v.action for v in outcome.verdicts.values()} == {Action.CONTINUE}
+    assert outcome.outbound == ()
+    assert "Q1: vacation: no reply to anyone: store slower than 0.8 s" in caplog.text
+
+
+class BrokenStore(SlowStore):
+    async def rules(self, addresses):
+        raise RuntimeError("a bug")
+
+
+def test_vacation_failure_means_no_reply_not_451(caplog) -> None:
+    outcome = asyncio.run(vacation_chain(BrokenStore(0)).run(message(PLAIN)))
+    assert outcome.verdicts[ALICE].action is Action.CONTINUE and outcome.outbound == ()
+    assert "Q1: vacation: no reply to anyone: failed (RuntimeError: a bug)" in caplog.text
+
+
+class Finds:
+    """What `auth` hands on: findings only."""
+    name, needs_headers = "auth", False
+
+    def __init__(self, *findings: tuple[str, str]):
+        self.findings = findings
+
+    async def check(self, message: Message) -> FilterResult:
+        return FilterResult(findings=self.findings)
+
+
+@pytest.mark.parametrize("findings, replied", [
+    ((), True), ((("spf", "pass"), ("dmarc", "pass")), True), ((("spf", "fail"),), False),
+    ((("spf", "softfail"),), False), ((("dmarc", "fail"),), False),
+    ((("spf", "none"), ("quarantine", "dmarc")), False)])
+def test_chain_hands_findings_to_later_filters(findings, replied) -> None:
+    chain = vacation_chain(SlowStore(0))
+    chain.filters.insert(0, Finds(*findings))
+    outcome = asyncio.run(chain.run(message(PLAIN)))
+    assert bool(outcome.outbound) is replied

@@ -56,15 +56,19 @@ class Auth:
         self._account(env.queue_id, results, forged)
         action = self._action(disposition, env.client.local)
         headers = [render(self.hostname, results, env.feed_verdicts)]
+        # For the filters after this one (vacation: no reply to a forged sender).
+        findings = tuple((r.method, r.result) for r in results)
         if action in ("quarantine", "reject"):
             headers.append(QUARANTINE)
+            findings += (("quarantine", "dmarc"),)
         verdicts = {}
         if action == "reject":
             log.info("%s: DMARC reject: header.from=%s", env.queue_id, from_domain)
             verdict = Verdict(Action.REJECT, f"DMARC policy of {from_domain}: reject",
                               DMARC_REJECTED)
             verdicts = {rcpt: verdict for rcpt in env.recipients}
-        return FilterResult(verdicts, tuple(headers), tuple((f.start, f.end) for f in forged))
+        return FilterResult(verdicts, tuple(headers), tuple((f.start, f.end) for f in forged),
+                            findings=findings)
 
     async def _policy(self, budget, from_domain: str, from_problem: str):
         if from_problem:
