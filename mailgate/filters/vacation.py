@@ -38,9 +38,10 @@ LIST_HEADERS = ("List-Id", "List-Help", "List-Subscribe", "List-Unsubscribe", "L
 ADDRESS_HEADERS = ("To", "Cc", "Bcc", "Resent-To", "Resent-Cc", "Resent-Bcc")
 # Senders that are programs (RFC 3834 §2, Pigeonhole's list, and the usual no-reply names).
 SYSTEM_SENDER = re.compile(
-    r"^(mailer-daemon|listserv|majordomo|owner-.*|.*-request|.*-owner|"
+    r"^(mailer-daemon([-+].*)?|listserv|majordomo|owner-.*|.*-request|.*-owner|"
     r"no[-_.]?reply(-.*)?|do[-_.]?not[-_.]?reply(-.*)?|bounces?([-+].*)?)@", re.IGNORECASE)
 CONTROLS = re.compile(r"[\x00-\x1f\x7f]+")
+AUTO_KEYWORD = re.compile(r"[^\s;(]*")
 MSGID = re.compile(r"<[^<>\s]+>")
 SUBJECT_LIMIT = 200  # characters of the reply's subject, before encoding
 REFERENCES_KEPT = 10
@@ -62,7 +63,8 @@ def why_not(message: Message, recipient: str) -> str:
     if unproven:
         return f"sender not authenticated ({unproven})"
     auto = header_text(headers, "Auto-Submitted").strip()
-    if auto and auto.split(";")[0].strip().lower() != "no":
+    # RFC 3834 §5: the keyword, then parameters or a comment: "no (written by hand)" is no
+    if auto and AUTO_KEYWORD.match(auto)[0].lower() != "no":
         return f"Auto-Submitted: {clean(auto)[:40]}"
     listed = next((h for h in LIST_HEADERS if h in headers), None)
     if listed:

@@ -60,6 +60,8 @@ PLAIN = f"From: Bob <{SENDER}>\nTo: Alice <{ALICE}>\nSubject: Lunch\nMessage-ID:
     (PLAIN, "no-reply@shop.test", "system sender"),
     (PLAIN, "do-not-reply@shop.test", "system sender"),
     (PLAIN, "donotreply@shop.test", "system sender"),
+    (PLAIN, "MAILER-DAEMON+bounces@shop.test", "system sender"),
+    (PLAIN + "Auto-Submitted: auto-generated (by a robot)\n", SENDER, "Auto-Submitted"),
     (PLAIN, ALICE.upper(), "sent by the recipient"),
     (PLAIN.replace(f"To: Alice <{ALICE}>", "To: team@lists.test"), SENDER,
      "recipient not in To/Cc/Bcc/Resent-*"),
@@ -71,6 +73,8 @@ def test_vacation_suppressed(head: str, sender: str, reason: str) -> None:
 @pytest.mark.parametrize("head", [
     PLAIN,
     PLAIN + "Auto-Submitted: no\n",
+    PLAIN + "Auto-Submitted: no (written by hand)\n",   # RFC 3834 §5: a comment may follow
+    PLAIN + "Auto-Submitted: No;x=y\n",
     PLAIN.replace(f"To: Alice <{ALICE}>", f"To: x@y.test\nCc: ALICE@example.test"),
     PLAIN.replace(f"To: Alice <{ALICE}>", f"To: x@y.test\nResent-To: {ALICE}"),
     PLAIN.replace(f"To: Alice <{ALICE}>", f"To: x@y.test\nBcc: {ALICE}"),
