@@ -37,15 +37,18 @@ def dovecot_answers(target: str, timeout: float = PROBE_TIMEOUT) -> tuple[bool, 
     return greeting.startswith("220"), greeting[:120]
 
 
-def report(config: Config, started: float, reload_error: str = "") -> dict:
-    ok, detail = dovecot_answers(config.delivery.lmtp)
-    healthy = ok or not config.delivery.lmtp  # maildir-only mode has no Dovecot to ask
+def report(config: Config, started: float, reload_error: str = "",
+           lmtp: str | None = None) -> dict:
+    """`lmtp`: the Dovecot delivery actually uses (the pool's); config.delivery.lmtp if None."""
+    lmtp = config.delivery.lmtp if lmtp is None else lmtp
+    ok, detail = dovecot_answers(lmtp)
+    healthy = ok or not lmtp  # maildir-only mode has no Dovecot to ask
     return {
         "status": "ok" if healthy else "degraded",
         "version": __version__,
         "uptime_seconds": round(time.monotonic() - started, 3),
         "listeners": {"smtp": config.listen.smtp, "lmtp": config.listen.lmtp},
-        "dovecot": {"target": config.delivery.lmtp, "answers": ok, "detail": detail},
+        "dovecot": {"target": lmtp, "answers": ok, "detail": detail},
         "maildir_fallback": bool(config.delivery.maildir),
         # the last SIGHUP's refusal ("" when the running config is the file's): mail flows on
         # the old config, but a restart would fail the same way
@@ -57,11 +60,12 @@ class _Handler(BaseHTTPRequestHandler):
     server_version = f"mailgate/{__version__}"
     config: Config
     started: float
+    lmtp: str | None = None   # the pool's target: a reload does not rebuild the pool
     reload_error = ""
 
     def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
         if self.path == "/health":
-            body = report(self.config, self.started, self.reload_error)
+            body = report(self.config, self.started, self.reload_error, self.lmtp)
             self._send(200 if body["status"] == "ok" else 503, body)
         elif self.path == "/domains":
             self._send(200, {"domains": list(self.config.domains)})
@@ -80,10 +84,11 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
 
-def serve(config: Config) -> ThreadingHTTPServer | None:
+def serve(config: Config, lmtp: str | None = None) -> ThreadingHTTPServer | None:
     if not config.health.listen:
         return None
-    handler = type("Handler", (_Handler,), {"config": config, "started": time.monotonic()})
+    handler = type("Handler", (_Handler,), {"config": config, "started": time.monotonic(),
+                                            "lmtp": lmtp})
     httpd = ThreadingHTTPServer(parse_hostport(config.health.listen, "health.listen"), handler)
     httpd.daemon_threads = True
     threading.Thread(target=httpd.serve_forever, name="health", daemon=True).start()

@@ -3,11 +3,14 @@
 SIGTERM/SIGINT (handled from before the first bind): stop accepting, let messages in flight
 finish within listen.shutdown_timeout, exit 0. SIGHUP: re-read the config for new transactions
 without dropping connections; a config that does not load is refused, logged and shown by
-/health. A port in use or an unwritable data_dir is one line naming the key, exit 2.
+/health; a key only a restart applies (RESTART_KEYS) keeps its running value, and the log says
+which ones the file would change. A port in use or an unwritable data_dir is one line naming the
+key, exit 2.
 """
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import signal
@@ -26,8 +29,11 @@ from mailgate.server import SMTPServer
 from mailgate.store import StoreUnavailable
 
 log = logging.getLogger("mailgate.service")
-RESTART_KEYS = ("listen", "metrics", "health")   # bound sockets
-POOL_KEYS = ("lmtp", "lmtp_connections", "lmtp_timeout")  # the LMTP pool is built once
+# What a reload cannot change, so keeps as it runs: bound sockets, the LMTP pool and the
+# delivery record (built once), what Resources made (store, DNS resolver, relay) and data_dir.
+RESTART_KEYS = ("data_dir", "listen.smtp", "listen.lmtp", "listen.lookup", "metrics.listen",
+                "health.listen", "delivery.lmtp", "delivery.lmtp_connections",
+                "delivery.lmtp_timeout", "delivery.delivery_record", "store", "dns", "relay")
 
 
 def make_gateway(config: Config, resources: Resources) -> Gateway:
@@ -92,14 +98,14 @@ async def listen(gateway: Gateway) -> list[asyncio.Server]:
     return servers
 
 
-def serve_http(config: Config):
+def serve_http(config: Config, gateway: Gateway):
     """The metrics and health servers (their own threads); the health server, or None."""
     try:
         metrics.serve(config.metrics.listen)
     except OSError as e:
         raise cannot_listen("metrics.listen", config.metrics.listen, e) from None
-    try:
-        return health.serve(config)
+    try:  # health asks the Dovecot the pool delivers to, whatever a reload read since
+        return health.serve(config, gateway.pool.target if gateway.pool is not None else "")
     except OSError as e:
         raise cannot_listen("health.listen", config.health.listen, e) from None
 
@@ -113,9 +119,37 @@ def load_for_reload(path: str | None) -> Config:
     return validate(load(path))
 
 
+def _value(config: Config, key: str):
+    for name in key.split("."):
+        config = getattr(config, name)
+    return config
+
+
+def _replaced(config: Config, key: str, value) -> Config:
+    name, _, rest = key.partition(".")
+    if rest:
+        value = _replaced(getattr(config, name), rest, value)
+    return dataclasses.replace(config, **{name: value})
+
+
+def keep_running(new: Config, running: Config) -> tuple[Config, list[str]]:
+    """`new` with the running value of every restart-only key, and the keys it would change.
+    `running` is what the running objects were built from (the last config applied, whose
+    restart-only values are still the start's), not the file read before."""
+    stale = []
+    for key in RESTART_KEYS:
+        was, wants = _value(running, key), _value(new, key)
+        if wants != was:
+            stale += [f"{key}.{f.name}" for f in dataclasses.fields(was)
+                      if getattr(wants, f.name) != getattr(was, f.name)] \
+                if dataclasses.is_dataclass(was) else [key]
+            new = _replaced(new, key, was)
+    return new, stale
+
+
 def reload(gateway: Gateway, resources: Resources, path: str | None, httpd) -> None:
     try:
-        new = load_for_reload(path)
+        new, stale = keep_running(load_for_reload(path), gateway.config)
         chain = Chain.from_config(new, resources)
     # XXX a filter's constructor may fail in any way; the running config must survive it.
     except Exception as e:  # noqa: BLE001
@@ -124,10 +158,6 @@ def reload(gateway: Gateway, resources: Resources, path: str | None, httpd) -> N
         if httpd is not None:
             httpd.RequestHandlerClass.reload_error = text
         return
-    old = gateway.config
-    stale = [k for k in RESTART_KEYS if getattr(old, k) != getattr(new, k)]
-    stale += [f"delivery.{k}" for k in POOL_KEYS
-              if getattr(old.delivery, k) != getattr(new.delivery, k)]
     gateway.configure(new, chain)
     maillog.setup(new.log)
     if httpd is not None:
@@ -156,7 +186,7 @@ async def serve(config: Config, path: str | None) -> int:
             await lookups.start(config.listen.lookup)
         except OSError as e:
             raise cannot_listen("listen.lookup", config.listen.lookup, e) from None
-    httpd = serve_http(config)
+    httpd = serve_http(config, gateway)
     loop.add_signal_handler(signal.SIGHUP, reload, gateway, resources, path, httpd)
     ticker = asyncio.ensure_future(metrics.watch_event_loop())
     log.info("mailgate %s ready: smtp=%s lmtp=%s lookup=%s delivery=%s maildir=%s domains=%s",

@@ -24,8 +24,8 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from peers import (REPO, Dovecot, Mailgate, port_open, smtp_client, smtp_send, toml_dumps,
-                   wait_until)
+from peers import (REPO, Dovecot, Mailgate, free_port, port_open, smtp_client, smtp_send,
+                   toml_dumps, wait_until)
 from mailgate.verdict import (FILTER_REJECTED, RELAY_DENIED, SHUTTING_DOWN, UNKNOWN_USER)
 
 ALICE, BOB, CAROL = "alice@example.test", "bob@example.test", "carol@example.test"
@@ -435,6 +435,43 @@ def test_sighup_reloads_domains_without_dropping_sessions(dovecot: Dovecot,
     assert len(with_mark(dovecot, dave, mark + "-after")) == 1
     assert http_get(base_url(gate, "health") + "/domains")[1]["domains"] == [
         "example.test", "other.test"]
+
+
+def last_reload(gate: Mailgate) -> str:
+    return [line for line in gate.log_text().splitlines() if "reloaded config" in line][-1]
+
+
+def test_sighup_keeps_restart_only_keys_and_health_asks_the_running_dovecot(
+        dovecot: Dovecot, mailgate_factory) -> None:
+    """A reload cannot move the LMTP pool, the store, the resolver, the relay or data_dir: it
+    keeps them as they run and says so, each time, compared with what runs (not with the file
+    read before); /health asks the Dovecot the pool delivers to."""
+    gate = mailgate_factory()
+    running = gate.config["delivery"]["lmtp"]
+    config = copy.deepcopy(dict(gate.config))
+    moved = copy.deepcopy(config)
+    moved["delivery"]["lmtp"] = f"127.0.0.1:{free_port()}"   # nothing answers there
+    moved["data_dir"] = str(gate.root / "elsewhere")
+    moved.update(store={"timeout": 3}, dns={"timeout": 1.5}, relay={"timeout": 7},
+                 listen={**config["listen"], "max_sessions": 50})  # max_sessions: applied
+    gate.config_path.write_text(toml_dumps(moved))
+    sighup(gate, "reloaded config")
+    restart = ("reloaded config; needs a restart to change: data_dir, delivery.lmtp, "
+               "store.timeout, dns.timeout, relay.timeout")
+    assert last_reload(gate).endswith(restart), last_reload(gate)
+
+    code, body = http_get(base_url(gate, "health") + "/health")
+    assert (code, body["status"], body["dovecot"]["target"]) == (200, "ok", running), body
+    mark = uuid.uuid4().hex
+    _, reply = send(gate, [ALICE], message(mark))
+    assert reply[0] == 250 and len(with_mark(dovecot, ALICE, mark)) == 1
+
+    sighup(gate, "reloaded config")  # the same file again: still not applied, still said
+    assert last_reload(gate).endswith(restart), last_reload(gate)
+    gate.config_path.write_text(toml_dumps(config))  # back to what runs: nothing to restart for
+    sighup(gate, "reloaded config")
+    assert last_reload(gate).endswith("]: reloaded config"), last_reload(gate)
+    assert http_get(base_url(gate, "health") + "/health")[1]["dovecot"]["target"] == running
 
 
 # ---------------------------------------------------------------- log lines

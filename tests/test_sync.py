@@ -118,6 +118,15 @@ class Aws:
                 {"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]} for i, m in enumerate(got)])
         return out
 
+    def exists(self, key: str, bucket: str = BUCKET) -> bool:
+        try:
+            self.s3.head_object(Bucket=bucket, Key=key)
+        except ClientError as e:
+            if e.response["Error"]["Code"] in ("404", "NoSuchKey"):
+                return False
+            raise
+        return True
+
     def tags(self, key: str, bucket: str = BUCKET) -> dict[str, str]:
         tags = self.s3.get_object_tagging(Bucket=bucket, Key=key)["TagSet"]
         return {t["Key"]: t["Value"] for t in tags}
@@ -182,7 +191,8 @@ class Sync:
         self.env.update(moto.env, PYTHONPATH=os.pathsep.join((str(REPO), str(TESTS))),
                         PYTHONUNBUFFERED="1",
                         MAILGATE_SYNC_INJECT=f"{host}:{port}",
-                        MAILGATE_SYNC_METRICS=f"127.0.0.1:{free_port()}", **(env or {}))
+                        MAILGATE_SYNC_METRICS=f"127.0.0.1:{free_port()}")
+        self.env.update(env or {})  # a test's own values win, MAILGATE_SYNC_METRICS too
 
     def command(self, *args: str) -> list[str]:
         return [sys.executable, "-m", "mailgate", "sync", "-c", str(self.gate.config_path), *args]
@@ -573,6 +583,119 @@ def test_poison_messages_dead_lettered_with_reason_queue_keeps_flowing(setup, aw
                                               "this is not JSON"}
 
 
+def test_malformed_notifications_are_dead_lettered_at_once(setup, aws, dovecot):
+    """Shapes SES and S3 never send, and a bucket name botocore refuses to ask for: each is
+    dead-lettered on its first receive, with the reason, instead of coming back for ever."""
+    gate, sync = setup
+    aws.drop_test_event()
+    event = s3_event("in/x")
+    record = event["Records"][0]["s3"]
+    bodies = {
+        "key 5": {"Records": [{**event["Records"][0], "s3": {**record, "object": {"key": 5}}}]},
+        "key empty": {"Records": [{**event["Records"][0], "s3": {**record,
+                                                                  "object": {"key": ""}}}]},
+        "bucket list": {"Records": [{**event["Records"][0], "s3": {**record, "bucket": {
+            "name": [BUCKET]}}}]},
+        "action string": {**ses_notification("ses/x", [ALICE]), "receipt": {
+            **ses_notification("ses/x", [ALICE])["receipt"], "action": "S3"}},
+        "verdict string": {**ses_notification("ses/x", [ALICE]), "receipt": {
+            **ses_notification("ses/x", [ALICE])["receipt"], "spamVerdict": "PASS"}},
+        "bucket botocore refuses": ses_notification("ses/x", [ALICE], "no such/bucket"),
+    }
+    for why, body in bodies.items():  # "why" rides along: the dead letter keeps the body
+        aws.sqs.send_message(QueueUrl=aws.queue, MessageBody=json.dumps({**body, "why": why}))
+    proc = sync({"MAILGATE_SYNC_BUCKETS": ""}).run("--once")  # any bucket: botocore decides
+    assert proc.returncode == 0, proc.stderr
+    assert aws.left(aws.queue) == 0
+    dead = {json.loads(d["body"])["why"]: d["error"] for d in aws.dead_letters()}
+    not_strings = "S3 record whose s3.bucket.name or s3.object.key is not a non-empty string"
+    assert dead == {
+        "key 5": not_strings, "key empty": not_strings, "bucket list": not_strings,
+        "action string": "SES notification without an S3 action (bucketName, objectKey)",
+        "verdict string": "SES notification whose receipt.spamVerdict is not an object",
+        "bucket botocore refuses": dead["bucket botocore refuses"]}
+    assert dead["bucket botocore refuses"].startswith(
+        "s3://no such/bucket/ses/x: not a valid S3 request: Parameter validation failed: "
+        'Invalid bucket name "no such/bucket"')
+    assert "internal error" not in proc.stderr
+
+
+def test_a_bug_on_one_message_sets_it_aside_after_five_receives(setup, aws, dovecot):
+    """An unexpected exception for a message (here a test hook raising) is logged and the
+    message comes back; on its fifth receive it is dead-lettered, the object left alone."""
+    gate, sync = setup
+    aws.drop_test_event()
+    mark = uuid.uuid4().hex
+    aws.s3.put_object(Bucket=BUCKET, Key=f"in/{mark}", Body=stored(mark))
+    feed = sync({"SYNC_CRASH_POINT": "raise-in-process",
+                 "MAILGATE_SYNC_VISIBILITY_TIMEOUT": "1"}).start()
+    wait_until(lambda: aws.left(aws.queue) == 0 and aws.left(aws.dlq) == 1, 30, interval=0.2,
+               what="the message dead-lettered")
+    assert feed.stop() == 0
+    [dead] = aws.dead_letters()
+    assert dead["error"] == ("internal error on receive 5: RuntimeError: "
+                             "SYNC_CRASH_POINT=raise-in-process")
+    assert urllib.parse.unquote_plus(json.loads(dead["body"])["Records"][0]["s3"]["object"][
+        "key"]) == f"in/{mark}"
+    log = feed.log_text()
+    for receive in range(1, 5):
+        assert f"internal error (receive {receive} of 5); it will come back" in log, receive
+    assert "internal error (receive 5 of 5)\n" in log
+    assert aws.exists(f"in/{mark}") and aws.tags(f"in/{mark}") == {}
+    assert dovecot.maildir_messages(ALICE) == []
+
+
+def test_processed_delete_deletes_only_what_was_delivered(setup, aws, dovecot):
+    """processed = "delete": the delivered object goes; a refused one (the dead letter holds only
+    the notification) is tagged, not deleted; one in a bucket outside sync.buckets is not
+    touched at all, in either mode."""
+    gate, sync = setup
+    aws.drop_test_event()
+    delivered, refused, outside = (uuid.uuid4().hex for _ in range(3))
+    aws.s3.put_object(Bucket=BUCKET, Key=f"in/{delivered}", Body=stored(delivered))
+    aws.s3.put_object(Bucket=BUCKET, Key=f"in/{refused}", Body=stored(refused, to=DAVE))
+    aws.s3.put_object(Bucket=ARCHIVE, Key=f"in/{outside}", Body=stored(outside))
+    aws.sqs.send_message(QueueUrl=aws.queue, MessageBody=json.dumps(
+        s3_event(f"in/{outside}", ARCHIVE)))
+    inbound_only = {"MAILGATE_SYNC_BUCKETS": BUCKET}
+    proc = sync({**inbound_only, "MAILGATE_SYNC_PROCESSED": "delete"}).run("--once")
+    assert proc.returncode == 0, proc.stderr
+    assert len(dovecot.maildir_messages(ALICE)) == 1
+    assert aws.left(aws.queue) == 0
+    assert sorted(d["key"] for d in aws.dead_letters()) == [f"s3://{ARCHIVE}/in/{outside}",
+                                                            f"s3://{BUCKET}/in/{refused}"]
+    assert not aws.exists(f"in/{delivered}")
+    assert aws.tags(f"in/{refused}")["status"] == "invalid"
+    assert aws.tags(f"in/{outside}", ARCHIVE) == {}
+    # tag mode: the object outside sync.buckets is not tagged either
+    aws.sqs.send_message(QueueUrl=aws.queue, MessageBody=json.dumps(
+        s3_event(f"in/{outside}", ARCHIVE)))
+    assert sync(inbound_only).run("--once").returncode == 0
+    assert [d["key"] for d in aws.dead_letters()] == [f"s3://{ARCHIVE}/in/{outside}"]
+    assert aws.tags(f"in/{outside}", ARCHIVE) == {}
+
+
+def test_processed_delete_a_repeated_notification_is_already_processed(setup, aws, dovecot):
+    """The copy of a notification that comes after the delivered object was deleted is
+    acknowledged with an info line, not dead-lettered as "does not exist"; an object that was
+    never there still is."""
+    gate, sync = setup
+    aws.drop_test_event()
+    mark = uuid.uuid4().hex
+    aws.s3.put_object(Bucket=BUCKET, Key=f"in/{mark}", Body=stored(mark))
+    delete = {"MAILGATE_SYNC_PROCESSED": "delete"}
+    assert sync(delete).run("--once").returncode == 0
+    assert not aws.exists(f"in/{mark}") and len(dovecot.maildir_messages(ALICE)) == 1
+    for key in (f"in/{mark}", "in/never-stored"):  # SQS's at-least-once, and a real poison
+        aws.sqs.send_message(QueueUrl=aws.queue, MessageBody=json.dumps(s3_event(key)))
+    again = sync(delete)
+    assert again.run("--once").returncode == 0
+    assert aws.left(aws.queue) == 0 and len(dovecot.maildir_messages(ALICE)) == 1
+    assert [d["key"] for d in aws.dead_letters()] == [f"s3://{BUCKET}/in/never-stored"]
+    assert (f"]: queue {QUEUE} s3://{BUCKET}/in/{mark}: delivered: already processed "  # info
+            "(delivered, then deleted)\n") in again.log_text()
+
+
 def test_without_dead_letter_queue_the_redrive_policy_takes_poison(setup, aws, dovecot, moto):
     gate, sync = setup
     redrive = aws.sqs.create_queue(QueueName="redrive-dlq")["QueueUrl"]
@@ -646,6 +769,20 @@ def test_sigterm_finishes_what_is_in_flight(setup, aws, dovecot):
     wait_until(in_flight, SYNC_BOUND, what="the message received")
     assert feed.stop() == 0  # SIGTERM while serve's Slow filter holds the message
     assert len(dovecot.maildir_messages(ALICE)) == 1 and aws.left(aws.queue) == 0
+
+
+def test_metrics_port_in_use_is_one_line_naming_the_key(setup, aws):
+    gate, sync = setup
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        address = "127.0.0.1:%d" % holder.getsockname()[1]
+        proc = sync({"MAILGATE_SYNC_METRICS": address}).run("--once")
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines()[-1:] == [
+        f"mailgate: config error: sync.metrics: cannot listen on {address}: Address already in "
+        "use; change sync.metrics or stop what holds that address"]
+    assert "Traceback" not in proc.stderr and "failed:" not in proc.stderr
 
 
 def test_readiness_metrics_and_sigterm(setup, aws, dovecot, peer_root):

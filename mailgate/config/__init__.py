@@ -79,9 +79,12 @@ def load(path: str | None = None, environ: Mapping[str, str] | None = None) -> C
         raw: dict[str, Any] = {k: dict(v) for k, v in EMBEDDED.items()}
     else:
         try:
-            raw = tomllib.loads(found.read_text())
+            raw = tomllib.loads(found.read_text(encoding="utf-8"))
         except OSError as e:
             raise ConfigError(f"{found}: cannot read: {e.strerror} (as user {_user()})") from None
+        except UnicodeDecodeError as e:  # TOML is UTF-8 (a file saved as Latin-1, a binary)
+            raise ConfigError(f"{found}: not UTF-8 text: byte 0x{e.object[e.start]:02x} at "
+                              f"offset {e.start}; save it as UTF-8") from None
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{found}: not valid TOML: {e}") from None
     apply_environment(raw, environ)

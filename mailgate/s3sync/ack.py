@@ -14,13 +14,16 @@ import time
 
 from mailgate.config import Config
 from mailgate.s3sync import metrics
+from mailgate.s3sync.claims import Claims
 from mailgate.s3sync.clients import AWS_ERRORS, Clients
 from mailgate.s3sync.handover import Outcome
+from mailgate.store import StoreUnavailable
 
 log = logging.getLogger("mailgate.sync")
 BATCH = 10          # SQS's most entries per batch request
 LINGER = 0.1        # seconds a delete waits for others to share its request
 TAG_VALUE = 256     # S3's longest tag value
+MARK_ERRORS = (*AWS_ERRORS, StoreUnavailable)   # what mark() raises when it did not mark
 
 
 def now() -> str:
@@ -28,16 +31,24 @@ def now() -> str:
 
 
 class Marker:
-    """The object's audit trail: tags with the old workers' keys, or its deletion."""
+    """The object's audit trail: tags with the old workers' keys, or its deletion.
 
-    def __init__(self, config: Config, clients: Clients):
+    Only an object that is there, in sync.buckets, is touched. Only a delivered one is deleted:
+    for one that is dead the dead letter holds just the notification, so the object is the
+    only copy of the mail (processed = "delete" tags it instead)."""
+
+    def __init__(self, config: Config, clients: Clients, claims: Claims):
         self.mode, self.host, self.clients = config.sync.processed, config.hostname, clients
+        self.buckets, self.claims = config.sync.buckets, claims
 
     async def mark(self, bucket: str, key: str, outcome: Outcome) -> None:
-        if self.mode == "keep":
+        """AWS_ERRORS or StoreUnavailable (before a delete) when it is not marked."""
+        if self.mode == "keep" or not outcome.stored or (
+                self.buckets and bucket not in self.buckets):
             return
         s3 = self.clients.s3
-        if self.mode == "delete":
+        if self.mode == "delete" and not outcome.dead:
+            await self.claims.deleting(bucket, key)
             await self.clients.call(s3.delete_object, Bucket=bucket, Key=key)
             return
         # XXX the tag set is replaced whole: SES writes objects untagged, and reading the tags

@@ -5,6 +5,8 @@ makes delivery happen once. Keyed by bucket, key, ETag and recipient, so the fee
 notification formats) and replay share one memory. A lock (as long as a message's visibility)
 guards the injection; "done" is written right after serve's 250, before any acknowledgement.
 A lock that cannot be given back, or a "done" the store never took, leaves the lock to expire.
+With processed = "delete", each deleted object is remembered too (by bucket and key), for a
+notification that comes again once the object, and with it the ETag, is gone.
 """
 from __future__ import annotations
 
@@ -34,6 +36,10 @@ class Claim(enum.Enum):
 def identity(bucket: str, key: str, etag: str, recipient: str) -> str:
     text = "\0".join((bucket, key, etag, recipient.lower()))
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def object_identity(bucket: str, key: str) -> str:
+    return hashlib.sha256("\0".join((bucket, key)).encode()).hexdigest()
 
 
 class Claims:
@@ -74,3 +80,12 @@ class Claims:
             metrics.ERRORS.labels("store").inc()
             log.warning("sync lock %s not given back, it expires in %g s: %s", ident[:16],
                         self.lock_ttl, e)
+
+    async def deleting(self, bucket: str, key: str) -> None:
+        """Remember, before processed = "delete" deletes a delivered object, that it was sync:
+        a repeated notification then finds it gone and knows why (StoreUnavailable: do not
+        delete)."""
+        await self.store.claim(f"sync-deleted:{object_identity(bucket, key)}", REMEMBER)
+
+    async def was_deleted(self, bucket: str, key: str) -> bool:
+        return await self.store.seen(f"sync-deleted:{object_identity(bucket, key)}")

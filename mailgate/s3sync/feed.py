@@ -4,7 +4,8 @@ their visibility while they are delivered, and acknowledge each only once it is 
 A message that must come back (serve's 4xx, an unreadable object, the store away) is simply not
 deleted. A poison message goes to sync.dead_letter_queue with the reason and is deleted, or,
 without one, is made visible again at once so the queue's redrive policy moves it. Errors name
-the queue and the key; an unexpected one leaves the message to come back.
+the queue and the key; an unexpected one (our bug) leaves the message to come back, and once it
+has been received INTERNAL_RECEIVES times it is poison too: a bug never loops for ever.
 """
 from __future__ import annotations
 
@@ -16,22 +17,25 @@ import time
 
 from mailgate.config import Config
 from mailgate.s3sync import metrics
-from mailgate.s3sync.ack import DeleteFailed, Deleter, Marker, dead_letter
+from mailgate.s3sync.ack import MARK_ERRORS, DeleteFailed, Deleter, Marker, dead_letter
 from mailgate.s3sync.clients import AWS_ERRORS, Clients
 from mailgate.s3sync.handover import Handover, Outcome
 from mailgate.s3sync.notifications import BadNotification, Notice, parse
 from mailgate.s3sync.queues import short_name
 
 log = logging.getLogger("mailgate.sync")
-CRASH_POINT = "SYNC_CRASH_POINT"   # tests only: "before-delete" SIGKILLs sync right there
+# tests only: "before-delete" SIGKILLs sync right there; "raise-in-process" stands for a bug
+CRASH_POINT = "SYNC_CRASH_POINT"
 RETRY_PAUSE = (1.0, 30.0)          # seconds between failed receives: first, most
+INTERNAL_RECEIVES = 5              # receives of a message our bug fails before it is dead
 
 
 class Feed:
     def __init__(self, config: Config, clients: Clients, handover: Handover, dlq_url: str):
         self.sync, self.clients, self.handover = config.sync, clients, handover
         self.dlq_url = dlq_url
-        self.marker, self.deleter = Marker(config, clients), Deleter(clients)
+        self.marker = Marker(config, clients, handover.claims)
+        self.deleter = Deleter(clients)
         # Received and not yet processed: what is being injected (concurrency) plus up to two
         # batches waiting for a worker. Every receive asks for a full batch (each receive is a
         # request; SQS bills it, moto's costs grow with the queue), and the next one starts
@@ -139,13 +143,32 @@ class Feed:
             result = await self._settle(url, message, processed)
             if result:
                 await self._delete(url, message, result)
-        except Exception:  # noqa: BLE001 - our bug: the message comes back, nothing is acked
+        except Exception as e:  # noqa: BLE001 - our bug: nothing is acked, it comes back
             metrics.ERRORS.labels("internal").inc()
-            log.exception("queue %s message %s: internal error; it will come back",
-                          short_name(url), mid)
+            await self._internal_error(url, message, e)
         finally:
             heartbeat.cancel()
             self._free(room)
+
+    async def _internal_error(self, url: str, message: dict, error: Exception) -> None:
+        """Log our bug; after INTERNAL_RECEIVES receives, set the message aside (the object stays
+        in S3, untouched) instead of failing on it for as long as SQS keeps it."""
+        queue, mid = short_name(url), message["MessageId"]
+        receives = int(message.get("Attributes", {}).get("ApproximateReceiveCount", 1))
+        if receives < INTERNAL_RECEIVES:
+            log.exception("queue %s message %s: internal error (receive %d of %d); it will come "
+                          "back", queue, mid, receives, INTERNAL_RECEIVES, exc_info=error)
+            return
+        log.error("queue %s message %s: internal error (receive %d of %d)", queue, mid,
+                  receives, INTERNAL_RECEIVES, exc_info=error)
+        try:
+            result = await self._poison(url, message, f"internal error on receive {receives}: "
+                                        f"{type(error).__name__}: {error}", "")
+            if result:
+                await self._delete(url, message, result)
+        except Exception as e:  # noqa: BLE001 - the same bug or AWS: it comes back once more
+            log.error("queue %s message %s: not set aside, it will come back: %s: %s", queue, mid,
+                      type(e).__name__, e)
 
     async def _heartbeat(self, url: str, mid: str) -> None:
         """Keep a slow delivery invisible to other receivers (latest receipt handle)."""
@@ -166,6 +189,8 @@ class Feed:
         sent = int(message.get("Attributes", {}).get("SentTimestamp", 0)) / 1000
         if sent:
             metrics.QUEUE_LAG.labels(queue).observe(max(time.time() - sent, 0))
+        if os.environ.get(CRASH_POINT) == "raise-in-process":
+            raise RuntimeError(f"{CRASH_POINT}=raise-in-process")
         try:
             notices = parse(message["Body"])
         except BadNotification as e:
@@ -195,7 +220,7 @@ class Feed:
             _log_outcome(queue, notice, outcome)
             try:
                 await self.marker.mark(notice.bucket, notice.key, outcome)
-            except AWS_ERRORS as e:  # the audit trail is also in this log; delivery stands
+            except MARK_ERRORS as e:  # the audit trail is also in this log; delivery stands
                 metrics.ERRORS.labels("tag").inc()
                 log.error("queue %s s3://%s/%s: not marked %s: %s", queue, notice.bucket,
                           notice.key, self.sync.processed, e)

@@ -1,12 +1,14 @@
 """Reading a stored message from S3, whole and checked.
 
-An object that is gone (NoSuchKey) or larger than the listener takes is final (dead letter);
-one that cannot be read, or whose length differs from its ContentLength, is retried: it is never
-delivered as it is.
+An object that is gone (NoSuchKey), larger than the listener takes, or that botocore will not
+even ask for (a bucket or key it refuses) is final (dead letter); one that cannot be read, or
+whose length differs from its ContentLength, is retried: it is never delivered as it is.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from botocore.exceptions import ParamValidationError
 
 from mailgate.s3sync import metrics
 from mailgate.s3sync.clients import AWS_ERRORS, Clients, error_code
@@ -15,7 +17,18 @@ GONE = ("NoSuchKey", "NoSuchBucket", "404")
 
 
 class Unusable(Exception):
-    """Never deliverable: the text says why (dead letter)."""
+    """Never deliverable: the text says why (dead letter). `exists`: there is an object to tag."""
+
+    def __init__(self, text: str, exists: bool = True):
+        super().__init__(text)
+        self.exists = exists
+
+
+class Gone(Unusable):
+    """The object does not exist (any more): never stored, or deleted after its delivery."""
+
+    def __init__(self, text: str):
+        super().__init__(text, exists=False)
 
 
 class Unreadable(Exception):
@@ -42,9 +55,13 @@ async def fetch(clients: Clients, bucket: str, key: str, max_size: int) -> Store
     try:
         data, length, etag = await clients.call(_read, s3=clients.s3, bucket=bucket, key=key,
                                                 max_size=max_size)
+    except ParamValidationError as e:  # botocore refuses the request itself: so, every time
+        reason = " ".join(str(e).split())  # botocore's text spans lines
+        raise Unusable(f"s3://{bucket}/{key}: not a valid S3 request: {reason}",
+                       exists=False) from None
     except AWS_ERRORS as e:
         if error_code(e) in GONE:
-            raise Unusable(f"object s3://{bucket}/{key} does not exist ({error_code(e)})") from None
+            raise Gone(f"object s3://{bucket}/{key} does not exist ({error_code(e)})") from None
         metrics.ERRORS.labels("s3").inc()
         raise Unreadable(f"reading s3://{bucket}/{key}: {e}") from None
     if length > max_size:

@@ -3,6 +3,7 @@
 Shared by the feed and replay; it acknowledges nothing itself. The Outcome says whether the
 message is finished (every recipient got serve's 250 or a final 5xx) or must come back
 (a 4xx, a broken conversation, an unreadable object, the store away, another process on it).
+A missing object that sync itself deleted after delivering it is finished, not dead.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from mailgate.config import Config
 from mailgate.s3sync import headers, metrics
 from mailgate.s3sync.claims import Claim, Claims, identity
 from mailgate.s3sync.clients import Clients
-from mailgate.s3sync.fetch import Stored, Unreadable, Unusable, fetch
+from mailgate.s3sync.fetch import Gone, Stored, Unreadable, Unusable, fetch
 from mailgate.s3sync.inject import Answer, Handoff, Injector
 from mailgate.s3sync.notifications import Notice
 from mailgate.store import StoreUnavailable
@@ -28,6 +29,7 @@ class Outcome:
     detail: str = ""
     invalid_inboxes: tuple[str, ...] = ()
     delivered: int = 0           # recipients that have it (now or before)
+    stored: bool = True          # the object is there, in sync.buckets: it may be marked
 
     @property
     def final(self) -> bool:
@@ -36,7 +38,7 @@ class Outcome:
     @property
     def dead(self) -> bool:
         """Finished with nothing delivered: it belongs in the dead-letter queue."""
-        return self.final and self.delivered == 0
+        return self.final and self.status != "delivered"
 
 
 class Handover:
@@ -49,12 +51,15 @@ class Handover:
         """Deliver the object `notice` names; `where` names queue and key in the log."""
         buckets = self.config.sync.buckets
         if buckets and notice.bucket not in buckets:
-            return Outcome("invalid", f"bucket {notice.bucket} is not in sync.buckets")
+            return Outcome("invalid", f"bucket {notice.bucket} is not in sync.buckets",
+                           stored=False)
         try:
             stored = await fetch(self.clients, notice.bucket, notice.key,
                                  self.config.limits.message_size)
+        except Gone as e:
+            return await self._gone(notice, str(e))
         except Unusable as e:
-            return Outcome("invalid", str(e))
+            return Outcome("invalid", str(e), stored=e.exists)
         except Unreadable as e:
             return Outcome("deferred", str(e))
         handoff = self.envelope(notice, stored.data, where)
@@ -65,6 +70,21 @@ class Handover:
         except StoreUnavailable as e:
             metrics.ERRORS.labels("store").inc()
             return Outcome("deferred", f"store unavailable: {e}")
+
+    async def _gone(self, notice: Notice, error: str) -> Outcome:
+        """No object: a repeated notification of one delivered and deleted (processed =
+        "delete") is finished; any other is dead. Its claims cannot tell (the ETag, and for an
+        S3 event the recipients, are in the object), so the deletion is remembered on its own."""
+        try:
+            deleted = await self.claims.was_deleted(notice.bucket, notice.key)
+        except StoreUnavailable as e:
+            metrics.ERRORS.labels("store").inc()
+            return Outcome("deferred", f"{error}; store unavailable to say whether sync "
+                                       f"deleted it after its delivery: {e}")
+        if deleted:
+            return Outcome("delivered", "already processed (delivered, then deleted)",
+                           stored=False)
+        return Outcome("invalid", error, stored=False)
 
     def envelope(self, notice: Notice, data: bytes, where: str) -> Handoff:
         """Recipients, sender, SES's client and verdicts: from the notification, else from SES's

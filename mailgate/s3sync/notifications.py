@@ -81,11 +81,16 @@ def _s3_event(records: object) -> list[Notice]:
             continue  # deletions, tagging, restores: nothing arrived
         try:
             bucket, obj = record["s3"]["bucket"]["name"], record["s3"]["object"]
-            # S3 URL-encodes keys in events, with "+" for a space.
-            notices.append(Notice(bucket, urllib.parse.unquote_plus(obj["key"]),
-                                  size=obj.get("size")))
+            key = obj["key"]
         except (KeyError, TypeError):
             raise BadNotification("S3 record without s3.bucket.name or s3.object.key") from None
+        if not _text(bucket) or not _text(key):
+            raise BadNotification("S3 record whose s3.bucket.name or s3.object.key is not a "
+                                  "non-empty string")
+        size = obj.get("size")
+        # S3 URL-encodes keys in events, with "+" for a space.
+        notices.append(Notice(bucket, urllib.parse.unquote_plus(key),
+                              size=size if isinstance(size, int) else None))
     return notices
 
 
@@ -94,7 +99,8 @@ def _ses_notification(doc: dict) -> Notice:
     if not isinstance(receipt, dict) or not isinstance(mail, dict):
         raise BadNotification("SES receipt or mail is not an object")
     action = receipt.get("action") or {}
-    if action.get("type") != "S3" or not action.get("bucketName") or not action.get("objectKey"):
+    if not isinstance(action, dict) or action.get("type") != "S3" or \
+            not _text(action.get("bucketName")) or not _text(action.get("objectKey")):
         raise BadNotification("SES notification without an S3 action (bucketName, objectKey)")
     recipients = receipt.get("recipients")
     if not isinstance(recipients, list) or not recipients or \
@@ -108,7 +114,15 @@ def _ses_notification(doc: dict) -> Notice:
 def _verdicts(receipt: dict) -> Verdicts:
     out = []
     for field, method in SES_VERDICTS:
-        status = (receipt.get(field) or {}).get("status", "")
-        if status in SES_STATUS:
+        verdict = receipt.get(field) or {}
+        if not isinstance(verdict, dict):
+            raise BadNotification(f"SES notification whose receipt.{field} is not an object")
+        status = verdict.get("status", "")
+        if isinstance(status, str) and status in SES_STATUS:
             out.append((method, SES_STATUS[status]))
     return tuple(out)
+
+
+def _text(value: object) -> bool:
+    """A bucket or key sync can ask S3 for: anything else would fail in botocore, every time."""
+    return isinstance(value, str) and value != ""

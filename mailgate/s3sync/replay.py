@@ -11,7 +11,7 @@ import datetime
 import logging
 
 from mailgate import UsageError
-from mailgate.s3sync.ack import Marker
+from mailgate.s3sync.ack import MARK_ERRORS, Marker
 from mailgate.s3sync.clients import AWS_ERRORS, Clients
 from mailgate.s3sync.handover import Handover
 from mailgate.s3sync.notifications import Notice
@@ -61,7 +61,7 @@ async def replay(args, config, clients: Clients, handover: Handover, marker: Mar
             if outcome.final:
                 try:
                     await marker.mark(args.bucket, key, outcome)
-                except AWS_ERRORS as e:
+                except MARK_ERRORS as e:
                     log.error("replay s3://%s/%s: not marked: %s", args.bucket, key, e)
             return outcome.final
     finished = await asyncio.gather(*(one(k) for k in keys))

@@ -2,7 +2,8 @@
 
 SIGTERM/SIGINT: stop receiving, let the messages in flight finish (those received after the
 signal are given back at once), exit 0. READY=1 once every queue is resolved, like serve.
-Exit 1 when `--once` could not receive from a queue; 2 for a setup error naming the queue.
+Exit 1 when `--once` could not receive from a queue; 2 for a setup error naming the queue or
+the key (sync.metrics on a port in use).
 """
 from __future__ import annotations
 
@@ -46,7 +47,8 @@ async def main(args, config: Config) -> int:
     handover = Handover(config, clients, injector, Claims(store, lock_ttl), load_domains(config))
     try:
         if args.action == "replay":
-            return await replay(args, config, clients, handover, Marker(config, clients))
+            return await replay(args, config, clients, handover,
+                                Marker(config, clients, handover.claims))
         return await feed(args, config, clients, handover)
     finally:
         injector.close()
@@ -59,7 +61,12 @@ async def feed(args, config: Config, clients: Clients, handover: Handover) -> in
     urls = await resolve(config, clients, handover.domains)
     dlq = await url_of(clients, sync.dead_letter_queue) if sync.dead_letter_queue else ""
     if sync.metrics:
-        metrics.serve(*parse_hostport(sync.metrics, "sync.metrics"))
+        try:
+            metrics.serve(*parse_hostport(sync.metrics, "sync.metrics"))
+        except OSError as e:
+            # XXX imported here: mailgate.service brings serve's whole listener with it
+            from mailgate.service import cannot_listen
+            raise cannot_listen("sync.metrics", sync.metrics, e) from None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

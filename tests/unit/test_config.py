@@ -1,11 +1,14 @@
 """Config: file, environment overrides, validation naming the key; check-config's exit codes."""
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from mailgate import config, pipeline
 from mailgate.config import ConfigError
+
+REPO = Path(__file__).resolve().parents[2]
 
 GOOD = """
 hostname = "mx.example.test"
@@ -117,3 +120,35 @@ def test_cli_usage_and_version():
     version = subprocess.run([sys.executable, "-m", "mailgate", "--version"],
                              capture_output=True, text=True, timeout=30)
     assert version.returncode == 0 and version.stdout.startswith("mailgate ")
+
+
+def test_config_not_utf8_is_one_config_error_line(tmp_path):
+    (tmp_path / "latin1.toml").write_bytes(GOOD.encode() + '# réglages\n'.encode("latin-1"))
+    latin1 = check_config("-c", str(tmp_path / "latin1.toml"))
+    assert latin1.returncode == 2
+    assert latin1.stderr == (f"mailgate: config error: {tmp_path / 'latin1.toml'}: not UTF-8 "
+                             f"text: byte 0xe9 at offset {len(GOOD) + 3}; save it as UTF-8\n")
+
+
+def unit_data_dir(unit: str, monkeypatch) -> str:
+    """data_dir as the systemd unit gives it to mailgate: StateDirectory= becomes
+    $STATE_DIRECTORY, an Environment=MAILGATE_DATA_DIR= would win over it."""
+    lines = (REPO / "systemd" / unit).read_text().splitlines()
+    state = [line.split("=", 1)[1].split()[0] for line in lines
+             if line.startswith("StateDirectory=")]
+    monkeypatch.setenv("STATE_DIRECTORY", f"/var/lib/{state[0]}")
+    environ = dict(line.split("=", 1)[1].split("=", 1) for line in lines
+                   if line.startswith("Environment="))
+    return config.load(None, {k: v for k, v in environ.items() if k != "MAILGATE_CONFIG"}).data_dir
+
+
+def test_sync_unit_and_a_root_shell_share_the_exactly_once_memory(monkeypatch):
+    """`mailgate sync replay` typed in a root shell must find what the unit's feed delivered:
+    the same data_dir, so the same {data_dir}/mailgate.sqlite3 (and serve's too)."""
+    monkeypatch.setattr(config.sections.os, "geteuid", lambda: 0)
+    monkeypatch.delenv("STATE_DIRECTORY", raising=False)
+    monkeypatch.setattr(config, "SYSTEM_CONFIG", REPO / "no-such-file.toml")
+    shell = config.load(None, {}).data_dir
+    assert shell == "/var/lib/mailgate"
+    assert unit_data_dir("mailgate-sync.service", monkeypatch) == shell
+    assert unit_data_dir("mailgate.service", monkeypatch) == shell

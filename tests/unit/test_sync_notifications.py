@@ -70,6 +70,17 @@ def test_s3_event_through_sns_and_subscription_confirmation():
     (json.dumps({**SES, "receipt": {**SES["receipt"], "action": {"type": "SNS"}}}), "S3 action"),
     (json.dumps({"Type": "Notification", "Message": "{broken"}), "SNS Message is not JSON"),
     (json.dumps({"Records": [{"eventName": "ObjectCreated:Put", "s3": {}}]}), "s3.bucket.name"),
+    # shapes that raised AttributeError (an internal error, never acknowledged) before
+    (json.dumps(S3_EVENT).replace('"mail/a+b%2Bc%C3%A9.eml"', "5"), "not a non-empty string"),
+    (json.dumps(S3_EVENT).replace('"mail/a+b%2Bc%C3%A9.eml"', '""'), "not a non-empty string"),
+    (json.dumps(S3_EVENT).replace('"inbound"', '["inbound"]'), "not a non-empty string"),
+    (json.dumps({**SES, "receipt": {**SES["receipt"], "action": "S3"}}), "S3 action"),
+    (json.dumps({**SES, "receipt": {**SES["receipt"], "action": {
+        "type": "S3", "bucketName": 7, "objectKey": "in/0abc"}}}), "S3 action"),
+    (json.dumps({**SES, "receipt": {**SES["receipt"], "spamVerdict": "PASS"}}),
+     "receipt.spamVerdict is not an object"),
+    (json.dumps({**SES, "receipt": {**SES["receipt"], "dkimVerdict": ["PASS"]}}),
+     "receipt.dkimVerdict is not an object"),
 ])
 def test_bad_bodies_say_why(body, reason):
     with pytest.raises(BadNotification, match=reason):
