@@ -51,12 +51,19 @@ class Pool:
         return results, await self._with_connection(send, results, deadline)
 
     async def probe(self, recipient: str) -> LMTPReply | None:
-        """Dovecot's RCPT answer for `recipient`, or None when Dovecot cannot be asked."""
+        """Dovecot's RCPT answer for `recipient`, or None when Dovecot cannot be asked within
+        one lmtp_timeout, waiting for a free connection included: with Dovecot hung, RCPTs
+        queued behind each other's timeouts would keep the client waiting one timeout each."""
         answer: list[LMTPReply | None] = [None]
+        deadline = asyncio.get_running_loop().time() + self.timeout
 
         async def ask(conn: Connection) -> None:
-            answer[0] = await conn.probe(recipient)
-        await self._with_connection(ask, [])
+            conn.deadline = deadline
+            try:
+                answer[0] = await conn.probe(recipient)
+            finally:
+                conn.deadline = float("inf")
+        await self._with_connection(ask, [], deadline)
         return answer[0]
 
     async def _with_connection(self, work, results: list[LMTPReply | None],

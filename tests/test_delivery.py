@@ -588,6 +588,29 @@ def test_no_greeting_falls_back_to_the_maildir(dovecot, mailgate_factory, hangin
     assert written.parent.name == "new"
 
 
+@pytest.mark.parametrize("hanging_lmtp", ["silent"], indirect=True)
+def test_rcpts_waiting_for_a_hung_dovecot_wait_one_timeout_not_one_each(dovecot, mailgate_factory,
+                                                                        hanging_lmtp) -> None:
+    """One pooled connection, Dovecot never greets, three clients ask about three recipients
+    at once: each RCPT is answered within about one lmtp_timeout (2 s), not after the others'
+    timeouts one by one (6 s for the last)."""
+    gate = mailgate_factory({"delivery": {"lmtp": hanging_lmtp.target, "lmtp_timeout": 2,
+                                          "lmtp_connections": 1}})
+
+    def rcpt(address: str) -> tuple[int, float]:
+        with smtplib.SMTP(*gate.smtp, local_hostname="client.test", timeout=REPLY_BOUND) as s:
+            s.ehlo()
+            assert s.mail(SENDER)[0] == 250
+            started = time.monotonic()
+            code, _ = s.rcpt(address)
+            return code, time.monotonic() - started
+
+    with ThreadPoolExecutor(3) as pool:
+        answers = list(pool.map(rcpt, [ALICE, BOB, CAROL]))
+    assert [code for code, _ in answers] == [250] * 3   # their maildirs exist: the fallback
+    assert max(seconds for _, seconds in answers) < 4.5, answers
+
+
 # ---------------------------------------------------------------- concurrency
 
 @pytest.mark.parametrize("dovecot_up", [True, False], ids=["dovecot", "fallback"])
