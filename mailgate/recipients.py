@@ -1,8 +1,10 @@
 """Who we take mail for, decided at RCPT time so that no bounce is generated later.
 
 Domain not served: 550 5.7.1. Unknown user: 550 5.1.1, as Dovecot's userdb says (asked over the
-LMTP pool with MAIL/RCPT/RSET, answers cached briefly). When Dovecot cannot be asked, a
-recipient whose maildir exists is accepted (the fallback will take it); anyone else gets 451 4.4.3.
+LMTP pool with MAIL/RCPT/RSET, answers cached briefly). A mailbox that exists but that Dovecot
+refuses now (full with lmtp_rcpt_check_quota, disabled, its policy): Dovecot's own reply, not
+cached. When Dovecot cannot be asked, a recipient whose maildir exists is accepted (the
+fallback will take it); anyone else gets 451 4.4.3.
 """
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import asyncio
 import time
 
 from mailgate import maildir
+from mailgate.deliver import decided
 from mailgate.config import Config
 from mailgate.lmtppool import Pool
 from mailgate.verdict import RCPT_OK, RELAY_DENIED, UNKNOWN_USER, USERDB_UNAVAILABLE, Reply
@@ -32,7 +35,7 @@ class Recipients:
         if hit is not None and hit[0] > time.monotonic():
             return hit[1]
         reply = await self._ask(address)
-        if reply is not USERDB_UNAVAILABLE:
+        if reply is RCPT_OK or reply is UNKNOWN_USER:  # who exists; not how full they are
             if len(self.cache) > 50_000:
                 self.cache.clear()
             self.cache[key] = (time.monotonic() + self.ttl, reply)
@@ -44,8 +47,10 @@ class Recipients:
         answer = await self.pool.probe(address)
         if answer is not None and answer.code == 250:
             return RCPT_OK
-        if answer is not None and answer.code >= 500:
+        if answer is not None and answer.code >= 500 and answer.split()[0].startswith("5.1."):
             return UNKNOWN_USER
+        if answer is not None and (answer.code >= 500 or decided(answer)):
+            return Reply(answer.code, *answer.split())  # e.g. 552 5.2.2: full, not unknown
         return RCPT_OK if await self._has_maildir(address) else USERDB_UNAVAILABLE
 
     async def _has_maildir(self, address: str) -> bool:

@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import smtplib
+import socket
 import socketserver
 import stat
 import threading
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from peers import VMAIL_UID, Dovecot, Mailgate, lmtp_send, make_maildir
+from peers import VMAIL_UID, Dovecot, Mailgate, free_port, lmtp_send, make_maildir
 from mailgate.verdict import (DELIVERED, DELIVERY_DEFERRED, OUTCOME_UNKNOWN, RCPT_OK, UNKNOWN_USER,
                               USERDB_UNAVAILABLE, Reply)
 
@@ -246,20 +247,25 @@ def test_lmtp_fallback_as_root_writes_the_failed_recipient(dovecot, mailgate_fac
     assert over_imap.endswith(message(m))
 
 
+def with_quota(dovecot: Dovecot, address: str, rule: str, *settings: str) -> None:
+    """Dovecot with the quota plugin (and `settings`), `address` a new user with `rule`."""
+    dovecot.stop()  # stopped, Dovecot reads its config and users afresh when it starts
+    with open(dovecot.conf, "a") as conf:
+        conf.write("mail_plugins = $mail_plugins quota\n" + "".join(f"{x}\n" for x in settings)
+                   + "plugin {\n  quota = maildir:User quota\n}\n")
+    dovecot.add_user(address)
+    text = dovecot.users_file.read_text()
+    line = next(x for x in text.splitlines() if x.startswith(f"{address}:"))
+    dovecot.users_file.write_text(text.replace(line, line + f"userdb_quota_rule={rule}"))
+    dovecot.start()
+
+
 def test_a_full_mailbox_is_deferred_as_dovecot_says_never_written_around_its_quota(
         dovecot, mailgate_factory) -> None:
     """Dovecot's quota with quota_full_tempfail: 452 4.2.2 for the full mailbox. The fallback
     is for a Dovecot that cannot take mail, not for one that decided not to."""
     full = "full@example.test"
-    dovecot.stop()  # stopped, Dovecot reads its config and users afresh when it starts
-    with open(dovecot.conf, "a") as conf:
-        conf.write("mail_plugins = $mail_plugins quota\nquota_full_tempfail = yes\n"
-                   "plugin {\n  quota = maildir:User quota\n}\n")
-    dovecot.add_user(full)
-    text = dovecot.users_file.read_text()
-    line = next(x for x in text.splitlines() if x.startswith(f"{full}:"))
-    dovecot.users_file.write_text(text.replace(line, line + "userdb_quota_rule=*:storage=1K"))
-    dovecot.start()
+    with_quota(dovecot, full, "*:storage=1K", "quota_full_tempfail = yes")
     gate = mailgate_factory()
     m = mark()
     rcpt_replies, [reply] = lmtp_send(*gate.lmtp, SENDER, [full],
@@ -270,6 +276,26 @@ def test_a_full_mailbox_is_deferred_as_dovecot_says_never_written_around_its_quo
     assert files(dovecot.maildir(full)) == []
     assert "452 4.2.2" in delivery_line(gate, full, re.escape(
         f"dovecot[{gate.config['delivery']['lmtp']}]"), "deferred")
+
+
+def test_a_full_mailbox_checked_at_rcpt_is_full_not_unknown(dovecot, mailgate_factory) -> None:
+    """lmtp_rcpt_check_quota: Dovecot refuses the RCPT of a full mailbox (552 5.2.2). The
+    sender must hear that, not "550 5.1.1 User unknown"; Postfix's lookup says the user exists."""
+    full = "quota@example.test"
+    with_quota(dovecot, full, "*:messages=1", "lmtp_rcpt_check_quota = yes")
+    _, [stored] = lmtp_send("127.0.0.1", dovecot.lmtp_port, SENDER, [full],
+                            message(mark(), to=full), timeout=REPLY_BOUND)
+    assert stored[0] == 250   # the one message the quota allows
+    gate = mailgate_factory({"listen": {"lookup": f"127.0.0.1:{free_port()}"}})
+    with smtplib.SMTP(*gate.smtp, local_hostname="client.test", timeout=REPLY_BOUND) as s:
+        s.ehlo()
+        assert s.mail(SENDER)[0] == 250
+        code, text = s.rcpt(full)
+    assert (code, text.split()[0]) == (552, b"5.2.2"), text
+    with socket.create_connection(gate.lookup, timeout=REPLY_BOUND) as sock:
+        query = f"recipients {full}".encode()
+        sock.sendall(b"%d:%s," % (len(query), query))
+        assert sock.recv(200) == f"{len('OK ' + full)}:OK {full},".encode()
 
 
 def test_lmtp_fallback_as_vmail_cannot_write_either(dovecot, mailgate_factory,
