@@ -38,8 +38,10 @@ MUTANTS = {
                                  'results = [Result(r, TEMP_FAILURE, "none", "deferred", "internal error")',
                                  'results = [Result(r, Reply(550, "5.3.0", "Error"), "none", "bounced", "")',
                                  [f"{C}::test_bug_while_processing_is_451_4_3_0_per_recipient_and_leaves_nothing"]),
-    "budget-not-on-pool": ("mailgate/lmtppool.py", "            conn.deadline = deadline\n            try:",
-                           "            try:",
+    "budget-not-on-pool": ("mailgate/lmtppool.py",
+                           "            conn.deadline = deadline\n            try:\n"
+                           "                await conn.transaction(",
+                           "            try:\n                await conn.transaction(",
                            [f"{D}::test_dovecot_slower_than_the_message_budget"]),
     "5xx-to-fallback": ("mailgate/deliver.py",
                         "(reply.code < 400 or reply.code >= 500 or decided(reply))",
