@@ -209,6 +209,46 @@ def test_vmail_uid_gid_not_matching(site: Site) -> None:
     assert "mailgate as vmail (5000, from the shipped mailgate.service)" in lines[0]
 
 
+def test_static_userdb_args_are_the_mail_user(site: Site) -> None:
+    """A static userdb gives uid, gid and home in args; no default_fields needed."""
+    edit(site.dovecot, "driver = passwd-file\n  args = username_format=%u "
+         f"{site.dovecot.parent}/users\n  default_fields = ",
+         "driver = static\n  args = ")
+    result = site.doctor()
+    assert (result.returncode, result.stderr) == (0, ""), result
+    edit(site.dovecot, "args = uid=vmail gid=vmail", "args = uid=nobody gid=vmail")
+    assert site.findings()[0].startswith("dovecot: Dovecot writes mail as uid nobody")
+
+
+@pytest.mark.parametrize("kind", ["texthash", "hash", "file"])
+def test_virtual_mailbox_domains_from_a_table_or_file(mode_a: Site, kind: str) -> None:
+    table = mode_a.postfix / "vdomains"
+    table.write_text("example.net OK\nexample.org OK\n" if kind != "file"
+                     else "# served here\nexample.net, example.org\n")
+    if kind == "hash":
+        run(["postmap", "-c", str(mode_a.postfix), f"hash:{table}"])
+    mode_a.postconf("-e", f"virtual_mailbox_domains = {'' if kind == 'file' else kind + ':'}"
+                    f"{table}")
+    result = mode_a.doctor()
+    assert (result.returncode, result.stderr) == (0, ""), result
+    table.write_text("example.net OK\n")
+    if kind == "hash":
+        run(["postmap", "-c", str(mode_a.postfix), f"hash:{table}"])
+    [line] = mode_a.findings()
+    assert line.startswith("postfix: virtual_mailbox_domains does not list example.org")
+
+
+def test_virtual_mailbox_domains_from_a_database_is_not_guessed(mode_a: Site) -> None:
+    """A table on a server (doctor connects to nothing) is no finding: it is named as unread."""
+    cf = mode_a.postfix / "mysql-domains.cf"
+    cf.write_text("hosts = 127.0.0.1\nuser = postfix\npassword = x\ndbname = mail\n"
+                  "query = SELECT 1 FROM domains WHERE name = '%s'\n")
+    mode_a.postconf("-e", f"virtual_mailbox_domains = mysql:{cf}")
+    result = mode_a.doctor()
+    assert (result.returncode, result.stderr) == (0, ""), result
+    assert "(virtual_mailbox_domains not read for example.org)" in result.stdout
+
+
 def test_postconf_warnings_are_findings(site: Site) -> None:
     with open(site.postfix / "main.cf", "a") as main:
         main.write("virtual_mailbox_domain = example.org\n")  # a typo Postfix only warns about

@@ -6,8 +6,12 @@ checks what a user of the store sees: rules and patterns per address, first-clai
 from __future__ import annotations
 
 import asyncio
+import http.client
 import os
 import socket
+import sqlite3
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any, Awaitable, Callable
@@ -18,7 +22,9 @@ from backends import moto_server  # noqa: F401 (fixture)
 from mailgate.admin import with_store
 from mailgate.config import Config, Store as StoreSection
 from mailgate.store import Rule, StoreUnavailable, open_store
-from peers import AWS_TEST_ENV, Moto, wait_until
+from mailgate.store import sqlite as sqlite_store
+from peers import AWS_TEST_ENV, REPO, Moto, wait_until
+from storefault import StoreFault
 
 ALICE, BOB, CAROL = "alice@example.test", "bob@example.test", "carol@example.test"
 
@@ -149,6 +155,112 @@ def test_new_sqlite_file_belongs_to_the_owner_of_its_directory(tmp_path):
     assert (db.stat().st_uid, db.stat().st_gid, db.stat().st_mode & 0o777) == (5000, 5000, 0o600)
 
 
+# ---------------------------------------------------------------- the SQLite file under serve
+
+def sqlite_site(tmp_path: Path, **store: Any) -> tuple[Config, Path]:
+    """A config file as the CLI reads it, and the same config for the in-process store."""
+    toml = tmp_path / "mailgate.toml"
+    toml.write_text(f'domains = ["example.test"]\ndata_dir = "{tmp_path}"\n')
+    return Config(domains=("example.test",), data_dir=str(tmp_path),
+                  store=StoreSection(**store)), toml
+
+
+def admin(toml: Path, *args: str) -> str:
+    """`mailgate ARGS -c TOML` in its own process, as an operator runs it; its stdout."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MAILGATE_")}
+    env["PYTHONPATH"] = str(REPO)
+    proc = subprocess.run([sys.executable, "-m", "mailgate", *args, "-c", str(toml)], env=env,
+                          capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc
+    return proc.stdout
+
+
+@pytest.mark.parametrize("how", ["rm", "rm-all", "backup-moved-over"])
+def test_serve_follows_the_file_the_cli_writes_after_it_was_removed_or_replaced(tmp_path, how):
+    config, toml = sqlite_site(tmp_path)
+    db = tmp_path / "mailgate.sqlite3"
+
+    async def body(serve):
+        admin(toml, "block", "add", ALICE, "*@spam.test")
+        assert await serve.blocked([ALICE]) == {ALICE: ("*@spam.test",)}
+        assert await serve.claim("before", 60) is True
+        if how == "backup-moved-over":
+            with sqlite3.connect(db) as backup:
+                backup.execute("VACUUM INTO ?", (str(tmp_path / "backup.sqlite3"),))
+            os.rename(tmp_path / "backup.sqlite3", db)
+        else:
+            for name in ("", "-wal", "-shm")[:3 if how == "rm-all" else 1]:
+                os.unlink(f"{db}{name}")
+        admin(toml, "block", "add", ALICE, "*@evil.test")
+        listed = tuple(admin(toml, "block", "list", ALICE).split())
+        assert "*@evil.test" in listed
+        assert await serve.blocked([ALICE]) == {ALICE: listed}   # what the CLI sees, serve sees
+        assert await serve.claim("after", 60) is True
+    run(config, body)
+    assert run(config, lambda s: s.seen("after")) is True   # written to the file at the path
+
+
+def test_a_file_removed_under_serve_is_made_again_as_at_start(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    os.chown(data, 5000, 5000)   # the service user's state directory; we are root
+    config, _ = sqlite_site(data)
+    db = data / "mailgate.sqlite3"
+
+    async def body(serve):
+        assert await serve.claim("one", 60) is True
+        for name in ("", "-wal", "-shm"):
+            os.unlink(f"{db}{name}")
+        assert await serve.claim("two", 60) is True
+    run(config, body)
+    assert (db.stat().st_uid, db.stat().st_gid, db.stat().st_mode & 0o777) == (5000, 5000, 0o600)
+    assert [run(config, lambda s, k=k: s.seen(k)) for k in ("one", "two")] == [False, True]
+
+
+def test_a_write_stuck_on_a_lock_holds_up_no_read_and_ends_by_the_deadline(tmp_path):
+    """Another process holds the write lock: claims give up within store.deadline, reads of
+    the same file go on at once (WAL), and a claim given up on is not written later."""
+    config, _ = sqlite_site(tmp_path, path=str(tmp_path / "store.sqlite3"), timeout=1,
+                            deadline=1.5)
+    run(config, lambda s: s.set_rule(Rule(ALICE, vacation=True)))
+    locker = subprocess.Popen([sys.executable, "-c", f"""if True:
+        import sqlite3, sys
+        db = sqlite3.connect({str(tmp_path / "store.sqlite3")!r}, isolation_level=None)
+        db.execute("BEGIN IMMEDIATE")
+        print("locked", flush=True)
+        sys.stdin.read()
+        db.execute("ROLLBACK")"""], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert locker.stdout.readline() == "locked\n"
+
+        async def body(s):
+            claims = [asyncio.ensure_future(s.claim(f"k{i}", 60)) for i in range(3)]
+            await asyncio.sleep(0)   # not a wait: lets the claims queue before the read
+            started = time.monotonic()
+            rules = await s.rules([ALICE])
+            read_took = time.monotonic() - started
+            outcomes = await asyncio.gather(*claims, return_exceptions=True)
+            return rules, read_took, outcomes, time.monotonic() - started
+        rules, read_took, outcomes, took = run(config, body)
+    finally:
+        locker.communicate("")
+    assert rules == {ALICE: Rule(ALICE, vacation=True)} and read_took < 0.5
+    assert [type(o) for o in outcomes] == [StoreUnavailable] * 3 and took < 2.0
+    assert [run(config, lambda s, i=i: s.seen(f"k{i}")) for i in range(3)] == [False] * 3
+
+
+def test_expired_outbound_records_are_deleted_from_the_file(tmp_path, monkeypatch):
+    config, _ = sqlite_site(tmp_path)
+    month_ago = time.time() - 31 * 86400
+    monkeypatch.setattr(sqlite_store, "time", type("Clock", (), {"time": lambda: month_ago}))
+    run(config, lambda s: s.put_outbound("old", {"original_sender": "me@example.test"}))
+    monkeypatch.undo()
+    run(config, lambda s: s.put_outbound("new", {"original_sender": "me@example.test"}))
+    run(config, lambda s: s.claim("k", 60))   # expired state and records go with a claim
+    with sqlite3.connect(tmp_path / "mailgate.sqlite3") as db:
+        assert db.execute("SELECT message_id FROM outbound").fetchall() == [("new",)]
+
+
 # ---------------------------------------------------------------- DynamoDB unreachable
 
 def dynamo_config(moto: Moto, data_dir: Path, **store: Any) -> Config:
@@ -196,3 +308,68 @@ def test_a_silent_endpoint_fails_within_the_deadline(tmp_path, monkeypatch):
             run(config, lambda s: s.rules([ALICE]))
         assert time.monotonic() - started < 4
         assert caught.value.unread == {ALICE}
+
+
+class LandsThenFails(StoreFault):
+    """The first matching request reaches moto and is done there; its client hears 500 (the
+    reply lost), so botocore sends it a second time."""
+
+    def refuses(self, target: str, body: bytes) -> bool:
+        if not super().refuses(target, body):
+            return False
+        with self.lock:
+            self.rules.clear()
+        upstream = http.client.HTTPConnection(self.upstream, timeout=30)
+        try:
+            upstream.request("POST", "/", body, {  # moto tells the service by the scope
+                "X-Amz-Target": target, "Content-Type": "application/x-amz-json-1.0",
+                "Authorization": "AWS4-HMAC-SHA256 Credential=testing/20300101/us-east-1/"
+                                 "dynamodb/aws4_request, SignedHeaders=host, Signature=0"})
+            reply = upstream.getresponse()
+            assert (reply.status, reply.read()) == (200, b"{}")
+        finally:
+            upstream.close()
+        return True
+
+
+@pytest.mark.parametrize("action, text", [("PutItem", "vacation:"),
+                                          ("UpdateItem", "*@spam.test")])
+def test_a_write_whose_reply_was_lost_counts_as_done_by_its_writer(moto, tmp_path, monkeypatch,
+                                                                    action, text):
+    """botocore's second try finds the item its first try wrote: the claim is still won (and
+    held against others), the pattern still reported added."""
+    for name, value in AWS_TEST_ENV.items():
+        monkeypatch.setenv(name, value)
+    run(dynamo_config(moto, tmp_path), lambda s: s.ensure_tables())
+    proxy = LandsThenFails(moto.endpoint)
+    try:
+        proxy.fail(action, text)
+        config = Config(domains=("example.test",), data_dir=str(tmp_path), store=StoreSection(
+            backend="dynamodb", endpoint_url=proxy.endpoint, region="us-east-1", cache_ttl=0))
+        if action == "PutItem":
+            assert run(config, lambda s: s.claim("vacation:k", 60)) is True
+            assert run(config, lambda s: s.claim("vacation:k", 60)) is False
+        else:
+            assert run(config, lambda s: s.add_block(ALICE, "*@spam.test")) is True
+            assert run(config, lambda s: s.add_block(ALICE, "*@spam.test")) is False
+            assert run(config, lambda s: s.blocked([ALICE])) == {ALICE: ("*@spam.test",)}
+        assert proxy.failed == 1
+    finally:
+        proxy.close()
+
+
+def test_a_missing_table_fails_its_own_calls_only(moto, tmp_path, monkeypatch):
+    """serve makes no outbound table: a write there is refused, and reads of the other tables
+    that follow are asked, not failed at once as in an outage."""
+    for name, value in AWS_TEST_ENV.items():
+        monkeypatch.setenv(name, value)
+    config = dynamo_config(moto, tmp_path, cache_ttl=0)
+    run(config, lambda s: s.ensure_tables(["rules", "blocked", "state"]))
+    run(config, lambda s: s.set_rule(Rule(BOB, forward=("x@elsewhere.test",))))
+
+    async def body(s):
+        with pytest.raises(StoreUnavailable):
+            await s.put_outbound("m1", {"original_sender": ALICE})
+        return await asyncio.gather(s.rules([BOB]), s.rules([CAROL]), s.blocked([CAROL]),
+                                    return_exceptions=True)
+    assert run(config, body) == [{BOB: Rule(BOB, forward=("x@elsewhere.test",))}, {}, {}]

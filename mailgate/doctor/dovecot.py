@@ -56,10 +56,14 @@ def parse(text: str) -> Section:
 
 
 def userdb_fields(conf: Section) -> dict[str, str]:
-    """uid, gid, home, mail as every user gets them from the userdb's default/override fields."""
+    """uid, gid, home, mail as every user gets them from the userdb's default/override fields,
+    and from the args of a static userdb (`args = uid=vmail gid=vmail home=...`)."""
     fields: dict[str, str] = {}
     for db in conf.find("userdb"):
-        for key in ("default_fields", "override_fields"):
+        keys = ["default_fields", "override_fields"]
+        if db.settings.get("driver") == "static":
+            keys.insert(1, "args")
+        for key in keys:
             for item in db.settings.get(key, "").split():
                 name, sep, value = item.partition("=")
                 if sep:

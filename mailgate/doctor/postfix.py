@@ -7,16 +7,20 @@ told from the config itself; each finding names the parameter and the postconf l
 from __future__ import annotations
 
 import re
+import subprocess
 from collections import Counter
 from dataclasses import dataclass, field
 
 from mailgate.config import Config
-from mailgate.doctor import Finding, ToolFailed, run_tool
+from mailgate.doctor import TOOL_TIMEOUT, Finding, ToolFailed, run_tool
 from mailgate.lookup import MAP_NAME
 
 # "-o name=value" or "-o { name = value with spaces }" in a master.cf command line.
 OPTION = re.compile(r"-o\s+(?:\{\s*([^=}\s]+)\s*=\s*([^}]*?)\s*\}|([^=\s]+)=(\S*))")
 SOCKETMAP = re.compile(r"(?:proxy:)?socketmap:(.+):([^:]+)")
+# Table types postmap -q reads from a local file (others would connect to a server).
+LOCAL_TABLES = {"hash", "btree", "lmdb", "cdb", "dbm", "sdbm", "texthash", "inline", "static",
+                "regexp", "pcre"}
 LOCAL_EFFECT = {
     "mydestination": "Postfix delivers it to local Unix accounts and refuses every mailbox user "
                      "(550 5.1.1 User unknown in local recipient table)",
@@ -102,9 +106,11 @@ def check(config: Config, config_dir: str | None) -> tuple[list[Finding], str]:
                         "with --postfix-config DIR")], "postfix not read"
     found = [Finding("postfix", w, "correct the setting it names (a typo is only a warning)")
              for w in warnings]
-    found += duplicates(pf) + domains(pf, config)
+    domain_found, note = domains(pf, config, config_dir)
+    found += duplicates(pf) + domain_found
     mode, target_found = transport(pf, config)
-    return found + target_found + rcpt_rejection(pf, config) + filter_scope(pf), f"postfix: {mode}"
+    words = f"postfix: {mode}" + (f" ({note})" if note else "")
+    return found + target_found + rcpt_rejection(pf, config) + filter_scope(pf), words
 
 
 def duplicates(pf: Postfix) -> list[Finding]:
@@ -114,8 +120,9 @@ def duplicates(pf: Postfix) -> list[Finding]:
             for key, n in counts.items() if n > 1]
 
 
-def domains(pf: Postfix, config: Config) -> list[Finding]:
-    found = []
+def domains(pf: Postfix, config: Config, config_dir: str | None) -> tuple[list[Finding], str]:
+    """Findings, and a note when virtual_mailbox_domains has a table doctor cannot read."""
+    found, unsure = [], []
     for domain in config.domains:
         for param, effect in LOCAL_EFFECT.items():
             entries = listed(pf.main.get(param, ""))
@@ -125,11 +132,55 @@ def domains(pf: Postfix, config: Config) -> list[Finding]:
                                      f"serves: {effect}",
                                      f"postconf -e '{param} = {rest}' (keep it in "
                                      f"virtual_mailbox_domains)"))
-        if domain not in listed(pf.main.get("virtual_mailbox_domains", "")):
+        listing = lists(pf.main.get("virtual_mailbox_domains", ""), domain, config_dir)
+        if listing is None:
+            unsure.append(domain)
+        elif not listing:
             found.append(Finding("postfix", f"virtual_mailbox_domains does not list {domain}",
                                  f"postconf -e 'virtual_mailbox_domains = "
                                  f"{', '.join(config.domains)}'"))
-    return found
+    note = f"virtual_mailbox_domains not read for {', '.join(unsure)}" if unsure else ""
+    return found, note
+
+
+def lists(value: str, domain: str, config_dir: str | None, depth: int = 0) -> bool | None:
+    """Whether a Postfix domain list holds `domain`: names, /files of names, and tables (asked
+    with postmap -q, local files only: doctor connects to nothing). None: it could not be told
+    (a table of another kind, an unreadable file), which is no finding."""
+    unsure = False
+    for entry in (e for e in re.split(r"[\s,]+", value) if e):
+        if entry.startswith("/"):
+            try:
+                with open(entry, encoding="utf-8", errors="replace") as f:
+                    text = " ".join(line.split("#")[0] for line in f)
+            except OSError:
+                unsure = True
+                continue
+            hit = lists(text, domain, config_dir, depth + 1) if depth < 3 else None
+        elif ":" in entry:
+            hit = _query(entry, domain, config_dir)
+        else:
+            hit = entry.lower() == domain
+        if hit:
+            return True
+        unsure = unsure or hit is None
+    return None if unsure else False
+
+
+def _query(table: str, key: str, config_dir: str | None) -> bool | None:
+    if table.partition(":")[0] not in LOCAL_TABLES:
+        return None
+    try:
+        proc = subprocess.run(["postmap", *(["-c", config_dir] if config_dir else []), "-q",
+                               key, table], capture_output=True, text=True,
+                              timeout=TOOL_TIMEOUT, stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if proc.returncode == 0:
+        return True
+    # Exit 1 is both "not found" and postmap's fatal errors (an unreadable table): only a
+    # quiet exit 1 says the key is not there.
+    return False if proc.returncode == 1 and not proc.stderr.strip() else None
 
 
 def points_at(pf: Postfix, spec: str, address: str, command: str) -> str:

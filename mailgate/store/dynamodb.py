@@ -2,8 +2,9 @@
 
 boto3 is synchronous and by default waits 60 s and tries 10 times: here every call runs on a
 small thread pool with store.timeout per request, two attempts, and store.deadline for the whole
-call; after a failure, calls fail at once for store.timeout (no pile-up in an outage), but for
-one at a time that still asks, so the store's return is seen at once. Reads of
+call; after an outage (no connection, a timeout, throttling, a 5xx), calls fail at once for
+store.timeout (no pile-up), but for one at a time that still asks, so the store's return is seen
+at once; an error that is only that request's (a missing table) fails that call alone. Reads of
 rules and patterns go through a short memory cache and leave a copy in the local SQLite file,
 which answers for addresses read before when DynamoDB cannot (StoreUnavailable.known).
 """
@@ -64,6 +65,9 @@ class DynamoStore:
         except asyncio.TimeoutError:
             error = f"no answer within {deadline:g} s"
         except ddb.ERRORS as e:
+            if not ddb.outage(e):  # DynamoDB answered: this call fails, the next ones ask
+                self._failing_until = 0.0
+                raise StoreUnavailable(f"DynamoDB refused: {ddb.describe(e)}") from None
             error = ddb.describe(e)
         finally:
             if probe:

@@ -7,18 +7,22 @@ the service says goes up as one of ERRORS, which the caller turns into StoreUnav
 from __future__ import annotations
 
 import decimal
+import secrets
 import time
 from typing import Any
 
 import boto3
 import botocore.config
 from boto3.dynamodb.types import TypeDeserializer, TypeSerializer
-from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError
+from botocore.exceptions import ConnectionError as NoConnection
 
 from mailgate.store import StoreUnavailable
 from mailgate.store.items import now_iso
 
 ERRORS = (BotoCoreError, ClientError, StoreUnavailable)
+THROTTLING = {"ProvisionedThroughputExceededException", "ThrottlingException",
+              "RequestLimitExceeded"}
 BATCH = 100            # BatchGetItem's limit of keys per request
 UNPROCESSED_ROUNDS = 4  # retries of throttled keys, with backoff, inside the caller's deadline
 SCAN_PAGES = 100       # bound on a state scan (read at start only)
@@ -37,6 +41,15 @@ def describe(error: Exception) -> str:
     if isinstance(error, ClientError):
         return f"{error.response['Error'].get('Code')}: {error.response['Error'].get('Message')}"
     return f"{type(error).__name__}: {error}"
+
+
+def outage(error: Exception) -> bool:
+    """Whether an error says DynamoDB cannot be asked now (the network, a timeout, throttling,
+    a 5xx), rather than that this one request was wrong (a missing table, a denied action)."""
+    if isinstance(error, ClientError):
+        status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+        return code(error) in THROTTLING or status >= 500
+    return isinstance(error, (NoConnection, HTTPClientError, StoreUnavailable))
 
 
 def code(error: ClientError) -> str:
@@ -131,33 +144,54 @@ def delete(client: Any, table: str, key: dict) -> bool:
 
 
 def claim(client: Any, table: str, key: str, expires: float) -> bool:
-    """A conditional put: wins when the key is absent or expired (TTL deletion is lazy)."""
+    """A conditional put: wins when the key is absent or expired (TTL deletion is lazy).
+
+    botocore tries a request again when its reply is lost (a reset, a 500 after the write):
+    the second try then finds our own item. Each claim writes a random owner, so a failed
+    condition on an item that is ours is the claim won, not lost."""
+    owner = secrets.token_hex(16)
     try:
-        client.put_item(TableName=table, Item=to_item({"state_key": key, "expires_at": expires}),
+        client.put_item(TableName=table, Item=to_item({"state_key": key, "expires_at": expires,
+                                                       "owner": owner}),
                         ConditionExpression="attribute_not_exists(state_key) OR expires_at <= :now",
-                        ExpressionAttributeValues=to_item({":now": time.time()}))
+                        ExpressionAttributeValues=to_item({":now": time.time()}),
+                        ReturnValuesOnConditionCheckFailure="ALL_OLD")
     except ClientError as e:
         if code(e) == "ConditionalCheckFailedException":
-            return False
+            return _written_by(client, table, {"state_key": key}, e, "owner", owner)
         raise
     return True
 
 
 def change_pattern(client: Any, table: str, address: str, pattern: str, add: bool) -> bool:
-    """ADD to or DELETE from the string set; False when that would change nothing."""
+    """ADD to or DELETE from the string set; False when that would change nothing (a random
+    change_id tells our own earlier try, whose reply was lost, from a change made before)."""
     verb, test = ("ADD", "NOT contains") if add else ("DELETE", "contains")
+    change = secrets.token_hex(16)
     try:
         client.update_item(
             TableName=table, Key=to_item({"email_address": address}),
-            UpdateExpression=f"{verb} blocked_senders :p SET updated_at = :now",
+            UpdateExpression=f"{verb} blocked_senders :p SET updated_at = :now, change_id = :id",
             ConditionExpression=f"{test}(blocked_senders, :one)",
             ExpressionAttributeValues=to_item({":p": {pattern}, ":one": pattern,
-                                               ":now": now_iso()}))
+                                               ":now": now_iso(), ":id": change}),
+            ReturnValuesOnConditionCheckFailure="ALL_OLD")
     except ClientError as e:
         if code(e) == "ConditionalCheckFailedException":
-            return False
+            return _written_by(client, table, {"email_address": address}, e, "change_id", change)
         raise
     return True
+
+
+def _written_by(client: Any, table: str, key: dict, error: ClientError, name: str,
+                token: str) -> bool:
+    """Whether the item a condition failed on carries our token: the item DynamoDB returned
+    with the failure, or (an endpoint that does not return it) a consistent read."""
+    if "Item" in error.response:
+        item = from_item(error.response["Item"])
+    else:
+        item = get(client, table, key, consistent=True) or {}
+    return item.get(name) == token
 
 
 # -- tables ------------------------------------------------------------------------------
@@ -181,14 +215,19 @@ def ensure_tables(client: Any, tables: dict[str, str]) -> list[str]:
                 TableName=name, BillingMode="PAY_PER_REQUEST",
                 AttributeDefinitions=[{"AttributeName": KEYS[kind], "AttributeType": "S"}],
                 KeySchema=[{"AttributeName": KEYS[kind], "KeyType": "HASH"}])
+            created.append(name)
         except ClientError as e:
-            if code(e) == "ResourceInUseException":
-                continue  # another host made it a moment ago
-            raise
+            if code(e) != "ResourceInUseException":
+                raise
+            # Another host made it a moment ago, or botocore's second try of our own request
+            # whose reply was lost: either way it still needs its TTL once it exists.
         client.get_waiter("table_exists").wait(
             TableName=name, WaiterConfig={"Delay": 1, "MaxAttempts": 60})
         if kind in TTL_ATTRIBUTE:
-            client.update_time_to_live(TableName=name, TimeToLiveSpecification={
-                "Enabled": True, "AttributeName": TTL_ATTRIBUTE[kind]})
-        created.append(name)
+            try:
+                client.update_time_to_live(TableName=name, TimeToLiveSpecification={
+                    "Enabled": True, "AttributeName": TTL_ATTRIBUTE[kind]})
+            except ClientError as e:
+                if code(e) != "ValidationException" or name in created:
+                    raise   # not made by us: its maker has enabled it already, or is doing so
     return created

@@ -51,7 +51,7 @@ class LastRead:
     """The outage copy: for each address read, the item (or None: read, nothing there)."""
 
     def __init__(self, path: str, timeout: float):
-        self.worker = Worker(path, timeout)
+        self.worker = Worker(path, timeout, timeout)   # a local file: no longer than a lock wait
 
     async def save(self, kind: str, items: Mapping[str, Any]) -> None:
         rows = [(kind, key, json.dumps(item), time.time())
@@ -67,7 +67,7 @@ class LastRead:
         if not keys:
             return {}
         try:
-            rows = await self.worker.call(lambda db: db.execute(
+            rows = await self.worker.read(lambda db: db.execute(
                 f"SELECT email_address, item FROM last_read WHERE kind = ? "
                 f"AND email_address IN ({','.join('?' * len(keys))})", [kind, *keys]).fetchall())
         except StoreUnavailable as e:

@@ -1,15 +1,21 @@
-"""The local SQLite file: created so the service user can use it, opened in WAL mode, one thread.
+"""The local SQLite file: created so the service user can use it, opened in WAL mode, two threads.
 
 Operators run the CLI as root: a new file takes the owner of its directory (the service's
 state directory), and SQLite itself gives the -wal and -shm files it creates as root the owner
-of the database file. Every call runs on one worker thread with its own connection; a locked,
-unreadable or broken file raises StoreUnavailable after `timeout`, never blocks the event loop.
+of the database file. Writes run on one worker thread with its own connection, reads on another
+(WAL: a reader never waits for a writer, so a write stuck on another process's lock does not
+hold up reads). Each call ends within `deadline` for its caller; a locked, unreadable or broken
+file raises StoreUnavailable, never blocks the event loop. A file that was removed or replaced
+(rm, a backup moved over it) is opened again at the next call, and a connection that fails is
+replaced by a fresh one for one more try: a long-running serve follows what the CLI writes.
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import sqlite3
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, TypeVar
 
@@ -88,32 +94,115 @@ def connect(path: str, timeout: float) -> sqlite3.Connection:
     return db
 
 
+BUSY = (5, 6)   # SQLITE_BUSY, SQLITE_LOCKED: another holder; a new connection would wait the same
+
+
+def identity(path: str) -> tuple[int, int] | None:
+    """(st_dev, st_ino) of the file at path; None when there is none."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+class Lane:
+    """One thread and its connection, with the identities of the files it has open."""
+
+    def __init__(self, path: str, timeout: float, name: str, query_only: bool = False):
+        self.path, self.timeout, self.query_only = path, timeout, query_only
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix=f"mailgate-sqlite-{name}")
+        self.db: sqlite3.Connection | None = None
+        self.files: dict[str, tuple[int, int] | None] = {}
+        self.busy_ms = 0
+
+    def connection(self) -> sqlite3.Connection:
+        if self.db is not None and identity(self.path) != self.files[""]:
+            self.reset(moved=True)
+        if self.db is None:
+            self.db = connect(self.path, self.timeout)
+            if self.query_only:
+                self.db.execute("PRAGMA query_only=1")
+            self.busy_ms = int(self.timeout * 1000)
+            self.files = {x: identity(self.path + x) for x in ("", "-wal", "-shm")}
+        return self.db
+
+    def reset(self, moved: bool = False) -> None:
+        """Close the connection. When the database file was removed or replaced, its -wal and
+        -shm left at the path belong to the old file: SQLite would read the old file's pages
+        from them into the new one, so they go (only if they are the very files we had open)."""
+        if self.db is None:
+            return
+        try:
+            self.db.close()   # SQLite does not checkpoint into a file that has moved
+        except sqlite3.Error:
+            pass
+        self.db = None
+        if moved:
+            for x in ("-wal", "-shm"):
+                if self.files.get(x) is not None and identity(self.path + x) == self.files[x]:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(self.path + x)
+
+    def run(self, fn: Callable[..., T], args: tuple, deadline: float) -> T:
+        """fn(db, *args), tried once more on a fresh connection after an error of the file or
+        the connection; never waits for a lock past `deadline` (monotonic)."""
+        for attempt in (1, 2):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise StoreUnavailable(f"{self.path}: no answer in time")
+            try:
+                db = self.connection()
+                busy_ms = max(1, int(min(self.timeout, left) * 1000))
+                if busy_ms != self.busy_ms:
+                    db.execute(f"PRAGMA busy_timeout={busy_ms}")
+                    self.busy_ms = busy_ms
+                return fn(db, *args)
+            except sqlite3.ProgrammingError:
+                raise   # a bug in our SQL or in how we call it
+            except sqlite3.DatabaseError as e:
+                self.reset()
+                if attempt == 2 or getattr(e, "sqlite_errorcode", 0) & 0xff in BUSY:
+                    raise StoreUnavailable(f"{self.path}: {e}") from None
+            except OSError as e:
+                self.reset()
+                raise StoreUnavailable(f"{self.path}: {e}") from None
+        raise AssertionError("not reached")
+
+    def close(self) -> None:
+        self.reset()
+
+
 class Worker:
-    """One thread, one connection, opened on first use; errors of the file become
+    """A writer and a reader lane, opened on first use; errors of the file become
     StoreUnavailable (a bug in our SQL, sqlite3.ProgrammingError, stays a bug)."""
 
-    def __init__(self, path: str, timeout: float):
-        self.path, self.timeout = path, timeout
-        self._db: sqlite3.Connection | None = None
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="mailgate-sqlite")
+    def __init__(self, path: str, timeout: float, deadline: float):
+        self.path, self.deadline = path, deadline
+        self._writer = Lane(path, timeout, "write")
+        self._reader = Lane(path, timeout, "read", query_only=True)
 
     async def call(self, fn: Callable[..., T], *args: Any) -> T:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._run, fn, args)
+        """fn(db, *args) on the writer's connection (one write at a time, in order)."""
+        return await self._on(self._writer, fn, args)
 
-    def _run(self, fn: Callable[..., T], args: tuple) -> T:
+    async def read(self, fn: Callable[..., T], *args: Any) -> T:
+        """fn(db, *args) on the reader's connection: fn must not write."""
+        return await self._on(self._reader, fn, args)
+
+    async def _on(self, lane: Lane, fn: Callable[..., T], args: tuple) -> T:
+        loop = asyncio.get_running_loop()
+        deadline = time.monotonic() + self.deadline
+        future = loop.run_in_executor(lane.executor, lane.run, fn, args, deadline)
         try:
-            if self._db is None:
-                self._db = connect(self.path, self.timeout)
-            return fn(self._db, *args)
-        except (sqlite3.DatabaseError, OSError) as e:
-            raise StoreUnavailable(f"{self.path}: {e}") from None
+            # A call still queued when the caller gives up is cancelled and never runs; one
+            # that runs gives up on a lock at the deadline by itself (busy timeout).
+            return await asyncio.wait_for(future, self.deadline)
+        except asyncio.TimeoutError:
+            raise StoreUnavailable(f"{self.path}: no answer within {self.deadline:g} s") from None
 
     async def close(self) -> None:
-        def shut() -> None:
-            if self._db is not None:
-                self._db.close()
-                self._db = None
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._executor, shut)
-        self._executor.shutdown(wait=False)
+        for lane in (self._writer, self._reader):
+            await loop.run_in_executor(lane.executor, lane.close)
+            lane.executor.shutdown(wait=False)

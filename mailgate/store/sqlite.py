@@ -1,6 +1,7 @@
 """The embedded store: one SQLite file (default {data_dir}/mailgate.sqlite3), no cloud account.
 
-Several processes share it (serve, sync, the CLI): WAL mode, a busy timeout of store.timeout.
+Several processes share it (serve, sync, the CLI): WAL mode, a busy timeout of store.timeout,
+store.deadline for a whole call.
 Batch reads are one SELECT ... IN (...). A file that cannot be read or written in time raises
 StoreUnavailable with every asked address unread (there is no older copy to fall back on).
 """
@@ -18,7 +19,7 @@ from mailgate.store.items import now_iso, rule_from_item, rule_to_item
 from mailgate.store.sqlfile import Worker
 
 OUTBOUND_DAYS = 30   # how long a sent message's record can match a bounce
-PURGE_EVERY = 1000   # claims between deletions of expired state
+PURGE_EVERY = 1000   # claims between deletions of expired state and outbound records
 
 
 def sqlite_path(config: Config) -> str:
@@ -28,7 +29,7 @@ def sqlite_path(config: Config) -> str:
 class SQLiteStore:
     def __init__(self, config: Config, path: str | None = None):
         self.path = path or sqlite_path(config)
-        self.worker = Worker(self.path, config.store.timeout)
+        self.worker = Worker(self.path, config.store.timeout, config.store.deadline)
         self._claims = 0
 
     # -- reads ---------------------------------------------------------------------------
@@ -55,12 +56,12 @@ class SQLiteStore:
             cursor.row_factory = sqlite3.Row
             return cursor.fetchall()
         try:
-            return await self.worker.call(select)
+            return await self.worker.read(select)
         except StoreUnavailable as e:
             raise StoreUnavailable(str(e), unread=addresses) from None
 
     async def outbound(self, message_id: str) -> dict | None:
-        row = await self.worker.call(lambda db: db.execute(
+        row = await self.worker.read(lambda db: db.execute(
             "SELECT item FROM outbound WHERE message_id = ? AND expires_at > ?",
             (message_id, time.time())).fetchone())
         return json.loads(row[0]) if row else None
@@ -80,6 +81,7 @@ class SQLiteStore:
             now = time.time()
             if purge:
                 db.execute("DELETE FROM state WHERE expires_at <= ?", (now,))
+                db.execute("DELETE FROM outbound WHERE expires_at <= ?", (now,))
             return db.execute(
                 "INSERT INTO state VALUES (?, ?) ON CONFLICT (state_key) DO UPDATE "
                 "SET expires_at = excluded.expires_at WHERE state.expires_at <= ?",
@@ -87,7 +89,7 @@ class SQLiteStore:
         return await self.worker.call(insert)
 
     async def seen(self, key: str) -> bool:
-        return await self.worker.call(lambda db: db.execute(
+        return await self.worker.read(lambda db: db.execute(
             "SELECT 1 FROM state WHERE state_key = ? AND expires_at > ?",
             (key, time.time())).fetchone() is not None)
 
@@ -96,7 +98,7 @@ class SQLiteStore:
             "DELETE FROM state WHERE state_key = ?", (key,)))
 
     async def keys(self, prefix: str) -> list[str]:
-        rows = await self.worker.call(lambda db: db.execute(
+        rows = await self.worker.read(lambda db: db.execute(
             "SELECT state_key FROM state WHERE state_key >= ? AND state_key < ? "
             "AND expires_at > ?", (prefix, prefix + "\U0010ffff", time.time())).fetchall())
         return [row[0] for row in rows]
