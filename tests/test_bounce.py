@@ -117,6 +117,19 @@ def test_forged_bounce_is_delivered_as_it_is(gates, dove: Dovecot, relay: RelayS
 
 
 @pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+def test_a_bounce_whose_sender_a_feed_wrote_as_mailer_daemon_is_still_one(gates,
+                                                                         dove: Dovecot) -> None:
+    gate = gates(("bounce",))
+    m = mark()
+    ses_id = f"0100019{m}-000000"
+    store_call(gate, "put_outbound", ses_id, FORWARD)
+    assert status(lmtp(gate, [ALICE], dsn(m, ses_id),
+                       sender="MAILER-DAEMON@amazonses.com")[0]) == (250, "2.0.0")
+    [notice] = copies(dove, BOB, m)
+    assert parsed(notice)["Subject"] == f"Undelivered: Lunch {m}?"
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
 def test_one_notice_per_message_and_recipient(gates, dove: Dovecot) -> None:
     """The same bounce again (a replay, or the remote MTA's second report) arrives as it is."""
     gate = gates(("bounce",))

@@ -1,7 +1,8 @@
 """`bounce`: an SES bounce (a DSN, RFC 3464) for a message we sent becomes a readable notice.
 
 The DSN's returned Message-ID gives the SES message id; the outbound table says who sent that
-message. Only a real bounce of it is acted on: null envelope sender (RFC 5321 §4.5.5), sent to
+message. Only a real bounce of it is acted on: null envelope sender (RFC 5321 §4.5.5; or
+MAILER-DAEMON@, as a feed may report it), sent to
 where bounces of our mail arrive (`rules.bounce_address`, an SRS address of ours for that
 sender, the forwarding recipient, the sender itself), and only for Final-Recipients the message
 went to, each told once (claimed in the store). The notice (which recipient failed, why, when;
@@ -86,6 +87,12 @@ def _failure(block: email.message.Message, arrival: str) -> Failure:
                    clean(header_text(block, "Last-Attempt-Date") or arrival))
 
 
+def dsn_sender(sender: str) -> bool:
+    """A DSN's envelope sender: null (RFC 5321 §4.5.5), or MAILER-DAEMON@ where a hop wrote one
+    in (a feed that reports the null sender so)."""
+    return not sender or sender.partition("@")[0].lower() == "mailer-daemon"
+
+
 def candidate_ids(message_id: str) -> list[str]:
     """Keys to look up: the SES message id (the local part of an amazonses.com Message-ID),
     then the Message-ID itself."""
@@ -153,7 +160,7 @@ class Bounce:
             report = read_report(message.headers)
             if report is None:
                 return FilterResult()
-            if message.envelope.sender:  # a DSN's sender is null: anyone else wrote this one
+            if not dsn_sender(message.envelope.sender):  # anyone else wrote this one
                 return self._as_is(recipients, f"not a bounce: sender <{message.envelope.sender}>"
                                                " is not null")
             return await self._notice(message, report)
