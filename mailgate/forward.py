@@ -5,10 +5,9 @@ the relay, envelope sender rewritten (SRS or `rules.bounce_address`: SPF and DMA
 senders still pass), with `Delivered-To: <recipient>` on top so a loop is seen; a bounce to one
 of our SRS addresses goes back to the original sender. A copy failing temporarily defers the
 recipient (4xx) and the copies that made it are remembered, so the retry does not double them;
-without a local copy, a target refusing for good leaves the message in the recipient's own
-mailbox, logged. With one, any copy refused for good (the mailbox over quota, a target that
-does not exist) is that recipient's 5xx, so the sender hears of it (Postfix's bounce), and the
-copies that went are remembered like those of a 4xx.
+a target refusing for good leaves the message in the recipient's own mailbox (delivered there
+now, without a local copy), logged. The own mailbox refusing for good (over quota) is that
+recipient's 5xx, as any delivery's, and the copies that went are remembered.
 """
 from __future__ import annotations
 
@@ -140,9 +139,9 @@ class Forwarder:
     async def _settle(self, env: Envelope, rcpt: str, copies: list[Copy],
                       done: dict[Copy, Result], verdict: Verdict, head: bytes, raw: bytes,
                       deadline: float) -> Result:
-        """The recipient's answer: 4xx while any copy may still go; a copy refused for good is
-        the recipient's 5xx, but for a forward without a local copy: the message is then kept
-        in the recipient's own mailbox."""
+        """The recipient's answer: 4xx while any copy may still go; the own mailbox refusing
+        for good is the recipient's 5xx; a target refusing for good is logged, and the message
+        is (or is then put) in the recipient's own mailbox."""
         if len(copies) == 1 and copies[0].own:  # nothing forwarded: its delivery says it all
             return done[copies[0]]
         results = {c: done[c] for c in copies}
@@ -159,15 +158,15 @@ class Forwarder:
             if not results[own].ok:
                 return self._result(rcpt, results, results[own].reply,
                                     results[own].status)
-        elif failed:  # no copy is lost in silence: the sender is told (the own copy first)
-            refused = failed[0]
-            reply = results[refused].reply
-            if not refused.own:
-                reply = reply.with_text(f"forward to <{refused.target}> refused: {reply.text}")
+        elif failed:
             what = ", ".join("own mailbox" if c.own else f"<{c.target}>" for c in failed)
             log.warning("%s: <%s>: %s refused for good, %d of %d copies delivered", env.queue_id,
                         rcpt, what, len(copies) - len(failed), len(copies))
-            return self._result(rcpt, results, reply, "bounced")
+            own = next((c for c in failed if c.own), None)
+            if own is not None:  # the mailbox itself refused (full): as any delivery, told
+                return self._result(rcpt, results, results[own].reply, "bounced")
+            # The recipient has it in its own mailbox: a 5xx would make Postfix bounce mail
+            # that was delivered, to a sender who may be forged. Logged only.
         delivered = DELIVERED.with_text(DELIVERED.text.format(queue_id=env.queue_id))
         return self._result(rcpt, results, delivered, "sent")
 

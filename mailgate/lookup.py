@@ -13,7 +13,6 @@ import re
 
 from mailgate import metrics
 from mailgate.config import parse_hostport
-from mailgate.verdict import RELAY_DENIED, UNKNOWN_USER, USERDB_UNAVAILABLE
 
 log = logging.getLogger("mailgate.lookup")
 
@@ -113,14 +112,14 @@ class LookupServer:
             log.exception("lookup %s: internal error, answered TEMP", key)
             metrics.child(metrics.ERRORS, "lookup").inc()
             return self._count("temp", "TEMP internal error in mailgate")
-        if reply is UNKNOWN_USER or reply is RELAY_DENIED:  # no such user; not our domain
+        if reply.ok:
+            return self._count("ok", f"OK {key}")
+        # an unknown user, a domain that is not ours, or a mailbox Dovecot refuses for good
+        # (full, disabled): refused in Postfix's own session, so no bounce is made later
+        if reply.permanent:
             return self._count("notfound", "NOTFOUND ")
-        if reply is USERDB_UNAVAILABLE:
-            log.warning("lookup %s: TEMP: %s %s %s", key, reply.code, reply.status, reply.text)
-            return self._count("temp", f"TEMP {reply.text}")
-        # accepted, or a mailbox that exists and that Dovecot refuses for now (full): Postfix
-        # takes the mail, and delivery gives Dovecot's own words (never "User unknown")
-        return self._count("ok", f"OK {key}")
+        log.warning("lookup %s: TEMP: %s %s %s", key, reply.code, reply.status, reply.text)
+        return self._count("temp", f"TEMP {reply.text}")
 
     @staticmethod
     def _count(result: str, answer: str) -> str:

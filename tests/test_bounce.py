@@ -117,6 +117,20 @@ def test_forged_bounce_is_delivered_as_it_is(gates, dove: Dovecot, relay: RelayS
 
 
 @pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+def test_an_item_that_does_not_list_its_recipients_still_gets_its_notice(gates,
+                                                                        dove: Dovecot) -> None:
+    """Another writer of the outbound table may store no recipients: null sender, our address
+    and once are checked all the same."""
+    gate = gates(("bounce",))
+    m = mark()
+    ses_id = f"0100019{m}-000000"
+    store_call(gate, "put_outbound", ses_id, {"original_sender": ALICE, "subject": f"Lunch {m}?"})
+    assert status(lmtp(gate, [ALICE], dsn(m, ses_id), sender="")[0]) == (250, "2.0.0")
+    [notice] = copies(dove, ALICE, m)
+    assert parsed(notice)["Subject"] == f"Undelivered: Lunch {m}?"
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
 def test_a_bounce_whose_sender_a_feed_wrote_as_mailer_daemon_is_still_one(gates,
                                                                          dove: Dovecot) -> None:
     gate = gates(("bounce",))

@@ -61,7 +61,8 @@ class Blocklist:
         try:
             found, unread = await self.store.blocked(env.recipients), frozenset()
         except StoreUnavailable as e:
-            found, unread = e.known, e.unread
+            found = e.known
+            unread = e.unread if e.unread is not None else frozenset(env.recipients) - set(found)
             for rcpt in unread:
                 self._unchecked(env.queue_id, rcpt, e)
         verdicts = {rcpt: self._verdict(env.sender, rcpt, patterns)

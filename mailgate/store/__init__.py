@@ -26,10 +26,10 @@ class StoreUnavailable(Exception):
     """
 
     def __init__(self, reason: str, known: Mapping | None = None,
-                 unread: Sequence[str] = ()):
+                 unread: Sequence[str] | None = None):
         super().__init__(reason)
         self.known = dict(known or {})
-        self.unread = frozenset(unread)
+        self.unread = None if unread is None else frozenset(unread)  # None: not said
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,6 @@ replaced by a fresh one for one more try: a long-running serve follows what the 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import sqlite3
 import time
@@ -107,67 +106,76 @@ def identity(path: str) -> tuple[int, int] | None:
 
 
 class Lane:
-    """One thread and its connection, with the identities of the files it has open."""
+    """One thread and its connection, with the identity of the database file it has open."""
 
     def __init__(self, path: str, timeout: float, name: str, query_only: bool = False):
         self.path, self.timeout, self.query_only = path, timeout, query_only
         self.executor = ThreadPoolExecutor(1, thread_name_prefix=f"mailgate-sqlite-{name}")
         self.db: sqlite3.Connection | None = None
-        self.files: dict[str, tuple[int, int] | None] = {}
+        self.opened: tuple[int, int] | None = None
         self.busy_ms = 0
+        self.deadline = float("inf")   # of the call running now (monotonic)
 
     def connection(self) -> sqlite3.Connection:
-        if self.db is not None and identity(self.path) != self.files[""]:
-            self.reset(moved=True)
+        if self.db is not None and identity(self.path) != self.opened:
+            self.reset()  # removed or replaced (a backup moved over it): the file there now
         if self.db is None:
             self.db = connect(self.path, self.timeout)
             if self.query_only:
                 self.db.execute("PRAGMA query_only=1")
+            # A statement still running at the call's deadline is interrupted: it fails and
+            # rolls back, so a call that ends in StoreUnavailable changed nothing.
+            self.db.set_progress_handler(self._past_deadline, 1000)
             self.busy_ms = int(self.timeout * 1000)
-            self.files = {x: identity(self.path + x) for x in ("", "-wal", "-shm")}
+            self.opened = identity(self.path)
         return self.db
 
-    def reset(self, moved: bool = False) -> None:
-        """Close the connection. When the database file was removed or replaced, its -wal and
-        -shm left at the path belong to the old file: SQLite would read the old file's pages
-        from them into the new one, so they go (only if they are the very files we had open)."""
+    def _past_deadline(self) -> int:
+        return int(time.monotonic() > self.deadline)
+
+    def reset(self) -> None:
+        """Close the connection. The -wal and -shm at the path are never touched: another
+        process may already be writing into them (replace a database file together with them,
+        the README says)."""
         if self.db is None:
             return
         try:
-            self.db.close()   # SQLite does not checkpoint into a file that has moved
+            self.db.close()
         except sqlite3.Error:
             pass
         self.db = None
-        if moved:
-            for x in ("-wal", "-shm"):
-                if self.files.get(x) is not None and identity(self.path + x) == self.files[x]:
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(self.path + x)
 
     def run(self, fn: Callable[..., T], args: tuple, deadline: float) -> T:
         """fn(db, *args), tried once more on a fresh connection after an error of the file or
-        the connection; never waits for a lock past `deadline` (monotonic)."""
-        for attempt in (1, 2):
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise StoreUnavailable(f"{self.path}: no answer in time")
-            try:
-                db = self.connection()
-                busy_ms = max(1, int(min(self.timeout, left) * 1000))
-                if busy_ms != self.busy_ms:
-                    db.execute(f"PRAGMA busy_timeout={busy_ms}")
-                    self.busy_ms = busy_ms
-                return fn(db, *args)
-            except sqlite3.ProgrammingError:
-                raise   # a bug in our SQL or in how we call it
-            except sqlite3.DatabaseError as e:
-                self.reset()
-                if attempt == 2 or getattr(e, "sqlite_errorcode", 0) & 0xff in BUSY:
+        the connection; nothing runs, and no lock is waited for, past `deadline` (monotonic)."""
+        self.deadline = deadline
+        try:
+            for attempt in (1, 2):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise StoreUnavailable(f"{self.path}: no answer in time")
+                try:
+                    db = self.connection()
+                    busy_ms = max(1, int(min(self.timeout, left) * 1000))
+                    if busy_ms != self.busy_ms:
+                        db.execute(f"PRAGMA busy_timeout={busy_ms}")
+                        self.busy_ms = busy_ms
+                    return fn(db, *args)
+                except sqlite3.ProgrammingError:
+                    raise   # a bug in our SQL or in how we call it
+                except sqlite3.DatabaseError as e:
+                    if self.db is not None and self.db.in_transaction:
+                        self.db.rollback()
+                    self.reset()
+                    if attempt == 2 or time.monotonic() > deadline or \
+                            getattr(e, "sqlite_errorcode", 0) & 0xff in BUSY:
+                        raise StoreUnavailable(f"{self.path}: {e}") from None
+                except OSError as e:
+                    self.reset()
                     raise StoreUnavailable(f"{self.path}: {e}") from None
-            except OSError as e:
-                self.reset()
-                raise StoreUnavailable(f"{self.path}: {e}") from None
-        raise AssertionError("not reached")
+            raise AssertionError("not reached")
+        finally:
+            self.deadline = float("inf")
 
     def close(self) -> None:
         self.reset()
@@ -191,15 +199,19 @@ class Worker:
         return await self._on(self._reader, fn, args)
 
     async def _on(self, lane: Lane, fn: Callable[..., T], args: tuple) -> T:
-        loop = asyncio.get_running_loop()
         deadline = time.monotonic() + self.deadline
-        future = loop.run_in_executor(lane.executor, lane.run, fn, args, deadline)
+        job = lane.executor.submit(lane.run, fn, args, deadline)
+        result = asyncio.wrap_future(job)
         try:
-            # A call still queued when the caller gives up is cancelled and never runs; one
-            # that runs gives up on a lock at the deadline by itself (busy timeout).
-            return await asyncio.wait_for(future, self.deadline)
+            return await asyncio.wait_for(asyncio.shield(result), self.deadline)
         except asyncio.TimeoutError:
-            raise StoreUnavailable(f"{self.path}: no answer within {self.deadline:g} s") from None
+            # Still queued: it never runs, and the caller hears so. Running: it ends by the
+            # deadline by itself (busy timeout, interrupt), and what it did is the answer: a
+            # caller must never hear "failed" about a write that went in (a claim, a block).
+            if job.cancel():
+                raise StoreUnavailable(f"{self.path}: no answer within {self.deadline:g} s") \
+                    from None
+            return await result
 
     async def close(self) -> None:
         loop = asyncio.get_running_loop()
