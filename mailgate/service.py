@@ -33,7 +33,11 @@ log = logging.getLogger("mailgate.service")
 # delivery record (built once), what Resources made (store, DNS resolver, relay) and data_dir.
 RESTART_KEYS = ("data_dir", "listen.smtp", "listen.lmtp", "listen.lookup", "metrics.listen",
                 "health.listen", "delivery.lmtp", "delivery.lmtp_connections",
-                "delivery.lmtp_timeout", "delivery.delivery_record", "store", "dns", "relay")
+                "delivery.lmtp_timeout", "delivery.delivery_record", "store.backend",
+                "store.path", "store.region", "store.endpoint_url", "store.rules_table",
+                "store.blocked_table", "store.outbound_table", "store.state_table",
+                "store.timeout", "store.deadline", "store.cache_ttl", "dns", "relay")
+# (store.outage_budget is read by the rules filter the reload builds: it applies)
 
 
 def make_gateway(config: Config, resources: Resources) -> Gateway:

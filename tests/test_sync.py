@@ -633,14 +633,14 @@ def test_a_bug_on_one_message_sets_it_aside_after_five_receives(setup, aws, dove
                what="the message dead-lettered")
     assert feed.stop() == 0
     [dead] = aws.dead_letters()
-    assert dead["error"] == ("internal error on receive 5: RuntimeError: "
+    assert dead["error"] == ("internal error, failure 5: RuntimeError: "
                              "SYNC_CRASH_POINT=raise-in-process")
     assert urllib.parse.unquote_plus(json.loads(dead["body"])["Records"][0]["s3"]["object"][
         "key"]) == f"in/{mark}"
     log = feed.log_text()
     for receive in range(1, 5):
-        assert f"internal error (receive {receive} of 5); it will come back" in log, receive
-    assert "internal error (receive 5 of 5)\n" in log
+        assert f"internal error (failure {receive} of 5); it will come back" in log, receive
+    assert "internal error (failure 5 of 5)\n" in log
     assert aws.exists(f"in/{mark}") and aws.tags(f"in/{mark}") == {}
     assert dovecot.maildir_messages(ALICE) == []
 

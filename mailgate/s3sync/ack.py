@@ -42,15 +42,21 @@ class Marker:
         self.buckets, self.claims = config.sync.buckets, claims
 
     async def mark(self, bucket: str, key: str, outcome: Outcome) -> None:
-        """AWS_ERRORS or StoreUnavailable (before a delete) when it is not marked."""
+        """AWS_ERRORS when it is not marked. A delete the store cannot record first (so a
+        repeated notification would be a false dead letter) becomes a tag."""
         if self.mode == "keep" or not outcome.stored or (
                 self.buckets and bucket not in self.buckets):
             return
         s3 = self.clients.s3
         if self.mode == "delete" and not outcome.dead:
-            await self.claims.deleting(bucket, key)
-            await self.clients.call(s3.delete_object, Bucket=bucket, Key=key)
-            return
+            try:
+                await self.claims.deleting(bucket, key)
+            except StoreUnavailable as e:  # not deleted unrecorded: tagged, so it is not lost
+                log.warning("s3://%s/%s: delivered; tagged, not deleted: store unavailable (%s)",
+                            bucket, key, e)
+            else:
+                await self.clients.call(s3.delete_object, Bucket=bucket, Key=key)
+                return
         # XXX the tag set is replaced whole: SES writes objects untagged, and reading the tags
         # first to merge them would cost a request per message (S3 has no "add a tag" call).
         tags = dict(processed="true", processed_at=now(), processed_by=self.host,

@@ -5,7 +5,7 @@ A message that must come back (serve's 4xx, an unreadable object, the store away
 deleted. A poison message goes to sync.dead_letter_queue with the reason and is deleted, or,
 without one, is made visible again at once so the queue's redrive policy moves it. Errors name
 the queue and the key; an unexpected one (our bug) leaves the message to come back, and once it
-has been received INTERNAL_RECEIVES times it is poison too: a bug never loops for ever.
+has been received INTERNAL_FAILURES times it is poison too: a bug never loops for ever.
 """
 from __future__ import annotations
 
@@ -27,7 +27,8 @@ log = logging.getLogger("mailgate.sync")
 # tests only: "before-delete" SIGKILLs sync right there; "raise-in-process" stands for a bug
 CRASH_POINT = "SYNC_CRASH_POINT"
 RETRY_PAUSE = (1.0, 30.0)          # seconds between failed receives: first, most
-INTERNAL_RECEIVES = 5              # receives of a message our bug fails before it is dead
+INTERNAL_FAILURES = 5              # times our bug fails on a message before it is dead
+INTERNAL_KEPT = 10_000             # messages whose failures are counted at once, at most
 
 
 class Feed:
@@ -35,6 +36,7 @@ class Feed:
         self.sync, self.clients, self.handover = config.sync, clients, handover
         self.dlq_url = dlq_url
         self.marker = Marker(config, clients, handover.claims)
+        self.internal_errors: dict[str, int] = {}   # MessageId -> times our bug failed on it
         self.deleter = Deleter(clients)
         # Received and not yet processed: what is being injected (concurrency) plus up to two
         # batches waiting for a worker. Every receive asks for a full batch (each receive is a
@@ -151,18 +153,23 @@ class Feed:
             self._free(room)
 
     async def _internal_error(self, url: str, message: dict, error: Exception) -> None:
-        """Log our bug; after INTERNAL_RECEIVES receives, set the message aside (the object stays
-        in S3, untouched) instead of failing on it for as long as SQS keeps it."""
+        """Log our bug; once it failed on the message INTERNAL_FAILURES times (counted here, not
+        SQS's receive count, which counts every deferral too: a backlog after an outage would
+        go at the first bug), set the message aside (the object stays in S3, untouched)
+        instead of failing on it for as long as SQS keeps it."""
         queue, mid = short_name(url), message["MessageId"]
-        receives = int(message.get("Attributes", {}).get("ApproximateReceiveCount", 1))
-        if receives < INTERNAL_RECEIVES:
-            log.exception("queue %s message %s: internal error (receive %d of %d); it will come "
-                          "back", queue, mid, receives, INTERNAL_RECEIVES, exc_info=error)
+        if len(self.internal_errors) >= INTERNAL_KEPT and mid not in self.internal_errors:
+            self.internal_errors.clear()
+        failures = self.internal_errors[mid] = self.internal_errors.get(mid, 0) + 1
+        if failures < INTERNAL_FAILURES:
+            log.exception("queue %s message %s: internal error (failure %d of %d); it will come "
+                          "back", queue, mid, failures, INTERNAL_FAILURES, exc_info=error)
             return
-        log.error("queue %s message %s: internal error (receive %d of %d)", queue, mid,
-                  receives, INTERNAL_RECEIVES, exc_info=error)
+        log.error("queue %s message %s: internal error (failure %d of %d)", queue, mid,
+                  failures, INTERNAL_FAILURES, exc_info=error)
+        self.internal_errors.pop(mid, None)
         try:
-            result = await self._poison(url, message, f"internal error on receive {receives}: "
+            result = await self._poison(url, message, f"internal error, failure {failures}: "
                                         f"{type(error).__name__}: {error}", "")
             if result:
                 await self._delete(url, message, result)

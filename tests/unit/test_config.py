@@ -152,3 +152,15 @@ def test_sync_unit_and_a_root_shell_share_the_exactly_once_memory(monkeypatch):
     assert shell == "/var/lib/mailgate"
     assert unit_data_dir("mailgate-sync.service", monkeypatch) == shell
     assert unit_data_dir("mailgate.service", monkeypatch) == shell
+
+
+def test_a_reload_applies_what_the_rebuilt_chain_reads_and_keeps_what_was_built_once():
+    import dataclasses
+    from mailgate.config import Config
+    from mailgate.config.sections import Store
+    from mailgate.service import keep_running
+    running = Config(domains=("example.test",), store=Store(outage_budget=600, path="/a.db"))
+    new = dataclasses.replace(running, store=Store(outage_budget=60, path="/b.db"))
+    kept, stale = keep_running(new, running)
+    assert kept.store.outage_budget == 60        # the rules filter the reload builds reads it
+    assert kept.store.path == "/a.db" and stale == ["store.path"]   # the store is built once
