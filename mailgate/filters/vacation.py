@@ -2,7 +2,8 @@
 
 No reply to the null sender, to automatic or list mail, to system senders, nor to mail that does
 not name the recipient in To/Cc/Bcc/Resent-*, nor to a sender `auth` found forged (SPF fail or
-softfail, DMARC fail, quarantined); at most one per sender per `[vacation] period`, claimed in
+softfail, DMARC fail, quarantined) or mail SES found failing SPF, DMARC, spam or virus checks
+(the SES feed's verdicts); at most one per sender per `[vacation] period`, claimed in
 the store only once the recipient's copy is durable (hosts sharing the store share the memory).
 The reply is built by the stdlib email package. Store unreachable or slow, or a message this
 filter cannot read: no reply; the message is delivered as ever. This filter never changes a
@@ -51,6 +52,10 @@ REMEMBERED_MAX = 10_000
 # whoever the forger named (backscatter).
 UNPROVEN = frozenset({("spf", "fail"), ("spf", "softfail"), ("dmarc", "fail"),
                       ("quarantine", "dmarc")})
+# What SES vouched for on the feed (Envelope.feed_verdicts, set only for a trusted feed
+# session): mail it found forged, spam or infected gets no reply either.
+FEED_UNPROVEN = frozenset({("x-ses-spf", "fail"), ("x-ses-dmarc", "fail"),
+                           ("x-ses-spam", "fail"), ("x-ses-virus", "fail")})
 BUDGET_SHARE = 0.8   # of pipeline.filter_timeout: past it no reply, before the pipeline's 451
 
 
@@ -59,7 +64,8 @@ def why_not(message: Message, recipient: str) -> str:
     sender, headers = message.envelope.sender, message.headers
     if not sender:
         return "null sender"
-    unproven = next((f"{m}={r}" for m, r in message.findings if (m, r) in UNPROVEN), "")
+    unproven = next((f"{m}={r}" for m, r in message.findings if (m, r) in UNPROVEN), "") or \
+        next((f"{m}={r}" for m, r in message.envelope.feed_verdicts if (m, r) in FEED_UNPROVEN), "")
     if unproven:
         return f"sender not authenticated ({unproven})"
     auto = header_text(headers, "Auto-Submitted").strip()

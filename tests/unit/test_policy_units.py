@@ -70,6 +70,21 @@ def test_vacation_suppressed(head: str, sender: str, reason: str) -> None:
     assert reason in why_not(message(head, sender), ALICE)
 
 
+@pytest.mark.parametrize("verdicts, replied", [
+    ((("x-ses-spf", "fail"),), False), ((("x-ses-dmarc", "fail"),), False),
+    ((("x-ses-spam", "fail"),), False), ((("x-ses-virus", "fail"),), False),
+    ((("x-ses-spf", "pass"), ("x-ses-dmarc", "pass"), ("x-ses-spam", "pass")), True),
+])
+def test_vacation_heeds_what_ses_found_on_the_feed(verdicts, replied) -> None:
+    """Mail from the SES feed is local to auth (no SPF of its own): SES's verdicts decide."""
+    msg = message(PLAIN)
+    msg = Message(dataclasses.replace(msg.envelope, feed_verdicts=verdicts), msg.raw,
+                  msg.headers)
+    reason = why_not(msg, ALICE)
+    assert (reason == "") is replied, reason
+    assert replied or reason.startswith("sender not authenticated (x-ses-")
+
+
 @pytest.mark.parametrize("head", [
     PLAIN,
     PLAIN + "Auto-Submitted: no\n",
