@@ -115,7 +115,7 @@ class Chain:
         headers: list[bytes] = []
         drop: set[tuple[int, int]] = set()
         outbound: list[OutboundMail] = []
-        for flt in self.filters:
+        for position, flt in enumerate(self.filters, 1):
             if message.headers is None and getattr(flt, "needs_headers", True):
                 log.info("%s: filter=%s skipped: %s", message.envelope.queue_id, flt.name,
                          message.parse_error)
@@ -124,7 +124,8 @@ class Chain:
             headers.extend(result.headers)
             drop.update(result.drop)
             outbound.extend(result.outbound)
-            if result.findings:  # Message is frozen: the later filters get a new one
+            if result.findings and position < len(self.filters):  # Message is frozen: the
+                # later filters get a new one (none is built after the last filter)
                 message = dataclasses.replace(message, findings=message.findings + result.findings)
             for rcpt, verdict in result.verdicts.items():
                 if rcpt in verdicts and verdict.action > verdicts[rcpt].action:

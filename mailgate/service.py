@@ -18,6 +18,7 @@ import tempfile
 
 from mailgate import __version__, health, maildir, maillog, metrics
 from mailgate.config import Config, ConfigError, find_file, load, parse_hostport
+from mailgate.config.sections import Store as StoreSection
 from mailgate.gateway import Gateway
 from mailgate.lmtppool import Pool
 from mailgate.lmtpserver import LMTPServer
@@ -31,13 +32,14 @@ from mailgate.store import StoreUnavailable
 log = logging.getLogger("mailgate.service")
 # What a reload cannot change, so keeps as it runs: bound sockets, the LMTP pool and the
 # delivery record (built once), what Resources made (store, DNS resolver, relay) and data_dir.
+# Every store key but outage_budget, which the rules filter the reload builds reads: a store
+# key added later is kept as it runs unless said otherwise here.
+STORE_APPLIED_ON_RELOAD = {"outage_budget"}
 RESTART_KEYS = ("data_dir", "listen.smtp", "listen.lmtp", "listen.lookup", "metrics.listen",
                 "health.listen", "delivery.lmtp", "delivery.lmtp_connections",
-                "delivery.lmtp_timeout", "delivery.delivery_record", "store.backend",
-                "store.path", "store.region", "store.endpoint_url", "store.rules_table",
-                "store.blocked_table", "store.outbound_table", "store.state_table",
-                "store.timeout", "store.deadline", "store.cache_ttl", "dns", "relay")
-# (store.outage_budget is read by the rules filter the reload builds: it applies)
+                "delivery.lmtp_timeout", "delivery.delivery_record",
+                *(f"store.{f.name}" for f in dataclasses.fields(StoreSection)
+                  if f.name not in STORE_APPLIED_ON_RELOAD), "dns", "relay")
 
 
 def make_gateway(config: Config, resources: Resources) -> Gateway:

@@ -620,9 +620,9 @@ def test_malformed_notifications_are_dead_lettered_at_once(setup, aws, dovecot):
     assert "internal error" not in proc.stderr
 
 
-def test_a_bug_on_one_message_sets_it_aside_after_five_receives(setup, aws, dovecot):
+def test_a_bug_on_one_message_sets_it_aside_after_five_failures(setup, aws, dovecot):
     """An unexpected exception for a message (here a test hook raising) is logged and the
-    message comes back; on its fifth receive it is dead-lettered, the object left alone."""
+    message comes back; at its fifth failure it is dead-lettered, the object left alone."""
     gate, sync = setup
     aws.drop_test_event()
     mark = uuid.uuid4().hex
