@@ -154,7 +154,6 @@ def describe(root: Path) -> dict[str, str]:
         "filesystem": _command("df", "--output=fstype", str(root)).splitlines()[-1],
         "mailgate": f"{_package('mailgate')} (git {_revision()})",
         "python": platform.python_version(),
-        "aiosmtpd": _package("aiosmtpd"),
         "uvloop": _package("uvloop"),
         "dovecot": _command("dovecot", "--version"),
         "postfix": _command("postconf", "-dh", "mail_version"),

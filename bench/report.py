@@ -40,8 +40,8 @@ def header(facts: dict, args) -> list[str]:
         "## Throughput: mailgate vs Dovecot direct vs Postfix → Dovecot", "",
         f"- date: {facts['date']}",
         f"- machine: {facts['machine']}; maildirs on {facts['filesystem']}",
-        f"- versions: mailgate {facts['mailgate']}, Python {facts['python']}, aiosmtpd "
-        f"{facts['aiosmtpd']}, uvloop {facts['uvloop']}, Dovecot {facts['dovecot']}, "
+        f"- versions: mailgate {facts['mailgate']}, Python {facts['python']}, "
+        f"uvloop {facts['uvloop']}, Dovecot {facts['dovecot']}, "
         f"Postfix {facts['postfix']}",
         f"- command: `{facts['command']}`", "",
         "Settings:",

@@ -8,12 +8,14 @@ from __future__ import annotations
 import functools
 import ipaddress
 import re
+from email._header_value_parser import get_addr_spec, get_angle_addr
+from email.errors import HeaderParseError
 
 XFORWARD_ATTRS = ("NAME", "ADDR", "PORT", "PROTO", "HELO", "IDENT", "SOURCE")
 # XFEED (mailgate sync's own command): SECRET=xtext, then verdicts as METHOD=result words.
 XFEED_VERDICT = re.compile(r"([a-z][a-z0-9-]{0,63})=([a-z]{1,32})\Z")
-# The common path, <dot-atom@domain> and parameters, parsed without aiosmtpd's RFC 5322
-# parser (which builds a class per call); anything else still goes through that parser.
+# The common path, <dot-atom@domain> and parameters, parsed without the RFC 5322 parser
+# (getaddr: slow, it builds a token tree per call); anything else still goes through it.
 _ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
 SIMPLE_PATH = re.compile(rf"<({_ATEXT}(?:\.{_ATEXT})*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*)>"
                          r"((?: +[A-Za-z0-9][A-Za-z0-9-]*(?:=[!-~]+)?)*) *\Z")
@@ -71,10 +73,23 @@ def _networks(networks: tuple[str, ...]) -> list[ipaddress.IPv4Network | ipaddre
     return [ipaddress.ip_network(n, strict=False) for n in networks]
 
 
+def getaddr(arg: str) -> tuple[str | None, str | None]:
+    """(address, the rest) by the standard library's RFC 5322 parser, as aiosmtpd 1.4.6
+    parsed paths; (None, None) if it cannot read one."""
+    if not arg:
+        return "", ""
+    try:
+        address, rest = (get_angle_addr if arg.lstrip().startswith("<") else get_addr_spec)(arg)
+    except HeaderParseError:
+        return None, None
+    return address.addr_spec, rest
+
+
 def parse_path(arg: str, getaddr, smtputf8: bool) -> tuple[str, list[str]] | None:
     """(address, parameters) from "<a@b> X=Y" (FROM:/TO: stripped); "" for the null path <>.
 
-    `getaddr` is aiosmtpd's address parser, for what the simple pattern does not cover.
+    `getaddr` is the full address parser (getaddr above), for what the simple pattern does not
+    cover.
     """
     if arg.startswith("<>"):
         return "", arg[2:].split()
@@ -103,7 +118,7 @@ def parse_path(arg: str, getaddr, smtputf8: bool) -> tuple[str, list[str]] | Non
 
 
 def _is_utf8(text: str) -> bool:
-    """False for bytes that were not UTF-8 (aiosmtpd decodes with surrogateescape): no such
+    """False for bytes that were not UTF-8 (the listener decodes with surrogateescape): no such
     address can be logged, hashed or handed to Dovecot."""
     try:
         text.encode("utf-8")

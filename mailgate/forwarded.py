@@ -16,7 +16,8 @@ from mailgate.verdict import (BAD_ARGUMENTS, BAD_SEQUENCE, FEED_DENIED, FEED_OK,
 
 class Forwarded:
     """The session's XFORWARD and XFEED verbs and the Client they describe (mixed into
-    SMTPServer, which provides session, envelope, gateway, trusted, xforward and reply)."""
+    SMTPServer, which provides session, envelope, gateway, trusted, xforward, reply and
+    helo_needed)."""
 
     feed_verdicts: tuple[tuple[str, str], ...] = ()  # set by XFEED, for one transaction
 
@@ -33,47 +34,47 @@ class Forwarded:
                       local=self.trusted and "ADDR" not in fwd,
                       ident=fwd.get("IDENT", ""))
 
-    async def _before_mail(self, allowed: bool) -> bool:
+    def _before_mail(self, allowed: bool) -> bool:
         """What XFORWARD and XFEED share: an allowed client, after EHLO, before MAIL."""
         if not allowed:
-            await self.reply(XFORWARD_DENIED)
+            self.reply(XFORWARD_DENIED)
             return False
-        if await self.check_helo_needed("EHLO"):
+        if self.helo_needed("EHLO"):
             return False
         if self.envelope.mail_from is not None:
-            await self.reply(BAD_SEQUENCE)
+            self.reply(BAD_SEQUENCE)
             return False
         return True
 
-    async def smtp_XFORWARD(self, arg: str | None) -> None:
-        if not await self._before_mail(self.trusted):
+    def smtp_XFORWARD(self, arg: str | None) -> None:
+        if not self._before_mail(self.trusted):
             return
         attrs = {}
         for item in (arg or "").split():
             name, eq, value = item.partition("=")
             if not eq or name.upper() not in XFORWARD_ATTRS:
-                await self.reply(BAD_ARGUMENTS, f"Bad XFORWARD attribute {name!r}: ")
+                self.reply(BAD_ARGUMENTS, f"Bad XFORWARD attribute {name!r}: ")
                 return
             if value not in ("[UNAVAILABLE]", "[TEMPUNAVAIL]"):
                 attrs[name.upper()] = xtext_decode(value)
         if not attrs and not arg:
-            await self.reply(BAD_ARGUMENTS)
+            self.reply(BAD_ARGUMENTS)
             return
         self.xforward.update(attrs)
-        await self.reply(XFORWARD_OK)
+        self.reply(XFORWARD_OK)
 
-    async def smtp_XFEED(self, arg: str | None) -> None:
+    def smtp_XFEED(self, arg: str | None) -> None:
         """mailgate sync's session: its SES verdicts count. Trusted by the shared secret
         (sync.secret_file) from a trusted network, never by anything in the message."""
         secret = self.gateway.feed_secret
-        if not await self._before_mail(self.trusted and bool(secret)):
+        if not self._before_mail(self.trusted and bool(secret)):
             return
         parsed = parse_xfeed(arg or "")
         if parsed is None:
-            await self.reply(BAD_ARGUMENTS)
+            self.reply(BAD_ARGUMENTS)
             return
         if not hmac.compare_digest(parsed[0].encode(), secret):
-            await self.reply(FEED_DENIED)
+            self.reply(FEED_DENIED)
             return
         self.feed_verdicts = parsed[1]
-        await self.reply(FEED_OK)
+        self.reply(FEED_OK)

@@ -1,4 +1,4 @@
-"""The aiosmtpd handler: decides at RCPT, runs the pipeline and delivery after DATA, answers.
+"""What the listeners ask of mailgate: decides at RCPT, runs the pipeline and delivery after DATA, answers.
 
 A message's processing runs in its own task, shielded from the client's connection: if the
 client goes away mid-delivery, delivery still finishes and what was delivered is remembered, so
@@ -57,20 +57,18 @@ class Gateway(Sessions):
         self.deliverer = Deliverer(config, self.pool)
         self.forwarder = Forwarder(config, self.deliverer, chain.resources)
 
-    # -- aiosmtpd hooks -------------------------------------------------------------------
-    async def handle_EHLO(self, server, session, envelope, hostname: str, responses) -> list[str]:
-        session.host_name = hostname
+    # -- what the listeners ask --------------------------------------------------------------
+    def ehlo_reply(self, server: Session) -> str:
+        """The reply to EHLO and LHLO: the extensions, as one write."""
         words = [self.config.hostname, "PIPELINING", f"SIZE {self.config.limits.message_size}",
                  "8BITMIME", "SMTPUTF8", "ENHANCEDSTATUSCODES"]
         if server.trusted:
             words.append("XFORWARD NAME ADDR PROTO HELO IDENT SOURCE PORT")
             if self.feed_secret:
                 words.append("XFEED")
-        # One reply, one write: aiosmtpd pushes each list item separately (a syscall and a
-        # wake-up of the client per line).
-        return ["\r\n".join([f"250-{w}" for w in words[:-1]] + [f"250 {words[-1]}"])]
+        return "\r\n".join([f"250-{w}" for w in words[:-1]] + [f"250 {words[-1]}"])
 
-    async def handle_exception(self, error: Exception) -> str:
+    def internal_error(self, error: BaseException) -> str:
         log.error("internal error, answered %s", TEMP_FAILURE, exc_info=error)
         metrics.child(metrics.ERRORS, "session").inc()
         return str(TEMP_FAILURE)
@@ -91,7 +89,7 @@ class Gateway(Sessions):
             metrics.child(metrics.RECIPIENTS, "rejected").inc()
         return reply
 
-    async def handle_DATA(self, server: Session, session, envelope) -> str:
+    async def handle_DATA(self, server: Session, envelope) -> str:
         loop = asyncio.get_running_loop()
         env = Envelope(trace.queue_id(), envelope.mail_from, tuple(envelope.rcpt_tos),
                        server.client(), loop.time(), envelope.body_8bit, envelope.smtp_utf8,

@@ -1,9 +1,8 @@
 """The LMTP listener (RFC 2033): the SMTP session with LHLO for HELO/EHLO and one reply per
-recipient after DATA, also for aiosmtpd's own DATA errors."""
+recipient after DATA, also for the refusals the session itself gives there."""
 from __future__ import annotations
 
 from mailgate.server import SMTPServer
-from mailgate.verdict import BAD_SYNTAX, enhance
 
 
 class LMTPServer(SMTPServer):
@@ -12,29 +11,15 @@ class LMTPServer(SMTPServer):
     protocol_name = "LMTP"
     greeting = "mailgate"
 
-    replies_due = 0  # recipients awaiting a reply after DATA
+    # HELO and EHLO are no LMTP verbs: 500, as any unknown command
+    verbs = {"LHLO": "smtp_LHLO", **{verb: name for verb, name in SMTPServer.verbs.items()
+                                     if verb not in ("HELO", "EHLO")}}
 
-    async def smtp_DATA(self, arg: str | None) -> None:
-        self.replies_due = 0 if arg else len(self.envelope.rcpt_tos)
-        try:
-            await super().smtp_DATA(arg)
-        finally:
-            self.replies_due = 0
+    def replies_after_data(self) -> int:
+        return max(len(self.envelope.rcpt_tos), 1)
 
-    async def push(self, status) -> None:
-        """aiosmtpd's own DATA errors (552, line too long) are one line: LMTP needs one each.
-        The replies to DATA are given once; what follows them (421 at shutdown) is one line."""
-        if self.replies_due and isinstance(status, str) and status[:1] in "245":
-            if self.replies_due > 1 and "\r\n" not in status and status[:1] in "45":
-                status = "\r\n".join([enhance(status)] * self.replies_due)
-            self.replies_due = 0
-        await super().push(status)
-
-    async def smtp_LHLO(self, hostname: str) -> None:
-        await self._ehlo(hostname)
-
-    async def smtp_HELO(self, hostname: str) -> None:
-        await self.reply(BAD_SYNTAX.with_text('Error: command "HELO" not recognized'))
-
-    async def smtp_EHLO(self, hostname: str) -> None:
-        await self.reply(BAD_SYNTAX.with_text('Error: command "EHLO" not recognized'))
+    def smtp_LHLO(self, hostname: str | None) -> None:
+        if not hostname:
+            self.write("501 Syntax: LHLO hostname")
+            return
+        self.smtp_EHLO(hostname)

@@ -94,7 +94,6 @@ def setup(settings: Log) -> None:
     if syslog is not None:
         root.addHandler(syslog)
     root.setLevel(settings.level.upper())
-    logging.getLogger("mail.log").setLevel(logging.WARNING)  # aiosmtpd's per-command chatter
     if problem:
         log.warning("syslog: cannot write to %s (%s): logging to stderr only",
                     settings.syslog_socket, problem)

@@ -24,7 +24,7 @@ class Session(Protocol):
     protocol_name: str     # "SMTP" | "LMTP"
     busy: bool             # inside DATA: shutdown waits for it
     transport: asyncio.BaseTransport | None
-    envelope: Any          # aiosmtpd's Envelope of the transaction in progress
+    envelope: Any          # server.Envelope, the transaction in progress
 
     def client(self) -> Client: ...
     def close_idle(self) -> None: ...

@@ -74,7 +74,7 @@ SENDER_BLOCKED = Reply(550, "5.7.1", "Sender address rejected: blocked by the re
 TOO_BIG = Reply(552, "5.3.4", "Error: message file too big")
 BAD_PARAMETER = Reply(555, "5.5.4", "Unsupported option")
 
-# aiosmtpd sends some replies of its own without enhanced status codes; this gives them one.
+# Some replies are written as plain text without an enhanced status code; this gives them one.
 _ENHANCED_BY_CODE = {
     "221": "2.0.0", "250": "2.0.0", "252": "2.0.0", "421": "4.3.0", "451": "4.3.0",
     "454": "4.7.0",  # STARTTLS: "TLS not available" (we never offer it; RFC 3207 §4)
@@ -92,7 +92,7 @@ def enhance(line: str) -> str:
     status = _ENHANCED_BY_CODE.get(line[:3])
     if status is None or line[3:4] not in (" ", "-", ""):
         return line
-    if line[:3] == "552":  # aiosmtpd's size replies: one wording, ours
+    if line[:3] == "552":  # size refusals: one wording, ours
         return str(TOO_BIG)
     return f"{line[:3]}{line[3:4] or ' '}{status} {line[4:]}".rstrip()
 

@@ -10,8 +10,10 @@ from __future__ import annotations
 import email.utils
 import json
 import re
+import select
 import smtplib
 import socket
+import threading
 import time
 import uuid
 from datetime import datetime, timedelta, timezone
@@ -424,6 +426,40 @@ def test_bug_at_one_rcpt_leaves_the_transaction_standing(gate: GateFactory, dove
     assert len(on_disk(dove, ALICE, mark)) == len(on_disk(dove, BOB, mark)) == 1
     assert on_disk(dove, CAROL, mark) == []
     mg.wait_log(r"error: internal error, answered 451 4\.3\.0")
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+BLOCKED = 2.0  # seconds a sending client finds no room in before it counts as blocked
+
+
+def test_client_that_never_reads_its_replies_is_not_read_without_bound(gate: GateFactory) -> None:
+    """A client that pipelines commands and never reads the replies: once they back up,
+    mailgate stops reading it, so the client blocks and mailgate's memory stays put (it would
+    otherwise hold all the client sends). Other clients are served meanwhile and after."""
+    mg = gate()
+    burst, limit = b"HELP\r\n" * 20_000, 96 << 20  # HELP: a long reply to a short command
+    before, sent = rss_bytes(mg.proc.pid), 0
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 16)  # replies back up soon
+        sock.connect(mg.smtp)
+        sock.setblocking(False)
+        while sent < limit:  # until no send has found room for BLOCKED seconds
+            if not select.select([], [sock], [], BLOCKED)[1]:
+                break
+            sent += sock.send(burst[sent % len(burst):])
+        grown = rss_bytes(mg.proc.pid) - before
+        assert sent < limit, "mailgate read all that a client that reads nothing sent"
+        assert grown < 16 << 20, f"mailgate grew by {grown} bytes"
+        with smtp(mg) as other:
+            assert other.noop()[0] == 250
+    with smtp(mg) as after:
+        assert after.noop()[0] == 250
 
 
 def test_ehlo_advertises_extensions(gate: GateFactory) -> None:

@@ -1,11 +1,10 @@
 """The DATA reader and the wire encoder against line-by-line references, in arbitrary pieces.
 
-The reader must give exactly what aiosmtpd's line reader gave (CRLF lines, a leading dot
-dropped, the first ".\r\n" line ends it) and leave what follows for the next command; the
-encoder, windowed, exactly what the one-piece encoding gives (and for BDAT, the same without
-dot-stuffing). A real StreamReader, fed in pieces as a socket would.
+The reader must give exactly what a line-by-line reader gives (CRLF lines, a leading dot
+dropped, the first ".\r\n" line ends it; aiosmtpd 1.4.6's semantics) and leave what follows for
+the next command, however the socket cuts the stream; the encoder, windowed, exactly what the
+one-piece encoding gives (and for BDAT, the same without dot-stuffing).
 """
-import asyncio
 import re
 
 from hypothesis import given, settings, strategies as st
@@ -16,28 +15,27 @@ ALPHABET = st.sampled_from([b"a", b".", b"\r", b"\n", b"\r\n", b"\r\n.", b".\r\n
 STREAMS = st.lists(ALPHABET, max_size=60).map(b"".join)
 
 
-def by_lines(stream: bytes) -> tuple[bytes, bytes]:
-    """aiosmtpd 1.4.6's DATA semantics: (content, what follows the end)."""
-    lines, pos = [], 0
+def by_lines(stream: bytes, size_limit: int = 1 << 20) -> tuple[bytes | None, bytes]:
+    """The reference: (content, or None when the lines as sent exceed the limit; what follows
+    the end)."""
+    lines, pos, size = [], 0, 0
     while True:
         end = stream.index(b"\r\n", pos) + 2
         line, pos = stream[pos:end], end
         if line == b".\r\n":
-            return b"".join(lines), stream[pos:]
+            return (b"".join(lines) if size <= size_limit else None), stream[pos:]
+        size += len(line)
         lines.append(line[1:] if line.startswith(b".") else line)
 
 
 def read_in_pieces(stream: bytes, cuts: list[int], size_limit: int = 1 << 20):
-    async def run():
-        reader = asyncio.StreamReader(limit=1001)  # aiosmtpd's line_length_limit
-        task = asyncio.ensure_future(dataphase.read_message(reader, size_limit))
-        for start, end in zip([0, *cuts], [*cuts, len(stream)]):
-            reader.feed_data(stream[start:end])
-            await asyncio.sleep(0)
-        reader.feed_eof()
-        content = await task
-        return content, await reader.read()
-    return asyncio.run(run())
+    """Fed as a socket would deliver it; the rest is what came with the end and after it."""
+    reader = dataphase.MessageReader(size_limit)
+    for start, end in zip([0, *cuts], [*cuts, len(stream)]):
+        ended = reader.feed(bytearray(stream[start:end]))
+        if ended is not None:
+            return ended[0], ended[1] + stream[end:]
+    raise AssertionError("the message never ended")
 
 
 @settings(max_examples=400, deadline=None)
@@ -48,10 +46,19 @@ def test_reader_agrees_with_the_line_reader(message, rest, cuts):
     assert (content, left) == by_lines(stream)
 
 
+@settings(max_examples=400, deadline=None)
+@given(STREAMS, st.lists(st.integers(0, 3000), max_size=8), st.integers(0, 3000))
+def test_reader_refuses_exactly_what_is_over_the_limit(message, cuts, limit):
+    stream = message + b"\r\n.\r\nQUIT\r\n"
+    got = read_in_pieces(stream, sorted(c for c in cuts if c < len(stream)), size_limit=limit)
+    assert got == by_lines(stream, limit)
+
+
 def test_reader_takes_long_lines_and_refuses_only_by_size():
     line = b"y" * 5000 + b"\r\n"
     assert read_in_pieces(line + b".\r\nQUIT\r\n", [3000]) == (line, b"QUIT\r\n")
     assert read_in_pieces(line * 3 + b".\r\nNOOP\r\n", [], size_limit=10000) == (None, b"NOOP\r\n")
+    assert read_in_pieces(line + b".\r\n", [5003, 5004], size_limit=len(line)) == (line, b"")
 
 
 def test_reader_never_ends_on_a_bare_lf_dot():

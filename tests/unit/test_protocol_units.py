@@ -16,7 +16,7 @@ from mailgate import verdict
     ("451 4.3.0 already", "451 4.3.0 already"),
     ("354 End data with <CR><LF>.<CR><LF>", "354 End data with <CR><LF>.<CR><LF>"),
     ("220 mx ESMTP", "220 mx ESMTP"),
-    ("454 TLS not available", "454 4.7.0 TLS not available"),  # aiosmtpd's STARTTLS reply
+    ("454 TLS not available", "454 4.7.0 TLS not available"),  # the STARTTLS reply
 ])
 def test_every_reply_gets_an_enhanced_code(line, expected):
     assert verdict.enhance(line) == expected
@@ -90,14 +90,14 @@ def test_delivery_record_digest_is_one_hash_of_sender_and_message(size):
 
 
 def _getaddr(arg):
-    from aiosmtpd.smtp import SMTP
-    return SMTP._getaddr(object.__new__(SMTP), arg)
+    from mailgate.commands import getaddr
+    return getaddr(arg)
 
 
 @pytest.mark.parametrize("arg", [
     "<alice\r@example.test>", "<alice\n@example.test>", "<al\x00ice@example.test>",
     "<a\x1f@example.test>", "<a@example.test\x7f>", '<"a\x01b"@example.test>',
-    "<\udcff@example.test> SMTPUTF8",   # the byte 0xff, as aiosmtpd decodes it
+    "<\udcff@example.test> SMTPUTF8",   # the byte 0xff, as the listener decodes it
 ])
 def test_path_with_a_control_character_or_not_utf8_is_refused(arg):
     assert parse_path(arg, _getaddr, True) is None
