@@ -9,7 +9,6 @@ import functools
 import ipaddress
 import re
 from email._header_value_parser import get_addr_spec, get_angle_addr
-from email.errors import HeaderParseError
 
 XFORWARD_ATTRS = ("NAME", "ADDR", "PORT", "PROTO", "HELO", "IDENT", "SOURCE")
 # XFEED (mailgate sync's own command): SECRET=xtext, then verdicts as METHOD=result words.
@@ -80,7 +79,9 @@ def getaddr(arg: str) -> tuple[str | None, str | None]:
         return "", ""
     try:
         address, rest = (get_angle_addr if arg.lstrip().startswith("<") else get_addr_spec)(arg)
-    except HeaderParseError:
+    # XXX the parser also fails in other ways on some input ("<" is an IndexError): any of
+    # them means the client's path is unreadable (501), not our failure (451).
+    except Exception:  # noqa: BLE001
         return None, None
     return address.addr_spec, rest
 

@@ -11,6 +11,7 @@ import os
 import signal
 
 POINTS = (
+    "mail",                    # a MAIL command is being answered (in the session, no task)
     "rcpt",                    # a RCPT is being checked
     "after-data",              # the whole message is in, nothing delivered yet
     "before-lmtp-dot",         # the message's end (DATA's ".", or BDAT LAST) not yet sent

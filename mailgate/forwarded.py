@@ -73,7 +73,7 @@ class Forwarded:
         if parsed is None:
             self.reply(BAD_ARGUMENTS)
             return
-        if not hmac.compare_digest(parsed[0].encode(), secret):
+        if not hmac.compare_digest(parsed[0].encode("utf-8", "surrogateescape"), secret):
             self.reply(FEED_DENIED)
             return
         self.feed_verdicts = parsed[1]

@@ -19,7 +19,7 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING
 
-from mailgate import metrics
+from mailgate import faults, metrics
 from mailgate.commands import (IGNORED_MAIL_PARAMS, IGNORED_RCPT_PARAMS, getaddr, is_trusted,
                                parse_path)
 from mailgate.dataphase import MessageReader
@@ -162,7 +162,13 @@ class SMTPServer(Forwarded, asyncio.Protocol):
 
     def hang_up(self, reply: Reply) -> None:
         self.reply(reply)
-        if self.transport is not None:
+        if self.transport is None:
+            return
+        # close() waits until what we wrote has gone; a client that does not read (our replies
+        # back up beyond the socket's buffer) would hold its session slot forever.
+        if self.transport.get_write_buffer_size():
+            self.transport.abort()
+        else:
             self.transport.close()
 
     def close_after_transaction(self) -> bool:
@@ -192,9 +198,9 @@ class SMTPServer(Forwarded, asyncio.Protocol):
     # -- the input, one command or message at a time --------------------------------------
     def advance(self) -> None:
         """Handle what has been received, up to a command that must wait for an answer."""
-        try:
-            while self.task is None and self.pending and not self.writing_paused \
-                    and self.transport is not None and not self.transport.is_closing():
+        while self.task is None and self.pending and not self.writing_paused \
+                and self.transport is not None and not self.transport.is_closing():
+            try:
                 if self.message is not None:
                     self._take_message()
                     continue
@@ -211,8 +217,8 @@ class SMTPServer(Forwarded, asyncio.Protocol):
                     self.push("500 Command line too long")
                     continue
                 self.command(line.rstrip(b"\r\n"))
-        except Exception as error:  # our bug must be a 451, and the session goes on
-            self.write(self.internal_error(error))
+            except Exception as error:  # our bug is a 451 for that command; the next one follows
+                self.write(self.internal_error(error))
         if self.reading_paused and self.task is None and len(self.pending) <= PENDING_LIMIT \
                 and self.transport is not None:
             self.reading_paused = False
@@ -252,10 +258,14 @@ class SMTPServer(Forwarded, asyncio.Protocol):
 
     def _task_done(self, task: asyncio.Task) -> None:
         self.task = None
-        if not task.cancelled() and task.exception() is not None:
-            self.write(self.internal_error(task.exception()))
-        if self.transport is not None:
-            self.advance()
+        if self.transport is None:  # the client is gone (connection_lost cancelled it)
+            return
+        # XXX a CancelledError from a filter, with the client still here, is our bug too: the
+        # command must be answered, or every later reply would answer the one before it.
+        error = asyncio.CancelledError() if task.cancelled() else task.exception()
+        if error is not None:
+            self.write(self.internal_error(error))
+        self.advance()
 
     def internal_error(self, error: BaseException) -> str:
         """451 for our failure: the reply to what failed (one line per recipient after LMTP's
@@ -300,6 +310,7 @@ class SMTPServer(Forwarded, asyncio.Protocol):
         self.write(self.gateway.ehlo_reply(self))
 
     def smtp_MAIL(self, arg: str | None) -> None:
+        faults.point("mail")
         if self.helo_needed():
             return
         if self.envelope.mail_from is not None:

@@ -70,6 +70,20 @@ class BugAtRcpt(_Filter):
         return "not a verdict" if rcpt == "carol@example.test" else None  # type: ignore
 
 
+class Cancels(_Filter):
+    """A bug that leaks asyncio.CancelledError (not an Exception): at carol's RCPT, and in
+    every message's check."""
+    name = "cancels"
+
+    async def check(self, message: Message) -> FilterResult:
+        raise asyncio.CancelledError()
+
+    async def check_recipient(self, sender: str, rcpt: str) -> Verdict | None:
+        if rcpt == "carol@example.test":
+            raise asyncio.CancelledError()
+        return None
+
+
 class FindsForgery(_Filter):
     """Finds what auth finds for a forged sender, and says so to the filters after it."""
     name = "finds"

@@ -49,7 +49,7 @@ def test_crash_then_retry_loses_nothing_and_doubles_only_in_the_window(
 
 
 def test_bug_at_rcpt_is_451_4_3_0_and_the_session_goes_on(dovecot, mailgate_factory):
-    """An exception in a protocol hook (aiosmtpd answers 500 by default) is our failure: 451."""
+    """An exception while a RCPT is checked is our failure: 451, and the session goes on."""
     gate = mailgate_factory(env={"MAILGATE_FAULT": "rcpt:raise"})
     with smtp(gate) as client:
         client.mail(SENDER)
@@ -60,6 +60,22 @@ def test_bug_at_rcpt_is_451_4_3_0_and_the_session_goes_on(dovecot, mailgate_fact
     assert session.command("LHLO client.test")[0] == 250
     assert_reply(session.command(f"MAIL FROM:<{SENDER}>"), "250 2.1.0")
     assert_reply(session.command(f"RCPT TO:<{ALICE}>"), "451 4.3.0")
+    session.close()
+    gate.wait_log(r"error: internal error, answered 451 4\.3\.0")
+
+
+def test_bug_at_mail_is_451_and_what_was_pipelined_after_it_is_answered(dovecot,
+                                                                        mailgate_factory):
+    """A command answered inside the session's read (no task): its bug must not stall the
+    commands the client pipelined behind it until the client sends more."""
+    gate = mailgate_factory(env={"MAILGATE_FAULT": "mail:raise"})
+    session = Raw(gate.smtp)
+    assert session.reply()[0] == 220
+    assert session.command("EHLO client.test")[0] == 250
+    session.sock.sendall(f"MAIL FROM:<{SENDER}>\r\nNOOP\r\nRSET\r\n".encode())
+    assert_reply(session.reply(), "451 4.3.0")
+    assert_reply(session.reply(), "250 2.0.0")
+    assert_reply(session.reply(), "250 2.0.0")
     session.close()
     gate.wait_log(r"error: internal error, answered 451 4\.3\.0")
 

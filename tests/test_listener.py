@@ -436,6 +436,23 @@ def rss_bytes(pid: int) -> int:
 
 
 BLOCKED = 2.0  # seconds a sending client finds no room in before it counts as blocked
+HELPS = b"HELP\r\n" * 20_000  # HELP: a long reply to a short command
+
+
+def send_without_reading(mg: Mailgate, limit: int) -> tuple[socket.socket, int]:
+    """A client that pipelines HELP and reads nothing: the socket, once its sends block (or
+    the server drops it, or `limit` bytes went), and how many bytes went."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 16)  # replies back up soon
+    sock.connect(mg.smtp)
+    sock.setblocking(False)
+    sent = 0
+    try:
+        while sent < limit and select.select([], [sock], [], BLOCKED)[1]:
+            sent += sock.send(HELPS[sent % len(HELPS):])
+    except ConnectionError:
+        pass
+    return sock, sent
 
 
 def test_client_that_never_reads_its_replies_is_not_read_without_bound(gate: GateFactory) -> None:
@@ -443,16 +460,9 @@ def test_client_that_never_reads_its_replies_is_not_read_without_bound(gate: Gat
     mailgate stops reading it, so the client blocks and mailgate's memory stays put (it would
     otherwise hold all the client sends). Other clients are served meanwhile and after."""
     mg = gate()
-    burst, limit = b"HELP\r\n" * 20_000, 96 << 20  # HELP: a long reply to a short command
-    before, sent = rss_bytes(mg.proc.pid), 0
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 16)  # replies back up soon
-        sock.connect(mg.smtp)
-        sock.setblocking(False)
-        while sent < limit:  # until no send has found room for BLOCKED seconds
-            if not select.select([], [sock], [], BLOCKED)[1]:
-                break
-            sent += sock.send(burst[sent % len(burst):])
+    before, limit = rss_bytes(mg.proc.pid), 96 << 20
+    sock, sent = send_without_reading(mg, limit)
+    with sock:
         grown = rss_bytes(mg.proc.pid) - before
         assert sent < limit, "mailgate read all that a client that reads nothing sent"
         assert grown < 16 << 20, f"mailgate grew by {grown} bytes"
@@ -460,6 +470,58 @@ def test_client_that_never_reads_its_replies_is_not_read_without_bound(gate: Gat
             assert other.noop()[0] == 250
     with smtp(mg) as after:
         assert after.noop()[0] == 250
+
+
+def test_client_that_never_reads_loses_its_session_at_the_idle_deadline(gate: GateFactory) -> None:
+    """Its replies cannot be delivered, so closing politely would wait for ever and keep its
+    slot under max_sessions: at the idle deadline it is cut off, and the next client is served."""
+    mg = gate({"listen": {"max_sessions": 1, "command_timeout": 1}})
+    sock, _ = send_without_reading(mg, 96 << 20)
+    with sock:
+        def greeted() -> bool:
+            with Session(mg.smtp) as s:
+                return s.reply()[0] == 220
+        wait_until(greeted, REPLY_TIMEOUT, what="a session once the one that never reads is cut")
+
+
+def test_unreadable_path_is_501_and_what_was_pipelined_after_it_is_answered(
+        gate: GateFactory) -> None:
+    """Paths the address parser fails on in other ways than a parse error ("<" is an
+    IndexError inside it) are the client's syntax error, not our failure."""
+    with Session(gate().smtp) as s:
+        s.reply()
+        assert s.command("EHLO client.test")[0] == 250
+        s.send("MAIL FROM:<\r\nNOOP\r\nMAIL FROM:<a@remote.test>\r\nRCPT TO:<\r\nVRFY <\r\n")
+        assert_reply(s.reply(), verdict.BAD_SENDER)
+        assert s.reply()[0] == 250
+        assert_reply(s.reply(), verdict.SENDER_OK)
+        assert_reply(s.reply(), verdict.BAD_RECIPIENT)
+        assert s.reply()[0] == 502
+        assert_reply(s.command("QUIT"), verdict.CLOSING)
+
+
+def test_filter_leaking_cancellation_is_451_and_the_replies_stay_in_step(
+        gate: GateFactory, dove: Dovecot) -> None:
+    """asyncio.CancelledError from a filter is no Exception; with the client still there it
+    is our bug all the same: that command gets 451, and what was pipelined after it gets its
+    own reply, not the one before."""
+    mg = gate({"pipeline": {"filters": ["filters_for_tests:Cancels"]}})
+    mark = marker()
+    with Session(mg.smtp) as s:
+        s.reply()
+        assert s.command("EHLO client.test")[0] == 250
+        s.send(f"MAIL FROM:<s-{mark}@remote.test>\r\nRCPT TO:<{CAROL}>\r\n"
+               f"RCPT TO:<{ALICE}>\r\nDATA\r\n")
+        assert_reply(s.reply(), verdict.SENDER_OK)
+        assert_reply(s.reply(), verdict.TEMP_FAILURE)
+        assert_reply(s.reply(), verdict.RCPT_OK)
+        assert s.reply()[0] == 354
+        s.send(dot_stuff(message(mark)) + b"MAIL FROM:<again@remote.test>\r\n")
+        assert_reply(s.reply(), verdict.TEMP_FAILURE)
+        assert_reply(s.reply(), verdict.SENDER_OK)  # a new transaction: the old one ended
+        assert_reply(s.command("QUIT"), verdict.CLOSING)
+    assert on_disk(dove, ALICE, mark) == []
+    mg.wait_log(r"error: internal error, answered 451 4\.3\.0")
 
 
 def test_ehlo_advertises_extensions(gate: GateFactory) -> None:
