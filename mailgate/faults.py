@@ -13,6 +13,7 @@ import signal
 POINTS = (
     "mail",                    # a MAIL command is being answered (in the session, no task)
     "rcpt",                    # a RCPT is being checked
+    "data",                    # a piece of the message is being read
     "after-data",              # the whole message is in, nothing delivered yet
     "before-lmtp-dot",         # the message's end (DATA's ".", or BDAT LAST) not yet sent
     "after-lmtp-250",          # Dovecot said 250, the client has not heard ours

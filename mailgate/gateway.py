@@ -127,7 +127,8 @@ class Gateway(Sessions):
     async def _remember(self, env: Envelope, raw: bytes, results: list[Result],
                         server: Session) -> None:
         """Who got it, when the client is not told so per recipient (see DeliveryRecord)."""
-        lost = server.transport is None or server.transport.is_closing()
+        # A client that shut its side (EOF) may have gone altogether: our reply may never arrive.
+        lost = server.transport is None or server.transport.is_closing() or server.eof
         told_per_recipient = server.protocol_name == "LMTP" and not lost
         if (not told_per_recipient and not all(r.ok for r in results)) or lost:
             digest = await self.record.digest(env, raw)

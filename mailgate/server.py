@@ -10,8 +10,9 @@ the client pipelined waits in the buffer, and reading pauses if that grows.
 What a Postfix neighbour needs, beyond RFC 5321: XFORWARD and XFEED from trusted networks
 (forwarded.py); the null sender <>; DSN parameters accepted; enhanced status codes on every
 reply but EHLO's and HELO's; a session cap (421 4.3.2); an idle deadline that counts from the
-last byte received and never fires while a message is being processed, and a line that takes
-longer than twice that deadline ends the session too (a slowloris).
+last byte received or our last answer and never fires while we owe one (a RCPT being checked,
+a message being processed), and a line that takes longer than twice that deadline ends the
+session too (a slowloris); a client that shuts its side still gets its replies.
 """
 from __future__ import annotations
 
@@ -78,16 +79,13 @@ class SMTPServer(Forwarded, asyncio.Protocol):
     def __init__(self, gateway: Gateway, listener: str):
         self.gateway, self.listener = gateway, listener
         self.loop = asyncio.get_running_loop()
-        self.hostname = gateway.config.hostname
-        self.data_size_limit = gateway.config.limits.message_size
-        self.timeout = gateway.config.listen.command_timeout
         self.transport: asyncio.Transport | None = None
         self.session = Session(None)
         self.envelope = Envelope()
         self.xforward: dict[str, str] = {}
         self.trusted = False
         self.busy = False        # from DATA to our reply: shutdown waits
-        self.processing = False  # the whole message is in, our reply is due: idle timer waits
+        self.eof = False         # the client has shut its side: answer what came, then close
         self.pending = bytearray()  # received, not yet handled (pipelined commands)
         self.message: MessageReader | None = None  # inside DATA
         self.task: asyncio.Task | None = None      # RCPT or the message, being answered
@@ -96,6 +94,20 @@ class SMTPServer(Forwarded, asyncio.Protocol):
         self.bogus = BOGUS_LIMIT
         self.last_activity = self.last_line = 0.0  # a byte, a line end (LF) last received
         self.timer: asyncio.TimerHandle | None = None
+
+    # What a reload changes applies to the next command (EHLO says the SIZE that MAIL and
+    # DATA then hold to).
+    @property
+    def hostname(self) -> str:
+        return self.gateway.config.hostname
+
+    @property
+    def data_size_limit(self) -> int:
+        return self.gateway.config.limits.message_size
+
+    @property
+    def timeout(self) -> float:
+        return self.gateway.config.listen.command_timeout
 
     # -- connection life ------------------------------------------------------------------
     def connection_made(self, transport) -> None:
@@ -128,7 +140,12 @@ class SMTPServer(Forwarded, asyncio.Protocol):
             self.gateway.transaction_ended()
 
     def eof_received(self) -> bool:
-        return False  # nothing can be answered once the client is gone: close
+        """The client shut its side (after QUIT, or after the final dot, say): what it sent is
+        still answered, as Postfix's smtpd does; then we close."""
+        self.eof = True
+        if self.task is None:
+            self.advance()
+        return True  # keep our side open for the replies; close_when_done closes it
 
     def data_received(self, data: bytes) -> None:
         self.last_activity = self.loop.time()
@@ -162,6 +179,9 @@ class SMTPServer(Forwarded, asyncio.Protocol):
 
     def hang_up(self, reply: Reply) -> None:
         self.reply(reply)
+        self.close()
+
+    def close(self) -> None:
         if self.transport is None:
             return
         # close() waits until what we wrote has gone; a client that does not read (our replies
@@ -183,7 +203,9 @@ class SMTPServer(Forwarded, asyncio.Protocol):
         if self.transport is None:
             return
         now, timeout = self.loop.time(), self.timeout
-        if self.processing:  # bounded by limits.message_timeout instead
+        # Our answer is due, not the client's move: a RCPT check is bounded by
+        # delivery.lmtp_timeout, a message by limits.message_timeout.
+        if self.task is not None:
             self.timer = self.loop.call_later(timeout, self._timeout_cb)
             return
         # XXX bytes arriving (during DATA, say) are not idleness; but a client that sends a
@@ -218,7 +240,13 @@ class SMTPServer(Forwarded, asyncio.Protocol):
                     continue
                 self.command(line.rstrip(b"\r\n"))
             except Exception as error:  # our bug is a 451 for that command; the next one follows
+                inside_message = self.message is not None
                 self.write(self.internal_error(error))
+                if inside_message:  # where the message ends is unknown: its rest must never be
+                    self.close()    # taken for commands
+                    return
+        if self.eof and self.task is None and self.transport is not None:
+            self.close()  # all that can be answered was (an unfinished line or message cannot)
         if self.reading_paused and self.task is None and len(self.pending) <= PENDING_LIMIT \
                 and self.transport is not None:
             self.reading_paused = False
@@ -260,6 +288,8 @@ class SMTPServer(Forwarded, asyncio.Protocol):
         self.task = None
         if self.transport is None:  # the client is gone (connection_lost cancelled it)
             return
+        # Answered: the client's move, and its idle time, start now.
+        self.last_activity = self.last_line = self.loop.time()
         # XXX a CancelledError from a filter, with the client still here, is our bug too: the
         # command must be answered, or every later reply would answer the one before it.
         error = asyncio.CancelledError() if task.cancelled() else task.exception()
@@ -321,15 +351,18 @@ class SMTPServer(Forwarded, asyncio.Protocol):
             self.reply(BAD_SENDER)
             return
         address, params = parsed
-        problem = self._mail_params(params)
-        if problem is not None:
-            self.reply(problem)
+        checked = self._mail_params(params)
+        if isinstance(checked, Reply):  # nothing of a refused MAIL stays for the next one
+            self.reply(checked)
             return
         self.envelope.mail_from = address
         self.envelope.mail_options.extend(params)
+        self.envelope.body_8bit, self.envelope.smtp_utf8 = checked
         self.reply(SENDER_OK)
 
-    def _mail_params(self, params: list[str]) -> Reply | None:
+    def _mail_params(self, params: list[str]) -> Reply | tuple[bool, bool]:
+        """(BODY=8BITMIME, SMTPUTF8), or the reply refusing a parameter."""
+        body_8bit = smtp_utf8 = False
         for param in params:
             name, _, value = param.partition("=")
             name = name.upper()
@@ -341,12 +374,12 @@ class SMTPServer(Forwarded, asyncio.Protocol):
             elif name == "BODY":
                 if value.upper() not in ("7BIT", "8BITMIME"):
                     return BAD_ARGUMENTS
-                self.envelope.body_8bit = value.upper() == "8BITMIME"
+                body_8bit = value.upper() == "8BITMIME"
             elif name == "SMTPUTF8":
-                self.envelope.smtp_utf8 = True
+                smtp_utf8 = True
             elif name not in IGNORED_MAIL_PARAMS:
                 return BAD_PARAMETER
-        return None
+        return body_8bit, smtp_utf8
 
     def smtp_RCPT(self, arg: str | None) -> None:
         if self.helo_needed():
@@ -395,6 +428,7 @@ class SMTPServer(Forwarded, asyncio.Protocol):
 
     def _take_message(self) -> None:
         """Feed the pending input to the message; at its end, process it (or refuse it)."""
+        faults.point("data")
         ended = self.message.feed(self.pending)
         del self.pending[:]
         if ended is None:
@@ -409,14 +443,9 @@ class SMTPServer(Forwarded, asyncio.Protocol):
         self.run(self._message())
 
     async def _message(self) -> None:
-        self.processing = True
-        try:
-            status = await self.gateway.handle_DATA(self, self.envelope)
-        finally:
-            # XXX only the processing, not the upload, is exempt from the idle deadline: a
-            # client that stalls half-way through its upload is idle. Now its time starts afresh.
-            self.processing = False
-            self.last_activity = self.last_line = self.loop.time()
+        # Only the processing, not the upload, is exempt from the idle deadline (a task runs):
+        # a client that stalls half-way through its upload is idle.
+        status = await self.gateway.handle_DATA(self, self.envelope)
         self.write(status)
         self.end_transaction()
 

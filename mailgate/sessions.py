@@ -23,6 +23,7 @@ class Session(Protocol):
     listener: str          # "smtp" | "lmtp", the config key's name
     protocol_name: str     # "SMTP" | "LMTP"
     busy: bool             # inside DATA: shutdown waits for it
+    eof: bool              # the client shut its side: it may never read our reply
     transport: asyncio.BaseTransport | None
     envelope: Any          # server.Envelope, the transaction in progress
 

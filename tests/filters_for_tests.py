@@ -31,6 +31,18 @@ class Slow(_Filter):
         return FilterResult()
 
 
+class SlowAtRcpt(_Filter):
+    """Each RCPT check takes longer than a 1 s command_timeout (a slow store, say)."""
+    name = "slow-at-rcpt"
+
+    async def check(self, message: Message) -> FilterResult:
+        return FilterResult()
+
+    async def check_recipient(self, sender: str, rcpt: str) -> Verdict | None:
+        await asyncio.sleep(SLOW_SECONDS)
+        return None
+
+
 class Boom(_Filter):
     name = "boom"
 

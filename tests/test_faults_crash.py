@@ -15,7 +15,7 @@ import pytest
 
 from faultkit import (ALICE, BOB, SENDER, Raw, assert_reply, copies, lmtp, maildir_files,
                       message, send, smtp, token)
-from peers import swaks, wait_until
+from peers import PeerError, swaks, wait_until
 
 # point, whether Dovecot is up (else the maildir fallback delivers), copies after the retry
 CRASHES = [
@@ -76,6 +76,23 @@ def test_bug_at_mail_is_451_and_what_was_pipelined_after_it_is_answered(dovecot,
     assert_reply(session.reply(), "451 4.3.0")
     assert_reply(session.reply(), "250 2.0.0")
     assert_reply(session.reply(), "250 2.0.0")
+    session.close()
+    gate.wait_log(r"error: internal error, answered 451 4\.3\.0")
+
+
+def test_bug_while_reading_the_message_is_451_and_the_end_of_the_session(dovecot,
+                                                                        mailgate_factory):
+    """Where the message ends is then unknown: what follows must never be taken for
+    commands (the body here holds a whole transaction of its own)."""
+    gate = mailgate_factory(env={"MAILGATE_FAULT": "data:raise"})
+    mark = token()
+    session = Raw(gate.smtp)
+    session.to_data(ALICE)
+    session.sock.sendall(f"Subject: {mark}\r\n\r\nRSET\r\nMAIL FROM:<evil@remote.test>\r\n"
+                         f"RCPT TO:<{BOB}>\r\nDATA\r\nsmuggled {mark}\r\n.\r\n".encode())
+    assert_reply(session.reply(), "451 4.3.0")
+    with pytest.raises(PeerError, match="connection closed"):  # nothing more answered
+        session.reply()
     session.close()
     gate.wait_log(r"error: internal error, answered 451 4\.3\.0")
 

@@ -386,8 +386,8 @@ def test_size_parameter_that_is_not_ascii_digits_is_bad_syntax(gate: GateFactory
 
 
 def test_long_mail_command_after_ehlo_does_not_depend_on_other_sessions(gate: GateFactory) -> None:
-    """After EHLO, MAIL may be longer than 512 octets (SIZE= and SMTPUTF8 add to it, as
-    aiosmtpd counts); another client connecting in between must not take that away."""
+    """After EHLO, MAIL may be longer than 512 octets (room for SIZE= and SMTPUTF8, RFC 1870
+    and 6531); another client connecting in between must not take that away."""
     mg = gate()
     command = "MAIL FROM:<{}@remote.test>"
     command = command.format("x" * (540 - len(command.format(""))))
@@ -522,6 +522,80 @@ def test_filter_leaking_cancellation_is_451_and_the_replies_stay_in_step(
         assert_reply(s.command("QUIT"), verdict.CLOSING)
     assert on_disk(dove, ALICE, mark) == []
     mg.wait_log(r"error: internal error, answered 451 4\.3\.0")
+
+
+def test_quoting_dots_do_not_count_against_the_size_limit(gate: GateFactory,
+                                                         dove: Dovecot) -> None:
+    """RFC 1870 §6: SIZE is the message as delivered. 1500 lines ".abc" are 9000 bytes of
+    message and 10500 on the wire; the limit is 10000: delivered, as Postfix would."""
+    mg = gate({"limits": {"message_size": 10000}})
+    mark = marker()
+    data = message(mark) + b".abc\r\n" * 1500
+    assert len(data) <= 10000 < len(dot_stuff(data))
+    with Session(mg.smtp) as s:
+        s.reply()
+        assert s.command("EHLO client.test")[0] == 250
+        assert_reply(s.command(f"MAIL FROM:<sender@remote.test> SIZE={len(data)}"),
+                     verdict.SENDER_OK)
+        assert_reply(s.command(f"RCPT TO:<{ALICE}>"), verdict.RCPT_OK)
+        assert s.command("DATA")[0] == 354
+        s.send(dot_stuff(data))
+        assert_reply(s.reply(), verdict.DELIVERED)
+    assert on_disk(dove, ALICE, mark)[0].endswith(b".abc\n" * 1500)  # maildir: LF lines
+
+
+def test_pipelined_rcpts_checked_for_longer_than_the_idle_deadline_are_answered(
+        gate: GateFactory, dove: Dovecot) -> None:
+    """The client is not idle while we owe it answers: three RCPTs pipelined, each checked
+    for 1.5 s, against a 1 s command_timeout."""
+    mg = gate({"listen": {"command_timeout": 1},
+               "pipeline": {"filters": ["filters_for_tests:SlowAtRcpt"]}})
+    mark = marker()
+    with Session(mg.smtp) as s:
+        s.reply()
+        assert s.command("EHLO client.test")[0] == 250
+        s.send(f"MAIL FROM:<sender@remote.test>\r\nRCPT TO:<{ALICE}>\r\n"
+               f"RCPT TO:<{BOB}>\r\nRCPT TO:<{CAROL}>\r\nDATA\r\n")
+        assert_reply(s.reply(), verdict.SENDER_OK)
+        for _ in range(3):
+            assert_reply(s.reply(), verdict.RCPT_OK)
+        assert s.reply()[0] == 354
+        s.send(dot_stuff(message(mark)))
+        assert_reply(s.reply(), verdict.DELIVERED)
+    assert len(on_disk(dove, CAROL, mark)) == 1
+
+
+def test_client_that_shuts_its_side_after_quit_gets_every_reply(gate: GateFactory,
+                                                                dove: Dovecot) -> None:
+    """The message, the final dot and QUIT, then the client's half-close (a client may do
+    that): it is still answered, as Postfix's smtpd answers it, and then closed."""
+    mg = gate()
+    mark = marker()
+    with Session(mg.smtp) as s:
+        s.reply()
+        assert s.command("EHLO client.test")[0] == 250
+        s.send(f"MAIL FROM:<sender@remote.test>\r\nRCPT TO:<{ALICE}>\r\nDATA\r\n")
+        assert_reply(s.reply(), verdict.SENDER_OK)
+        assert_reply(s.reply(), verdict.RCPT_OK)
+        assert s.reply()[0] == 354
+        s.send(dot_stuff(message(mark)) + b"QUIT\r\n")
+        s.sock.shutdown(socket.SHUT_WR)
+        assert_reply(s.reply(), verdict.DELIVERED)
+        assert_reply(s.reply(), verdict.CLOSING)
+        assert s.closed()
+    assert len(on_disk(dove, ALICE, mark)) == 1
+
+
+def test_refused_mail_leaves_no_parameter_for_the_next(gate: GateFactory) -> None:
+    """SMTPUTF8 on a MAIL refused for another parameter does not make the next MAIL's
+    UTF-8 path acceptable."""
+    with Session(gate().smtp) as s:
+        s.reply()
+        assert s.command("EHLO client.test")[0] == 250
+        assert_reply(s.command("MAIL FROM:<s@remote.test> SMTPUTF8 BODY=8BITMIME FOO=1"),
+                     verdict.BAD_PARAMETER)
+        assert_reply(s.command("MAIL FROM:<j\u00fcrgen@remote.test>"), verdict.BAD_SENDER)
+        assert_reply(s.command("MAIL FROM:<j\u00fcrgen@remote.test> SMTPUTF8"), verdict.SENDER_OK)
 
 
 def test_ehlo_advertises_extensions(gate: GateFactory) -> None:

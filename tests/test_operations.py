@@ -441,6 +441,28 @@ def last_reload(gate: Mailgate) -> str:
     return [line for line in gate.log_text().splitlines() if "reloaded config" in line][-1]
 
 
+def test_sighup_size_limit_applies_to_sessions_already_open(dovecot: Dovecot,
+                                                             mailgate_factory) -> None:
+    """A session opened before the reload is told the new SIZE at its next EHLO and held to
+    that same limit, not to the one of its start."""
+    gate = mailgate_factory({"limits": {"message_size": 1000}})
+    early = smtp(gate)
+    config = copy.deepcopy(dict(gate.config))
+    config["limits"] = {**config.get("limits", {}), "message_size": 5000}
+    gate.config_path.write_text(toml_dumps(config))
+    sighup(gate, "reloaded config")
+    early.ehlo("client.test")
+    assert early.esmtp_features["size"] == "5000"
+    mark = uuid.uuid4().hex
+    data = message(mark) + b"x" * 76 + b"\r\n" * 1 + (b"y" * 76 + b"\r\n") * 30
+    assert 1000 < len(data) <= 5000
+    assert early.mail(SENDER, [f"SIZE={len(data)}"])[0] == 250
+    assert early.rcpt(ALICE)[0] == 250
+    assert early.data(data)[0] == 250
+    early.quit()
+    assert len(with_mark(dovecot, ALICE, mark)) == 1
+
+
 def test_sighup_keeps_restart_only_keys_and_health_asks_the_running_dovecot(
         dovecot: Dovecot, mailgate_factory) -> None:
     """A reload cannot move the LMTP pool, the store, the resolver, the relay or data_dir: it

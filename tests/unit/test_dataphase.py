@@ -16,15 +16,15 @@ STREAMS = st.lists(ALPHABET, max_size=60).map(b"".join)
 
 
 def by_lines(stream: bytes, size_limit: int = 1 << 20) -> tuple[bytes | None, bytes]:
-    """The reference: (content, or None when the lines as sent exceed the limit; what follows
-    the end)."""
-    lines, pos, size = [], 0, 0
+    """The reference: (content, or None when it is over the limit, quoting dots not counted
+    (RFC 1870 §6); what follows the end)."""
+    lines, pos = [], 0
     while True:
         end = stream.index(b"\r\n", pos) + 2
         line, pos = stream[pos:end], end
         if line == b".\r\n":
-            return (b"".join(lines) if size <= size_limit else None), stream[pos:]
-        size += len(line)
+            content = b"".join(lines)
+            return (content if len(content) <= size_limit else None), stream[pos:]
         lines.append(line[1:] if line.startswith(b".") else line)
 
 
@@ -59,6 +59,14 @@ def test_reader_takes_long_lines_and_refuses_only_by_size():
     assert read_in_pieces(line + b".\r\nQUIT\r\n", [3000]) == (line, b"QUIT\r\n")
     assert read_in_pieces(line * 3 + b".\r\nNOOP\r\n", [], size_limit=10000) == (None, b"NOOP\r\n")
     assert read_in_pieces(line + b".\r\n", [5003, 5004], size_limit=len(line)) == (line, b"")
+
+
+def test_quoting_dots_do_not_count_against_the_size_limit():
+    """RFC 1870 §6: a message of 300 lines ".xx" is 1500 bytes as delivered, 1800 as sent."""
+    stuffed = b"..xx\r\n" * 300
+    delivered = b".xx\r\n" * 300
+    assert read_in_pieces(stuffed + b".\r\n", [700, 1400], size_limit=1500) == (delivered, b"")
+    assert read_in_pieces(stuffed + b".\r\n", [700, 1400], size_limit=1499) == (None, b"")
 
 
 def test_reader_never_ends_on_a_bare_lf_dot():

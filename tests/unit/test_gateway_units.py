@@ -12,8 +12,8 @@ from mailgate.pipeline import Chain
 def test_a_failure_after_delivery_is_a_clean_451_naming_the_queue_id(tmp_path, caplog):
     """The delivery record's step (after delivery) fails, as it did on a sender that was not
     UTF-8 ("\udcff": str.encode raised): 451 4.3.0 for each recipient and a log line with
-    the queue id, not an exception out of the transaction (aiosmtpd's 451 with a traceback,
-    and no per-recipient lines)."""
+    the queue id, not an exception out of the transaction (the listener's 451 with a
+    traceback, and no per-recipient lines)."""
     cfg = build(Config, {"hostname": "mx.example.test", "domains": ["example.test"],
                          "data_dir": str(tmp_path), "delivery": {"lmtp": "", "maildir": ""}}, "")
     gateway = Gateway(cfg, None, Chain([], cfg.pipeline))
