@@ -24,6 +24,7 @@ class Recipients:
         self.domains = config.domains
         self.template = config.maildir_template()
         self.ttl = config.delivery.recipient_cache
+        self.lookup_timeout = config.delivery.lmtp_timeout
         self.cache: dict[str, tuple[float, Reply]] = {}
 
     async def check(self, address: str) -> Reply:
@@ -43,7 +44,8 @@ class Recipients:
 
     async def _ask(self, address: str) -> Reply:
         if self.pool is None:  # maildir only: the maildirs are the user database
-            return RCPT_OK if await self._has_maildir(address) else UNKNOWN_USER
+            exists = await self._has_maildir(address)
+            return USERDB_UNAVAILABLE if exists is None else RCPT_OK if exists else UNKNOWN_USER
         answer = await self.pool.probe(address)
         if answer is not None and answer.code == 250:
             return RCPT_OK
@@ -53,7 +55,14 @@ class Recipients:
             return Reply(answer.code, *answer.split())  # e.g. 552 5.2.2: full, not unknown
         return RCPT_OK if await self._has_maildir(address) else USERDB_UNAVAILABLE
 
-    async def _has_maildir(self, address: str) -> bool:
-        """Off the event loop: a slow or hung file system must not stall every session."""
-        return bool(self.template) and await asyncio.to_thread(
-            maildir.exists, self.template, address, self.domains)
+    async def _has_maildir(self, address: str) -> bool | None:
+        """Off the event loop: a slow or hung file system must not stall every session; one
+        that does not answer within lmtp_timeout is "cannot say" (None), as Dovecot would be."""
+        if not self.template:
+            return False
+        try:
+            async with asyncio.timeout(self.lookup_timeout):
+                return await asyncio.to_thread(maildir.exists, self.template, address,
+                                               self.domains)
+        except TimeoutError:
+            return None

@@ -245,7 +245,8 @@ class SMTPServer(Forwarded, asyncio.Protocol):
                 if inside_message:  # where the message ends is unknown: its rest must never be
                     self.close()    # taken for commands
                     return
-        if self.eof and self.task is None and self.transport is not None:
+        if self.eof and self.task is None and not self.writing_paused \
+                and self.transport is not None:
             self.close()  # all that can be answered was (an unfinished line or message cannot)
         if self.reading_paused and self.task is None and len(self.pending) <= PENDING_LIMIT \
                 and self.transport is not None:

@@ -57,7 +57,7 @@ MUTANTS = {
                                      [f"{D}::test_client_leaving_before_the_reply_neither_loses_nor_doubles"]),
     "shield-removed": ("mailgate/gateway.py", "results = await asyncio.shield(task)",
                        "results = await task",
-                       [f"{D}::test_client_leaving_before_the_reply_neither_loses_nor_doubles"]),
+                       [f"{D}::test_client_leaving_before_the_reply_neither_loses_nor_doubles[reset]"]),
     "fsync-file-removed": ("mailgate/maildir.py", "            os.fsync(fd)\n", "",
                            [f"{U}::test_250_is_sent_only_after_the_copy_is_durable"]),
     "fsync-new-removed": ("mailgate/maildir.py", "            os.fsync(new_fd)\n", "            pass\n",

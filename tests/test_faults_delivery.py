@@ -7,6 +7,8 @@ with literals; copies are counted by a token in the maildir files (docs/RELIABIL
 from __future__ import annotations
 
 import re
+import socket
+import struct
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -171,10 +173,12 @@ def test_quota_full_is_552_5_2_2_for_that_recipient_never_the_fallback(dovecot,
 
 # ---------------------------------------------------------------- the client goes away
 
+@pytest.mark.parametrize("how", ["close", "reset"])
 def test_client_leaving_before_the_reply_neither_loses_nor_doubles(dovecot, fault_proxy,
-                                                                   mailgate_factory):
+                                                                   mailgate_factory, how):
     """The client disconnects while Dovecot is delivering: delivery finishes (shielded from the
-    session), is remembered, and the client's retry is answered 250 without a second copy."""
+    session, which a reset ends at once), is remembered, and the client's retry is answered
+    250 without a second copy."""
     gate = mailgate_factory({"delivery": {"lmtp": fault_proxy.target}})
     fault_proxy.mode, fault_proxy.delay = "delay", 1.5
     mark = token()
@@ -182,6 +186,8 @@ def test_client_leaving_before_the_reply_neither_loses_nor_doubles(dovecot, faul
     session.to_data(ALICE)
     session.send_data(message(mark))
     wait_until(lambda: fault_proxy.dots == 1, 10, what="the message at Dovecot")
+    if how == "reset":  # RST, not FIN: the session ends now, its task is cancelled
+        session.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     session.close()  # before our reply
     gate.wait_log(rf"to=<{ALICE}>, {dovecot_relay(gate)}, .*status=sent")
     fault_proxy.mode = "pass"
