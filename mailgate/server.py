@@ -145,7 +145,7 @@ class SMTPServer(Forwarded, asyncio.Protocol):
         self.eof = True
         if self.task is None:
             self.advance()
-        return True  # keep our side open for the replies; close_when_done closes it
+        return True  # our side stays open for the replies; advance() closes it after them
 
     def data_received(self, data: bytes) -> None:
         self.last_activity = self.loop.time()
@@ -158,7 +158,7 @@ class SMTPServer(Forwarded, asyncio.Protocol):
             self.reading_paused = True
             self.transport.pause_reading()
 
-    def pause_writing(self) -> None:  # the client does not read our replies: stop reading its
+    def pause_writing(self) -> None:  # our replies back up: handle no more of its commands
         self.writing_paused = True
 
     def resume_writing(self) -> None:
@@ -247,7 +247,10 @@ class SMTPServer(Forwarded, asyncio.Protocol):
                     return
         if self.eof and self.task is None and not self.writing_paused \
                 and self.transport is not None:
-            self.close()  # all that can be answered was (an unfinished line or message cannot)
+            # All that can be answered was (an unfinished line or message cannot). Not close():
+            # what is still in the buffer goes out first; the idle deadline aborts a client
+            # that never takes it.
+            self.transport.close()
         if self.reading_paused and self.task is None and len(self.pending) <= PENDING_LIMIT \
                 and self.transport is not None:
             self.reading_paused = False
