@@ -1,4 +1,5 @@
-"""What the listeners ask of mailgate: decides at RCPT, runs the pipeline and delivery after DATA, answers.
+"""What the listeners ask of mailgate: decides at RCPT, runs the pipeline and delivery after
+DATA, answers.
 
 A message's processing runs in its own task, shielded from the client's connection: if the
 client goes away mid-delivery, delivery still finishes and what was delivered is remembered, so
