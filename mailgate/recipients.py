@@ -3,8 +3,9 @@
 Domain not served: 550 5.7.1. Unknown user: 550 5.1.1, as Dovecot's userdb says (asked over the
 LMTP pool with MAIL/RCPT/RSET, answers cached briefly). A mailbox that exists but that Dovecot
 refuses now (full with lmtp_rcpt_check_quota, disabled, its policy): Dovecot's own reply, not
-cached (Postfix's lookup refuses it in its session all the same: lookup.py). When Dovecot cannot be asked, a recipient whose maildir exists is accepted (the
-fallback will take it); anyone else gets 451 4.4.3.
+cached (Postfix's lookup refuses it in its session all the same: lookup.py). When Dovecot cannot
+be asked, a recipient whose maildir exists is accepted (the fallback will take it); anyone else,
+or a file system that does not answer within lmtp_timeout, gets 451 4.4.3.
 """
 from __future__ import annotations
 

@@ -2,7 +2,8 @@
 
 Written by hand rather than on aiosmtpd. aiosmtpd 1.4.6 gives each session a StreamReader, a
 task and a chain of awaits per command, and inspects its classes per connection; in the auth
-benchmark that was about a third of mailgate's CPU per message with the empty chain (BENCHMARKS.md).
+benchmark that was about a third of mailgate's CPU per message with the empty chain
+(BENCHMARKS.md, notes).
 Here a command that needs nobody else (EHLO, MAIL, RSET, ...) is answered inside data_received;
 only RCPT (Dovecot or the store may be asked) and the message get a task. While one runs, what
 the client pipelined waits in the buffer, and reading pauses if that grows.
@@ -17,7 +18,6 @@ session too (a slowloris); a client that shuts its side still gets its replies.
 from __future__ import annotations
 
 import asyncio
-import logging
 from typing import TYPE_CHECKING
 
 from mailgate import faults, metrics
@@ -32,8 +32,6 @@ from mailgate.verdict import (BAD_ARGUMENTS, BAD_PARAMETER, BAD_RECIPIENT, BAD_S
 
 if TYPE_CHECKING:
     from mailgate.gateway import Gateway
-
-log = logging.getLogger("mailgate.session")
 
 LINE_LIMIT = 1001          # a command line, CRLF included, as aiosmtpd read it
 COMMAND_LIMIT = 512        # RFC 5321 §4.5.3.1.4, CRLF excluded here as aiosmtpd counted
@@ -52,12 +50,10 @@ class Session:
 
 class Envelope:
     """One transaction, MAIL to the end of DATA."""
-    __slots__ = ("mail_from", "mail_options", "rcpt_tos", "body_8bit", "smtp_utf8",
-                 "original_content")
+    __slots__ = ("mail_from", "rcpt_tos", "body_8bit", "smtp_utf8", "original_content")
 
     def __init__(self) -> None:
         self.mail_from: str | None = None
-        self.mail_options: list[str] = []
         self.rcpt_tos: list[str] = []
         self.body_8bit = self.smtp_utf8 = False
         self.original_content: bytes | None = None
@@ -360,7 +356,6 @@ class SMTPServer(Forwarded, asyncio.Protocol):
             self.reply(checked)
             return
         self.envelope.mail_from = address
-        self.envelope.mail_options.extend(params)
         self.envelope.body_8bit, self.envelope.smtp_utf8 = checked
         self.reply(SENDER_OK)
 
