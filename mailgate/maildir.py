@@ -48,8 +48,11 @@ def is_domain(name: str) -> bool:
 
 
 def split_address(address: str, domains: tuple[str, ...]) -> tuple[str, str]:
-    """(user, domain) lower-cased as Dovecot's default auth_username_format %Lu does."""
+    """(user, domain) lower-cased as Dovecot's default auth_username_format %Lu does: ASCII
+    only (str.lower() would make U+212A KELVIN SIGN a "k", and so another user's name)."""
     user, at, domain = address.rpartition("@")
+    if not address.isascii():
+        raise UnsafeAddress(f"not an ASCII address: {address!r}")
     user, domain = user.lower(), domain.lower()
     if not at or len(user) > 64 or not LOCAL_PART.match(user):
         raise UnsafeAddress(f"local part not usable as a maildir name: {address!r}")
@@ -60,7 +63,9 @@ def split_address(address: str, domains: tuple[str, ...]) -> tuple[str, str]:
 
 def target(template: str, address: str, domains: tuple[str, ...]) -> Target:
     user, domain = split_address(address, domains)
-    root = template[:template.index("{")].rstrip("/") or "/"
+    # The root ends at the last "/" before the first placeholder: in "/srv/d-{domain}/{user}"
+    # the "d-" belongs to a component the address names.
+    root = template[:template.rindex("/", 0, template.index("{")) + 1].rstrip("/") or "/"
     below = template[len(root):].format(user=user, domain=domain)
     parts = tuple(p for p in below.split("/") if p)
     if any(p in (".", "..") for p in parts) or "\0" in below:
@@ -125,7 +130,11 @@ def deliver(template: str, address: str, domains: tuple[str, ...],
 
 def _write(maildir_fd: int, base: str, parts: tuple[bytes, ...]) -> str:
     tmp_fd = os.open("tmp", _DIR_FLAGS, dir_fd=maildir_fd)
-    new_fd = os.open("new", _DIR_FLAGS, dir_fd=maildir_fd)
+    try:
+        new_fd = os.open("new", _DIR_FLAGS, dir_fd=maildir_fd)
+    except BaseException:  # a mailbox Dovecot cannot write either: each retry must not leak
+        os.close(tmp_fd)
+        raise
     try:
         owner = os.fstat(maildir_fd)
         fd = os.open(base, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,

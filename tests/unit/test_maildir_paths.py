@@ -46,6 +46,20 @@ def test_case_follows_dovecot_lowercasing():
     assert maildir.target(TEMPLATE, "Alice@Example.TEST", DOMAINS).parts == ("example.test", "alice")
 
 
+def test_case_folding_is_ascii_only_as_dovecots():
+    """str.lower() makes U+212A KELVIN SIGN an ASCII "k": "\u212aate" is not kate (Dovecot
+    refuses the name), so it must never name kate's maildir."""
+    with pytest.raises(UnsafeAddress):
+        maildir.split_address("\u212aate@example.test", DOMAINS)
+
+
+def test_a_placeholder_inside_a_path_component_names_the_right_directory():
+    t = maildir.target("/srv/vmail/d-{domain}/{user}", "alice@example.test", DOMAINS)
+    assert os.path.join(t.root, *t.parts) == "/srv/vmail/d-example.test/alice"
+    t = maildir.target("/srv/vmail/{domain}/u-{user}/Maildir", "alice@example.test", DOMAINS)
+    assert os.path.join(t.root, *t.parts) == "/srv/vmail/example.test/u-alice/Maildir"
+
+
 @pytest.fixture
 def root(tmp_path):
     (tmp_path / "example.test").mkdir()
@@ -96,3 +110,25 @@ def test_symlinks_are_never_followed(root, tmp_path_factory, link_at):
     with pytest.raises(MaildirError):
         maildir.deliver(template, "mallory@example.test", DOMAINS, b"x\r\n")
     assert [list((outside / "victim" / sub).iterdir()) for sub in ("cur", "new", "tmp")] == [[], [], []]
+
+
+def open_descriptors() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+def test_a_failed_write_leaves_no_descriptor_open(root, tmp_path_factory):
+    """new/ that cannot be opened (a symlink, refused; missing; not ours): every attempt is a
+    MaildirError, and none may leave a descriptor behind in the long-running serve."""
+    make(root, "bob")
+    box = root / "example.test" / "bob"
+    (box / "new").rename(box / "new.real")
+    (box / "new").symlink_to(box / "new.real")
+    template = f"{root}/{{domain}}/{{user}}"
+    before = open_descriptors()
+    for _ in range(20):
+        with pytest.raises(MaildirError):
+            maildir.deliver(template, "bob@example.test", DOMAINS, b"Subject: x\r\n\r\nx\r\n")
+    left = [os.readlink(f"/proc/self/fd/{fd}") for fd in open_descriptors() - before
+            if os.path.exists(f"/proc/self/fd/{fd}")]
+    assert left == []
+    assert os.listdir(box / "tmp") == [] and os.listdir(box / "new.real") == []
