@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from mailgate import faults, maildir, metrics
+from mailgate.address import fold
 from mailgate.config import Config
 from mailgate.lmtp import LMTPReply
 from mailgate.lmtppool import Pool
@@ -192,7 +193,7 @@ class DeliveryRecord:
 
     @staticmethod
     def key(digest: bytes, recipient: str) -> bytes:
-        return digest + recipient.lower().encode()
+        return digest + fold(recipient).encode()
 
     def remember(self, key: bytes) -> None:
         self.entries[key] = time.monotonic() + self.ttl

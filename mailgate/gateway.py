@@ -12,6 +12,7 @@ import dataclasses
 import logging
 
 from mailgate import faults, maillog, metrics, trace
+from mailgate.address import fold
 from mailgate.config import Config
 from mailgate.deliver import Deliverer, DeliveryRecord, Result
 from mailgate.forward import OWN_MAILBOX, Forwarder
@@ -145,7 +146,7 @@ class Gateway(Sessions):
         # are one mailbox. The first spelling is delivered; every duplicate gets its result.
         first: dict[str, str] = {}
         for rcpt in env.recipients:
-            first.setdefault(rcpt.lower(), rcpt)
+            first.setdefault(fold(rcpt), rcpt)
         done: dict[str, Result] = {}
         targets: list[str] = []  # recipients delivered to their own mailbox
         forwards: dict[str, Verdict] = {}  # recipients whose copies go elsewhere (forward.py)
@@ -184,7 +185,7 @@ class Gateway(Sessions):
         shares its address's result, and its log line says it got no copy of its own."""
         results, seen = [], set()
         for rcpt in env.recipients:
-            key = rcpt.lower()
+            key = fold(rcpt)
             result = done[first[key]]
             if key in seen:
                 result = dataclasses.replace(result, recipient=rcpt,

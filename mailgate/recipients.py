@@ -13,6 +13,7 @@ import asyncio
 import time
 
 from mailgate import maildir
+from mailgate.address import fold
 from mailgate.deliver import decided
 from mailgate.config import Config
 from mailgate.lmtppool import Pool
@@ -29,10 +30,10 @@ class Recipients:
         self.cache: dict[str, tuple[float, Reply]] = {}
 
     async def check(self, address: str) -> Reply:
-        domain = address.rpartition("@")[2].lower()
+        domain = fold(address.rpartition("@")[2])
         if domain not in self.domains:
             return RELAY_DENIED
-        key = address.lower()
+        key = fold(address)
         hit = self.cache.get(key)
         if hit is not None and hit[0] > time.monotonic():
             return hit[1]

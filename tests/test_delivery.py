@@ -717,3 +717,32 @@ def test_duplicate_recipient_in_the_fallback_is_written_once(dovecot, mailgate_f
     [written] = files(dovecot.maildir(ALICE))
     assert written.parent.name == "new" and f"body {m}".encode() in written.read_bytes()
     assert "delivered to maildir" in delivery_line(gate, ALICE, "maildir", "sent")
+
+
+KELVIN = "\u212aate@example.test"  # U+212A KELVIN SIGN: str.lower() makes it "kate"
+
+
+def test_an_address_that_only_unicode_folds_to_a_user_is_not_that_user(dovecot,
+                                                                       mailgate_factory) -> None:
+    """kate is known (and cached); "\u212aate" is another name, which Dovecot refuses. Neither
+    the RCPT cache (Dovecot up) nor the maildir check and fallback (Dovecot down) may take it
+    for kate's: with Dovecot down it is not known, so 451, and kate's mailbox gets nothing."""
+    kate = "kate@example.test"
+    dovecot.add_user(kate)
+    gate = mailgate_factory({"delivery": {"recipient_cache": 600}})
+    m = mark()
+    with smtplib.SMTP(*gate.smtp, local_hostname="client.test", timeout=REPLY_BOUND) as s:
+        s.ehlo()
+        assert s.mail(SENDER, ["SMTPUTF8"])[0] == 250
+        expect(s.rcpt(kate), RCPT_OK)
+        up = s.rcpt(KELVIN)
+    assert up[0] >= 500, up  # Dovecot refuses the name (not kate's cached 250)
+    dovecot.stop()
+    with smtplib.SMTP(*gate.smtp, local_hostname="client.test", timeout=REPLY_BOUND) as s:
+        s.ehlo()
+        assert s.mail(SENDER, ["SMTPUTF8"])[0] == 250
+        down = s.rcpt(KELVIN)
+        if down[0] == 250:
+            s.data(message(m, kate))
+    expect(down, USERDB_UNAVAILABLE)
+    assert [body for body in dovecot.maildir_messages(kate) if m.encode() in body] == []
