@@ -94,6 +94,9 @@ class Connection:
         except (LMTPError, TimeoutError) as e:
             conn.close()
             raise LMTPError(f"greeting from {target}: {str(e) or TIMED_OUT}") from None
+        except BaseException:  # cancelled (the client hung up during its RCPT check): not
+            conn.close()       # left for the garbage collector to close
+            raise
         conn.deadline = float("inf")
         return conn
 
