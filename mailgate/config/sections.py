@@ -64,7 +64,10 @@ class Delivery:
     lmtp_connections: int = 8          # pool size; also the cap on deliveries in flight
     create_maildirs: tuple[str, ...] = ()  # addresses whose maildir is created at start
     recipient_cache: float = 60 * SECONDS  # how long a Dovecot answer about a user is reused
-    delivery_record: float = 24 * HOURS    # how long partial deliveries are remembered
+    # How long partial deliveries are remembered: as long as the sender retries (Postfix's
+    # maximal_queue_lifetime), or a permanent failure among the recipients, answered 451 over
+    # SMTP, redelivers to the others once the record is gone.
+    delivery_record: float = 5 * DAYS
 
 
 @dataclass(frozen=True)

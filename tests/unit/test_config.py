@@ -45,6 +45,14 @@ def test_embedded_defaults_deliver_somewhere_local():
     assert cfg.delivery.create_maildirs == ("postmaster@localhost",)
 
 
+def test_the_delivery_record_outlives_the_senders_retries():
+    """A permanent failure beside a delivered recipient is 451 over SMTP: Postfix retries it
+    until its maximal_queue_lifetime (5 days by default), and every retry after the record is
+    gone would deliver again to the recipients who have it."""
+    cfg = config.load(None, {"MAILGATE_DATA_DIR": "/srv/mg"})
+    assert cfg.delivery.delivery_record >= 5 * 24 * 3600
+
+
 @pytest.mark.parametrize("env, key, value", [
     ({"MAILGATE_LIMITS_MAX_RECIPIENTS": "5"}, ("limits", "max_recipients"), 5),
     ({"MAILGATE_DELIVERY_LMTP": "unix:/run/dovecot/lmtp"}, ("delivery", "lmtp"), "unix:/run/dovecot/lmtp"),
