@@ -188,7 +188,11 @@ class Connection:
         """A reply per accepted recipient: Dovecot delivers one by one, each gets lmtp_timeout."""
         for i in accepted:
             limit.reschedule(self.limit())
-            results[i] = await self.read_reply()
+            reply = await self.read_reply()
+            if reply.code == 421:  # the service is closing (RFC 5321 §3.8), not this
+                # recipient's delivery: it may be saved already, so its outcome is unknown
+                raise LMTPError(f"Dovecot closing after DATA: {reply}")
+            results[i] = reply
 
     async def _send_all_but_last(self, chunks: Iterable[bytes | memoryview],
                                  limit: asyncio.Timeout) -> bytes:

@@ -173,6 +173,9 @@ class _HangingHandler(socketserver.StreamRequestHandler):
         server.got_data.set()
         if server.mode == "after-data":
             return False
+        if server.mode == "421-after-data":  # shutting down, as Dovecot says it: then gone
+            self.wfile.write(b"421 4.3.2 fake.test Shutting down\r\n")
+            return False
         answered = rcpts[:1] if len(server.transactions) == 1 else rcpts  # "first-then-hang"
         for rcpt in answered:
             self.wfile.write(f"250 2.0.0 <{rcpt}> fake Saved\r\n".encode())
@@ -181,8 +184,9 @@ class _HangingHandler(socketserver.StreamRequestHandler):
 
 class HangingLMTP(socketserver.ThreadingTCPServer):
     """An "LMTP server" on loopback that greets and then never answers after DATA ("after-data"),
-    never even greets ("silent"), or in its first transaction answers for the first recipient
-    only and then hangs, answering every later one in full ("first-then-hang")."""
+    never even greets ("silent"), says 421 where the first recipient's reply is due
+    ("421-after-data"), or in its first transaction answers for the first recipient only and
+    then hangs, answering every later one in full ("first-then-hang")."""
     daemon_threads = True
     block_on_close = False
 
@@ -576,6 +580,22 @@ def test_no_reply_after_data_defers_and_never_falls_back(dovecot, mailgate_facto
     for reply in lmtp_replies:
         expect(reply, OUTCOME_UNKNOWN)
     assert len(lmtp_replies) == 2
+    assert files(dovecot.maildir(ALICE)) == []
+
+
+@pytest.mark.parametrize("hanging_lmtp", ["421-after-data"], indirect=True)
+def test_a_421_after_data_is_an_unknown_outcome_never_a_fallback(dovecot, mailgate_factory,
+                                                                 hanging_lmtp) -> None:
+    """421 (RFC 5321 §3.8: the service is closing) where a recipient's delivery reply is due
+    says nothing about that delivery: Dovecot may have saved it, so no fallback copy."""
+    gate = mailgate_factory({"delivery": {"lmtp": hanging_lmtp.target, "lmtp_timeout": 5}})
+    sent = smtp_send(gate, [ALICE], message(mark()))
+
+    expect(sent.rcpt[ALICE], RCPT_OK)
+    expect(sent.data, OUTCOME_UNKNOWN)
+    assert hanging_lmtp.got_data.is_set()
+    assert "outcome unknown" in delivery_line(
+        gate, ALICE, re.escape(f"dovecot[{hanging_lmtp.target}]"), "deferred")
     assert files(dovecot.maildir(ALICE)) == []
 
 
