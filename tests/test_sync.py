@@ -399,6 +399,23 @@ def test_recipients_with_one_unknown_and_one_foreign(setup, aws, dovecot):
     assert "not our domains, not injected: someone@elsewhere.test" in log
 
 
+def test_one_recipient_in_two_cases_is_delivered_once_not_deferred_as_busy(setup, aws, dovecot):
+    """SES lists RCPT TO addresses as given: one mailbox written twice in different case is
+    one recipient (the claims' key), not two that wait on each other's lock."""
+    gate, sync = setup
+    aws.drop_test_event()
+    mark = uuid.uuid4().hex
+    aws.s3.put_object(Bucket=ARCHIVE, Key=f"ses/{mark}", Body=stored(mark, ses=False))
+    aws.sqs.send_message(QueueUrl=aws.queue, MessageBody=json.dumps(
+        ses_notification(f"ses/{mark}", [ALICE, ALICE.capitalize()], ARCHIVE)))
+    proc = sync().run("--once")
+    assert proc.returncode == 0, proc.stderr
+    assert len(dovecot.maildir_messages(ALICE)) == 1
+    assert "being delivered by another sync process" not in proc.stderr
+    assert aws.left(aws.queue) == 0   # finished on its first receive
+    assert aws.tags(f"ses/{mark}", ARCHIVE)["status"] == "delivered"
+
+
 # ---------------------------------------------------------------- nothing lost, nothing doubled
 
 def test_listener_down_then_back_delivers_once(setup, aws, dovecot):

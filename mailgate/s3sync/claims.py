@@ -33,8 +33,14 @@ class Claim(enum.Enum):
     BUSY = "busy"    # another process is injecting it now: leave it for later
 
 
+def mailbox_key(recipient: str) -> str:
+    """One mailbox however SES spelt it: what a claim is keyed by, and what recipients are
+    deduplicated by (two spellings of one mailbox would otherwise wait on each other's lock)."""
+    return recipient.lower()
+
+
 def identity(bucket: str, key: str, etag: str, recipient: str) -> str:
-    text = "\0".join((bucket, key, etag, recipient.lower()))
+    text = "\0".join((bucket, key, etag, mailbox_key(recipient)))
     return hashlib.sha256(text.encode()).hexdigest()
 
 

@@ -13,6 +13,7 @@ import email.utils
 import re
 from dataclasses import dataclass
 
+from mailgate.s3sync.claims import mailbox_key
 from mailgate.s3sync.notifications import SES_STATUS, Verdicts
 
 HEADER_LIMIT = 256 * 1024   # bytes of header section read; beyond it: no header information
@@ -103,9 +104,14 @@ def verdicts(block: list[tuple[str, str]]) -> Verdicts:
 
 
 def in_domains(addresses: list[str], domains: frozenset[str]) -> tuple[list[str], list[str]]:
-    """(ours, foreign): addresses split by whether their domain is one we serve."""
+    """(ours, foreign): addresses split by whether their domain is one we serve. One mailbox
+    given twice in different case (SES lists RCPT TO as written) counts once, by the key the
+    claims use (mailbox_key), in its first spelling."""
     ours, foreign = [], []
-    for address in dict.fromkeys(a.strip() for a in addresses):  # dedupe, keep order
+    first: dict[str, str] = {}
+    for address in (a.strip() for a in addresses):
+        first.setdefault(mailbox_key(address), address)
+    for address in first.values():  # in order of first appearance
         domain = address.rpartition("@")[2].lower()
         (ours if domain in domains else foreign).append(address)
     return ours, foreign
