@@ -746,6 +746,22 @@ def test_replay_of_a_prefix_with_the_same_idempotency(setup, aws, dovecot):
     assert "--to: 'x@elsewhere.test' is not an address in our domains" in foreign.stderr
 
 
+def test_replay_to_an_unknown_mailbox_keeps_the_delivered_tag(setup, aws, dovecot):
+    """`--to` a mailbox in our domains that Dovecot does not know is refused (550 5.1.1) and
+    said so on stdout; the object's tags still record its real delivery."""
+    gate, sync = setup
+    mark = uuid.uuid4().hex
+    aws.s3.put_object(Bucket=ARCHIVE, Key=f"2026/02/{mark}", Body=stored(mark))
+    first = sync().run("replay", "--bucket", ARCHIVE, "--prefix", "2026/02/")
+    assert first.returncode == 0, first.stderr
+    delivered = aws.tags(f"2026/02/{mark}", ARCHIVE)
+    assert delivered["status"] == "delivered"
+    typo = sync().run("replay", "--bucket", ARCHIVE, "--prefix", "2026/02/", "--to", DAVE)
+    assert f"s3://{ARCHIVE}/2026/02/{mark}: invalid: {DAVE}: 550 5.1.1" in typo.stdout
+    assert aws.tags(f"2026/02/{mark}", ARCHIVE) == delivered   # not re-tagged, not even the time
+    assert len(dovecot.maildir_messages(ALICE)) == 1
+
+
 def test_only_the_secret_makes_a_feed_session(setup, aws, dovecot):
     gate, sync = setup
     with smtplib.SMTP(*gate.smtp, local_hostname="client.test", timeout=15) as client:

@@ -2,7 +2,8 @@
 
 Lists the bucket under a prefix (optionally only objects modified since a date), and hands each
 object over exactly as the feed does, with the same claims: what was delivered before is not
-delivered again. `--to` delivers to that one address instead of the recipients SES recorded.
+delivered again. `--to` delivers to that one address instead of the recipients SES recorded,
+and leaves the object's tags alone: its outcome is on stdout and in the log only.
 """
 from __future__ import annotations
 
@@ -58,7 +59,9 @@ async def replay(args, config, clients: Clients, handover: Handover, marker: Mar
             outcome = await handover.run(Notice(args.bucket, key, to), where)
             print(f"s3://{args.bucket}/{key}: {outcome.status}"
                   f"{': ' + outcome.detail if outcome.detail else ''}", flush=True)
-            if outcome.final:
+            # --to is a copy for one mailbox: the object's tags keep what its own delivery
+            # did (a refused --to would otherwise re-tag a delivered object "invalid").
+            if outcome.final and not args.recipient:
                 try:
                     await marker.mark(args.bucket, key, outcome)
                 except MARK_ERRORS as e:
