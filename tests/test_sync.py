@@ -13,7 +13,9 @@ import os
 import signal
 import smtplib
 import socket
+import sqlite3
 import subprocess
+import time
 import urllib.parse
 import urllib.request
 import sys
@@ -744,6 +746,33 @@ def test_replay_of_a_prefix_with_the_same_idempotency(setup, aws, dovecot):
     foreign = sync().run("replay", "--bucket", ARCHIVE, "--to", "x@elsewhere.test")
     assert foreign.returncode == 2
     assert "--to: 'x@elsewhere.test' is not an address in our domains" in foreign.stderr
+
+
+def test_replay_of_mail_older_than_the_memory_does_not_deliver_it_again(setup, aws, dovecot):
+    """The claims' "done" record lives 15 days (REMEMBER, sized for SQS's retention); replay
+    reaches objects of any age: one tagged delivered is skipped, and says so."""
+    gate, sync = setup
+    mark = uuid.uuid4().hex
+    key = f"2026/01/{mark}"
+    aws.s3.put_object(Bucket=ARCHIVE, Key=key, Body=stored(mark))
+    first = sync().run("replay", "--bucket", ARCHIVE, "--prefix", "2026/01/")
+    assert first.returncode == 0, first.stderr
+    assert len(dovecot.maildir_messages(ALICE)) == 1
+    assert aws.tags(key, ARCHIVE)["status"] == "delivered"
+    # 16 days later: the store's memory of it has expired
+    with sqlite3.connect(gate.root / "data" / "mailgate.sqlite3") as db:
+        aged = db.execute("UPDATE state SET expires_at = ? WHERE state_key LIKE 'sync-done:%'",
+                          (time.time() - 1,)).rowcount
+    assert aged == 1
+    again = sync().run("replay", "--bucket", ARCHIVE, "--prefix", "2026/01/")
+    assert again.returncode == 0, again.stderr
+    assert len(dovecot.maildir_messages(ALICE)) == 1   # the object is tagged delivered
+    assert again.stdout.startswith(f"s3://{ARCHIVE}/{key}: delivered: already processed "
+                                   "(tagged delivered at ")
+    assert f"replay s3://{ARCHIVE}/{key}: delivered: already processed" in again.stderr
+    # --to is an explicit copy for one mailbox: delivered whatever the tags say
+    to_bob = sync().run("replay", "--bucket", ARCHIVE, "--prefix", "2026/01/", "--to", BOB)
+    assert to_bob.returncode == 0 and len(dovecot.maildir_messages(BOB)) == 1
 
 
 def test_replay_to_an_unknown_mailbox_keeps_the_delivered_tag(setup, aws, dovecot):

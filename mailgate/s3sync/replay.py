@@ -2,8 +2,11 @@
 
 Lists the bucket under a prefix (optionally only objects modified since a date), and hands each
 object over exactly as the feed does, with the same claims: what was delivered before is not
-delivered again. `--to` delivers to that one address instead of the recipients SES recorded,
-and leaves the object's tags alone: its outcome is on stdout and in the log only.
+delivered again. The claims' "done" records last REMEMBER (15 days) and replay reaches objects
+of any age, so an object whose tags say it was delivered (processed=true, status=delivered) is
+skipped as well, logged "already processed". `--to` delivers to that one address instead of
+the recipients SES recorded, and leaves the object's tags alone: its outcome is on stdout and
+in the log only.
 """
 from __future__ import annotations
 
@@ -13,7 +16,8 @@ import logging
 
 from mailgate import UsageError
 from mailgate.s3sync.ack import MARK_ERRORS, Marker
-from mailgate.s3sync.clients import AWS_ERRORS, Clients
+from mailgate.s3sync.clients import AWS_ERRORS, Clients, error_code
+from mailgate.s3sync.fetch import GONE
 from mailgate.s3sync.handover import Handover
 from mailgate.s3sync.notifications import Notice
 
@@ -28,6 +32,27 @@ def since(text: str | None) -> datetime.datetime | None:
     except ValueError:
         raise UsageError(f"--since: {text!r} is not an ISO 8601 date") from None
     return moment if moment.tzinfo else moment.replace(tzinfo=datetime.timezone.utc)
+
+
+def _tags(s3, bucket: str, key: str) -> dict[str, str]:
+    """In a worker thread: the object's tags."""
+    answer = s3.get_object_tagging(Bucket=bucket, Key=key)
+    return {t["Key"]: t["Value"] for t in answer.get("TagSet", [])}
+
+
+async def delivered_before(clients: Clients, bucket: str, key: str) -> str | None:
+    """Why the object's tags say it was delivered ("tagged delivered ..."), else None. AWS_ERRORS
+    when they cannot be read (a missing object reads as untagged: the handover says why)."""
+    try:
+        tags = await clients.call(_tags, s3=clients.s3, bucket=bucket, key=key)
+    except AWS_ERRORS as e:
+        if error_code(e) in GONE:
+            return None
+        raise
+    if tags.get("processed") != "true" or tags.get("status") != "delivered":
+        return None
+    at, by = tags.get("processed_at"), tags.get("processed_by")
+    return f"tagged delivered{' at ' + at if at else ''}{' by ' + by if by else ''}"
 
 
 def _list(s3, bucket: str, prefix: str, after: datetime.datetime | None) -> list[str]:
@@ -52,10 +77,24 @@ async def replay(args, config, clients: Clients, handover: Handover, marker: Mar
         return 1
     slots = asyncio.Semaphore(config.sync.concurrency)
     to = (args.recipient,) if args.recipient else ()
+    buckets = config.sync.buckets
+    check_tags = not args.recipient and (not buckets or args.bucket in buckets)
 
     async def one(key: str) -> bool:
         async with slots:
             where = f"replay s3://{args.bucket}/{key}"
+            if check_tags:  # --to is an explicit copy for one mailbox: delivered before or not
+                try:
+                    before = await delivered_before(clients, args.bucket, key)
+                except AWS_ERRORS as e:  # not known not to be delivered: not injected now
+                    log.error("%s: deferred: its tags could not be read: %s", where, e)
+                    print(f"s3://{args.bucket}/{key}: deferred: reading its tags: {e}", flush=True)
+                    return False
+                if before:
+                    log.info("%s: delivered: already processed (%s)", where, before)
+                    print(f"s3://{args.bucket}/{key}: delivered: already processed ({before})",
+                          flush=True)
+                    return True
             outcome = await handover.run(Notice(args.bucket, key, to), where)
             print(f"s3://{args.bucket}/{key}: {outcome.status}"
                   f"{': ' + outcome.detail if outcome.detail else ''}", flush=True)
