@@ -833,6 +833,32 @@ def test_sigterm_finishes_what_is_in_flight(setup, aws, dovecot):
     assert len(dovecot.maildir_messages(ALICE)) == 1 and aws.left(aws.queue) == 0
 
 
+def test_wait_time_zero_does_not_poll_an_empty_queue_in_a_tight_loop(setup, aws, dovecot, moto):
+    """wait_time = 0 is allowed (README: 0-20): an idle queue is asked about once a second,
+    not in a tight loop, and mail still comes through."""
+    gate, sync = setup
+    aws.drop_test_event()
+
+    def requests() -> int:
+        return moto.log_text().count('"POST / HTTP')
+    feed = sync({"MAILGATE_SYNC_WAIT_TIME": "0"}).start()
+    before = requests()
+    started = time.monotonic()
+    try:
+        wait_until(lambda: requests() - before >= 200, 5, interval=0.1,
+                   what="200 receives of an empty queue")
+        spun = time.monotonic() - started
+    except TimeoutError:
+        spun = None
+    assert spun is None, f"200 ReceiveMessage calls on an empty queue in {spun:.1f} s"
+    mark = uuid.uuid4().hex
+    aws.s3.put_object(Bucket=BUCKET, Key=f"in/{mark}", Body=stored(mark))
+    wait_until(lambda: aws.left(aws.queue) == 0 and dovecot.maildir_messages(ALICE),
+               SYNC_BOUND, what="delivered and the queue drained")
+    assert feed.stop() == 0
+    assert len(dovecot.maildir_messages(ALICE)) == 1
+
+
 def test_metrics_port_in_use_is_one_line_naming_the_key(setup, aws):
     gate, sync = setup
     with socket.socket() as holder:

@@ -107,6 +107,10 @@ def _check_sync(sync: Sync) -> None:
         raise ConfigError("sync.batch: must be from 1 to 10")
     if not 0 <= sync.wait_time <= 20:  # SQS's WaitTimeSeconds
         raise ConfigError("sync.wait_time: must be from 0 to 20 seconds")
+    for key in ("wait_time", "visibility_timeout"):  # SQS takes whole seconds: never truncated
+        if getattr(sync, key) != int(getattr(sync, key)):
+            raise ConfigError(f"sync.{key}: must be a whole number of seconds (SQS counts "
+                              f"whole seconds), got {getattr(sync, key)}")
     if sync.visibility_timeout > 12 * HOURS:
         raise ConfigError("sync.visibility_timeout: must be at most 43200 seconds")
 

@@ -29,6 +29,9 @@ CRASH_POINT = "SYNC_CRASH_POINT"
 RETRY_PAUSE = (1.0, 30.0)          # seconds between failed receives: first, most
 INTERNAL_FAILURES = 5              # times our bug fails on a message before it is dead
 INTERNAL_KEPT = 10_000             # messages whose failures are counted at once, at most
+# seconds between receives that found the queue empty, when the long poll (sync.wait_time) is
+# shorter: wait_time = 0 would otherwise ask an idle queue in a tight loop
+EMPTY_PAUSE = 1.0
 
 
 class Feed:
@@ -62,9 +65,10 @@ class Feed:
         pause = RETRY_PAUSE[0]
         while not stop.is_set():
             taken = await self._reserve()
+            empty = False
             try:
                 messages = await self._receive(url, taken, once)
-                pause = RETRY_PAUSE[0]
+                pause, empty = RETRY_PAUSE[0], not messages
             except AWS_ERRORS as e:
                 self.receive_failed = True
                 metrics.ERRORS.labels("sqs").inc()
@@ -80,6 +84,8 @@ class Feed:
                 self._start(url, message)
             if once and not messages:
                 return
+            if empty and self.sync.wait_time < EMPTY_PAUSE:
+                await _sleep(stop, EMPTY_PAUSE)
 
     async def _reserve(self) -> int:
         """Wait until a whole batch fits, and take room for it (all at once: pollers that

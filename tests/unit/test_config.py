@@ -88,6 +88,9 @@ def test_list_from_environment(tmp_path):
     (GOOD.replace('domains = ["example.test"]', 'domains = ["Example.test"]'), "domains"),
     (GOOD.replace('domains = ["example.test"]', 'domains = ["ex_ample.test"]'), "domains"),
     (GOOD + "[limits]\nmessage_timeout = 600\n", "limits.message_timeout"),
+    (GOOD + "[sync]\nwait_time = 0.5\n", "sync.wait_time: must be a whole number of seconds"),
+    (GOOD + "[sync]\nvisibility_timeout = 2.5\n",
+     "sync.visibility_timeout: must be a whole number of seconds"),
     (GOOD + "[listen]\n", "not valid TOML"),
 ])
 def test_bad_config_names_the_key(tmp_path, text, key):
