@@ -103,6 +103,13 @@ class Aws:
         the second of two readings counts it; the larger is taken."""
         return max(self._counted(url), self._counted(url))
 
+    def counts(self, url: str) -> tuple[int, int]:
+        """(visible, in flight), as moto reads them now."""
+        attrs = self.sqs.get_queue_attributes(QueueUrl=url, AttributeNames=[
+            "ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"])["Attributes"]
+        return (int(attrs["ApproximateNumberOfMessages"]),
+                int(attrs["ApproximateNumberOfMessagesNotVisible"]))
+
     def _counted(self, url: str) -> int:
         attrs = self.sqs.get_queue_attributes(QueueUrl=url, AttributeNames=[
             "ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"])["Attributes"]
@@ -831,6 +838,26 @@ def test_sigterm_finishes_what_is_in_flight(setup, aws, dovecot):
     wait_until(in_flight, SYNC_BOUND, what="the message received")
     assert feed.stop() == 0  # SIGTERM while serve's Slow filter holds the message
     assert len(dovecot.maildir_messages(ALICE)) == 1 and aws.left(aws.queue) == 0
+
+
+@pytest.mark.parametrize("filters", [["filters_for_tests:Slow"]])  # 1.5 s per message
+def test_sigterm_gives_back_what_waits_for_a_worker(setup, aws, dovecot):
+    """README: SIGTERM "finishes the messages in flight and gives back what it has not begun":
+    received messages still waiting for a worker are made visible at once, not delivered
+    during the shutdown (systemd's SIGKILL could land mid-injection)."""
+    gate, sync = setup
+    aws.drop_test_event()
+    marks = [uuid.uuid4().hex for _ in range(3)]
+    for mark in marks:  # all three in the queue before sync starts: one receive takes them
+        aws.s3.put_object(Bucket=BUCKET, Key=f"in/{mark}", Body=stored(mark))
+    feed = sync({"MAILGATE_SYNC_CONCURRENCY": "1", "MAILGATE_SYNC_BATCH": "3",
+                 "MAILGATE_SYNC_VISIBILITY_TIMEOUT": "30"}).start()
+    wait_until(lambda: aws.counts(aws.queue) == (0, 3), SYNC_BOUND,
+               what="the three messages received (one delivering, two waiting for the worker)")
+    assert feed.stop() == 0   # SIGTERM while the first is in serve's Slow filter
+    assert len(dovecot.maildir_messages(ALICE)) == 1
+    assert aws.counts(aws.queue) == (2, 0)   # given back: visible at once, for the next run
+    assert feed.log_text().count("not begun; given back as sync stops") == 2
 
 
 def test_wait_time_zero_does_not_poll_an_empty_queue_in_a_tight_loop(setup, aws, dovecot, moto):

@@ -1,5 +1,7 @@
 """The SQS side of mailgate sync: poll every queue, keep several messages in flight, extend
 their visibility while they are delivered, and acknowledge each only once it is finished.
+Told to stop, it starts no new receive, finishes what has begun, and gives back at once
+(visibility 0) what was received but still waits for a worker.
 
 A message that must come back (serve's 4xx, an unreadable object, the store away) is simply not
 deleted. A poison message goes to sync.dead_letter_queue with the reason and is deleted, or,
@@ -54,17 +56,32 @@ class Feed:
         self.handles: dict[str, str] = {}   # SQS MessageId in flight -> latest receipt handle
         self.tasks: set[asyncio.Task] = set()
         self.receive_failed = False
+        self.stop = asyncio.Event()   # run()'s: once set, what has not begun is given back
 
     async def run(self, urls: list[str], once: bool, stop: asyncio.Event) -> None:
-        """Poll until `stop` (or, with once, until the queues look empty); finish in flight."""
-        await asyncio.gather(*(self._poll(url, once, stop) for url in urls))
-        while self.tasks:
-            await asyncio.wait(set(self.tasks))
+        """Poll until `stop` (or, with once, until the queues look empty); finish what has
+        begun, give back at once what was received and waits for a worker."""
+        self.stop = stop
+        waker = asyncio.ensure_future(self._wake_on_stop())
+        try:
+            await asyncio.gather(*(self._poll(url, once, stop) for url in urls))
+            while self.tasks:
+                await asyncio.wait(set(self.tasks))
+        finally:
+            waker.cancel()
+
+    async def _wake_on_stop(self) -> None:
+        """A poller waiting for room must see the signal, not wait for a message to finish."""
+        await self.stop.wait()
+        self.freed.set()
 
     async def _poll(self, url: str, once: bool, stop: asyncio.Event) -> None:
         pause = RETRY_PAUSE[0]
         while not stop.is_set():
             taken = await self._reserve()
+            if stop.is_set():  # told to stop while waiting for room: no new receive
+                self._free(taken)
+                return
             empty = False
             try:
                 messages = await self._receive(url, taken, once)
@@ -78,7 +95,7 @@ class Feed:
                     await _sleep(stop, pause)
             self._free(taken - len(messages))
             if stop.is_set() and messages:  # received as we were told to stop: give them back
-                await self._give_back(url, messages)
+                await self._give_back(url, [m["ReceiptHandle"] for m in messages])
                 return
             for message in messages:
                 self._start(url, message)
@@ -90,7 +107,7 @@ class Feed:
     async def _reserve(self) -> int:
         """Wait until a whole batch fits, and take room for it (all at once: pollers that
         took room piecemeal could hold it all between them and wait for ever)."""
-        while self.outstanding + self.sync.batch > self.capacity:
+        while self.outstanding + self.sync.batch > self.capacity and not self.stop.is_set():
             self.freed.clear()
             await self.freed.wait()
         self.outstanding += self.sync.batch
@@ -109,16 +126,17 @@ class Feed:
             MessageSystemAttributeNames=["ApproximateReceiveCount", "SentTimestamp"])
         return answer.get("Messages", [])
 
-    async def _give_back(self, url: str, messages: list[dict]) -> None:
-        entries = [{"Id": str(i), "ReceiptHandle": m["ReceiptHandle"], "VisibilityTimeout": 0}
-                   for i, m in enumerate(messages)]
+    async def _give_back(self, url: str, handles: list[str]) -> None:
+        """Make messages not begun visible again at once, and free their room."""
+        entries = [{"Id": str(i), "ReceiptHandle": handle, "VisibilityTimeout": 0}
+                   for i, handle in enumerate(handles)]
         try:
             await self.clients.call(self.clients.sqs.change_message_visibility_batch,
                                     QueueUrl=url, Entries=entries)
         except AWS_ERRORS as e:  # they come back after their visibility timeout instead
             log.warning("queue %s: could not give back %d messages: %s", short_name(url),
-                        len(messages), e)
-        self._free(len(messages))
+                        len(handles), e)
+        self._free(len(handles))
 
     def _start(self, url: str, message: dict) -> None:
         mid = message["MessageId"]
@@ -142,8 +160,17 @@ class Feed:
         heartbeat = asyncio.ensure_future(self._heartbeat(url, mid))
         room = 1
         try:
-            async with self.workers:
+            if not await self._worker():  # stopping: not begun, so given back, not delivered
+                log.info("queue %s message %s: not begun; given back as sync stops",
+                         short_name(url), mid)
+                room = 0
+                heartbeat.cancel()
+                await self._give_back(url, [self.handles[mid]])
+                return
+            try:
                 processed = await self._process(url, message)
+            finally:
+                self.workers.release()
             self._free(room)
             room = 0
             # The acknowledgement (tags, a dead letter, the batched delete) holds neither a
@@ -157,6 +184,28 @@ class Feed:
         finally:
             heartbeat.cancel()
             self._free(room)
+
+    async def _worker(self) -> bool:
+        """Take a worker for a message; False, with none taken, when sync is told to stop
+        before one is free (the message has not begun)."""
+        if self.stop.is_set():
+            return False
+        acquire = asyncio.ensure_future(self.workers.acquire())
+        stopped = asyncio.ensure_future(self.stop.wait())
+        try:
+            await asyncio.wait((acquire, stopped), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopped.cancel()
+            if not acquire.done():
+                acquire.cancel()   # asyncio.Semaphore undoes a grant it then cannot hand over
+        try:
+            await acquire
+        except asyncio.CancelledError:
+            return False
+        if self.stop.is_set():   # both in the same turn of the loop: stopping wins
+            self.workers.release()
+            return False
+        return True
 
     async def _internal_error(self, url: str, message: dict, error: Exception) -> None:
         """Log our bug; once it failed on the message INTERNAL_FAILURES times (counted here, not

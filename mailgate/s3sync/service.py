@@ -1,9 +1,9 @@
 """Running mailgate sync: wire the parts, metrics and readiness, signals, and the exit status.
 
-SIGTERM/SIGINT: stop receiving, let the messages in flight finish (those received after the
-signal are given back at once), exit 0. READY=1 once every queue is resolved, like serve.
-Exit 1 when `--once` could not receive from a queue; 2 for a setup error naming the queue or
-the key (sync.metrics on a port in use).
+SIGTERM/SIGINT: stop receiving, let the messages that have begun finish (those still waiting
+for a worker, and those received after the signal, are given back at once), exit 0. READY=1
+once every queue is resolved, like serve. Exit 1 when `--once` could not receive from a queue;
+2 for a setup error naming the queue or the key (sync.metrics on a port in use).
 """
 from __future__ import annotations
 
@@ -81,7 +81,8 @@ async def feed(args, config: Config, clients: Clients, handover: Handover) -> in
                        return_when=asyncio.FIRST_COMPLETED)
     if stop.is_set():
         notify("STOPPING=1")
-        log.info("stopping: no new receives; finishing %d messages in flight", len(feed.tasks))
+        log.info("stopping: no new receives; of %d messages received, those begun finish, "
+                 "the others are given back", len(feed.tasks))
     await task
     log.info("stopped")
     return 1 if args.once and feed.receive_failed else 0
