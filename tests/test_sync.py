@@ -8,6 +8,7 @@ the queue and what the dead-letter queue says.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -644,6 +645,57 @@ def test_malformed_notifications_are_dead_lettered_at_once(setup, aws, dovecot):
         "s3://no such/bucket/ses/x: not a valid S3 request: Parameter validation failed: "
         'Invalid bucket name "no such/bucket"')
     assert "internal error" not in proc.stderr
+
+
+def test_a_poison_body_near_the_size_limit_is_still_set_aside(setup, aws, dovecot):
+    """A dead letter holds the body and the reason, JSON-escaped: for a body near the queue's
+    MaximumMessageSize it would not fit the dead-letter queue, and the poison message would come
+    back for ever. The body is cut to fit (read from the queue at start), and says so."""
+    gate, sync = setup
+    aws.drop_test_event()
+    limit = 262_144   # SQS's long-standing default MaximumMessageSize (256 KiB), both queues
+    for url in (aws.queue, aws.dlq):
+        aws.sqs.set_queue_attributes(QueueUrl=url, Attributes={"MaximumMessageSize": str(limit)})
+    body = "not JSON \u00e9\u0001" + "x" * (limit - 100)   # fits the queue it came from
+    aws.sqs.send_message(QueueUrl=aws.queue, MessageBody=body)
+    feed = sync({"MAILGATE_SYNC_VISIBILITY_TIMEOUT": "1"}).start()
+    try:
+        wait_until(lambda: aws.left(aws.queue) == 0 and aws.left(aws.dlq) == 1, 30,
+                   interval=0.2, what="the poison message set aside")
+    finally:
+        log = feed.log_text()
+        feed.stop()
+    assert "Traceback" not in log and "internal error" not in log
+    [dead] = aws.dead_letters()
+    whole = body.encode()
+    assert dead["error"].startswith("not JSON: ") and dead["queue"].endswith(f"/{QUEUE}")
+    assert (dead["truncated"], dead["body_length"], dead["body_sha256"]) == (
+        True, len(whole), hashlib.sha256(whole).hexdigest())
+    assert body.startswith(dead["body"]) and len(dead["body"]) > limit - 1024
+
+
+def test_a_dead_letter_that_cannot_be_sent_is_one_line_and_comes_back(setup, aws, dovecot):
+    """The dead-letter queue refusing the record (here: its MaximumMessageSize lowered after sync
+    read it) is an AWS failure, one line, no traceback; the message comes back and is set aside
+    once the queue takes it."""
+    gate, sync = setup
+    aws.drop_test_event()
+    feed = sync({"MAILGATE_SYNC_VISIBILITY_TIMEOUT": "1"}).start()
+    aws.sqs.set_queue_attributes(QueueUrl=aws.dlq, Attributes={"MaximumMessageSize": "1024"})
+    aws.sqs.send_message(QueueUrl=aws.queue, MessageBody="not JSON " + "x" * 2000)
+    wait_until(lambda: feed.log_text().count(
+        f"not set aside into dead-letter queue {DLQ}: ") >= 2, SYNC_BOUND,
+        what="the dead letter refused, twice: the message came back")
+    assert aws.left(aws.queue) == 1 and aws.left(aws.dlq) == 0
+    aws.sqs.set_queue_attributes(QueueUrl=aws.dlq, Attributes={"MaximumMessageSize": "262144"})
+    wait_until(lambda: aws.left(aws.queue) == 0 and aws.left(aws.dlq) == 1, SYNC_BOUND,
+               interval=0.2, what="set aside once the dead-letter queue takes it")
+    assert feed.stop() == 0
+    log = feed.log_text()
+    assert "Traceback" not in log and "internal error" not in log
+    assert "; it will come back" in log.split(f"not set aside into dead-letter queue {DLQ}: ")[1]
+    [dead] = aws.dead_letters()
+    assert dead["body"] == "not JSON " + "x" * 2000 and "truncated" not in dead
 
 
 def test_a_bug_on_one_message_sets_it_aside_after_five_failures(setup, aws, dovecot):

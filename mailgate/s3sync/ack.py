@@ -3,11 +3,13 @@ the SQS delete, in that order, each only once the message is finished.
 
 Tags, not metadata: a metadata change is a copy, which fires a new ObjectCreated event. A tag that
 fails is logged (the log is the audit trail too); a dead letter that fails leaves the message to
-come back. Deletes are batched (up to 10 per request) and use the latest receipt handle.
+come back. A dead letter always fits its queue: a body too large for it is cut, and says so.
+Deletes are batched (up to 10 per request) and use the latest receipt handle.
 """
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import time
@@ -23,6 +25,8 @@ log = logging.getLogger("mailgate.sync")
 BATCH = 10          # SQS's most entries per batch request
 LINGER = 0.1        # seconds a delete waits for others to share its request
 TAG_VALUE = 256     # S3's longest tag value
+DEAD_LETTER_SIZE = 256 * 1024   # SQS's MaximumMessageSize, when the queue's own is not readable
+ERROR_KEPT = 4096   # characters of the reason a dead letter keeps (the log has it whole)
 MARK_ERRORS = (*AWS_ERRORS, StoreUnavailable)   # what mark() raises when it did not mark
 
 
@@ -116,11 +120,48 @@ class DeleteFailed(Exception):
     """The message stays in the queue and comes back; claims keep it from delivering twice."""
 
 
-async def dead_letter(clients: Clients, dlq_url: str, queue_url: str, body: str,
-                      error: str, key: str) -> None:
-    """The original body and why it could not be delivered, into sync.dead_letter_queue."""
-    record = {"error": error, "queue": queue_url, "key": key, "time": now(), "body": body}
+def dead_letter_record(queue_url: str, body: str, error: str, key: str,
+                       limit: int) -> tuple[str, dict]:
+    """The dead letter's JSON and message attributes, together within `limit` bytes (the
+    dead-letter queue's MaximumMessageSize): the key, queue and error always; the body whole if
+    it fits, else cut, with `truncated`, `body_sha256` and `body_length` (bytes) of the whole."""
+    error = error[:ERROR_KEPT]
     attributes = {name: {"DataType": "String", "StringValue": value[:1024] or "-"}
                   for name, value in (("error", error), ("queue", queue_url), ("key", key))}
-    await clients.call(clients.sqs.send_message, QueueUrl=dlq_url,
-                       MessageBody=json.dumps(record), MessageAttributes=attributes)
+    room = limit - sum(len(name.encode()) + len(a["DataType"]) + len(a["StringValue"].encode())
+                       for name, a in attributes.items())
+    record = {"error": error, "queue": queue_url, "key": key, "time": now(), "body": body}
+    text = json.dumps(record)   # ASCII (ensure_ascii): its length is its size in bytes
+    if len(text) <= room:
+        return text, attributes
+    whole = body.encode("utf-8", "surrogatepass")
+    record.update(body="", truncated=True, body_sha256=hashlib.sha256(whole).hexdigest(),
+                  body_length=len(whole))
+    left = room - len(json.dumps(record))
+    if left < 0:  # a tiny queue limit and a long error: the error is cut (the log has it whole)
+        record["error"] = _fit(error, len(json.dumps(error)) - 2 + left)
+        left = 0
+    record["body"] = _fit(body, left)
+    return json.dumps(record), attributes
+
+
+def _fit(text: str, room: int) -> str:
+    """The longest start of `text` whose JSON string escape takes at most `room` bytes (a
+    character takes 1 to 12: a binary search, a few dozen encodings of at most `room` bytes)."""
+    short, long = 0, min(len(text), max(room, 0)) + 1   # text[:short] fits, text[:long] not
+    while long - short > 1:
+        middle = (short + long) // 2
+        if len(json.dumps(text[:middle])) - 2 <= room:
+            short = middle
+        else:
+            long = middle
+    return text[:short]
+
+
+async def dead_letter(clients: Clients, dlq_url: str, queue_url: str, body: str,
+                      error: str, key: str, limit: int = DEAD_LETTER_SIZE) -> None:
+    """The original body and why it could not be delivered, into sync.dead_letter_queue.
+    AWS_ERRORS when it is not there: the caller leaves the message to come back."""
+    text, attributes = dead_letter_record(queue_url, body, error, key, limit)
+    await clients.call(clients.sqs.send_message, QueueUrl=dlq_url, MessageBody=text,
+                       MessageAttributes=attributes)

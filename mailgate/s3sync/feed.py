@@ -4,10 +4,11 @@ Told to stop, it starts no new receive, finishes what has begun, and gives back 
 (visibility 0) what was received but still waits for a worker.
 
 A message that must come back (serve's 4xx, an unreadable object, the store away) is simply not
-deleted. A poison message goes to sync.dead_letter_queue with the reason and is deleted, or,
-without one, is made visible again at once so the queue's redrive policy moves it. Errors name
-the queue and the key; an unexpected one (our bug) leaves the message to come back, and once it
-has been received INTERNAL_FAILURES times it is poison too: a bug never loops for ever.
+deleted. A poison message goes to sync.dead_letter_queue with the reason (its body cut to fit
+that queue if need be) and is deleted, or, without one, is made visible again at once so the
+queue's redrive policy moves it; when that fails, it simply comes back. Errors name the queue
+and the key; an unexpected one (our bug) leaves the message to come back, and once it has been
+received INTERNAL_FAILURES times it is poison too: a bug never loops for ever.
 """
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ import time
 
 from mailgate.config import Config
 from mailgate.s3sync import metrics
-from mailgate.s3sync.ack import MARK_ERRORS, DeleteFailed, Deleter, Marker, dead_letter
+from mailgate.s3sync.ack import (DEAD_LETTER_SIZE, MARK_ERRORS, DeleteFailed, Deleter, Marker,
+                                  dead_letter)
 from mailgate.s3sync.clients import AWS_ERRORS, Clients
 from mailgate.s3sync.handover import Handover, Outcome
 from mailgate.s3sync.notifications import BadNotification, Notice, parse
@@ -37,9 +39,10 @@ EMPTY_PAUSE = 1.0
 
 
 class Feed:
-    def __init__(self, config: Config, clients: Clients, handover: Handover, dlq_url: str):
+    def __init__(self, config: Config, clients: Clients, handover: Handover, dlq_url: str,
+                 dlq_limit: int = DEAD_LETTER_SIZE):
         self.sync, self.clients, self.handover = config.sync, clients, handover
-        self.dlq_url = dlq_url
+        self.dlq_url, self.dlq_limit = dlq_url, dlq_limit   # limit: its MaximumMessageSize
         self.marker = Marker(config, clients, handover.claims)
         self.internal_errors: dict[str, int] = {}   # MessageId -> times our bug failed on it
         self.deleter = Deleter(clients)
@@ -295,16 +298,25 @@ class Feed:
         return "delivered" if outcomes else "skipped"
 
     async def _poison(self, url: str, message: dict, error: str, key: str) -> str | None:
-        queue = short_name(url)
-        log.error("queue %s message %s%s: cannot be delivered: %s", queue, message["MessageId"],
+        """"dead_letter" once it is in the dead-letter queue (to delete it), else None. An AWS
+        failure on the way is one line: the message comes back and is set aside then."""
+        queue, mid = short_name(url), message["MessageId"]
+        log.error("queue %s message %s%s: cannot be delivered: %s", queue, mid,
                   f" {key}" if key else "", error)
-        if not self.dlq_url:  # the redrive policy moves it after its maxReceiveCount
-            await self.clients.call(self.clients.sqs.change_message_visibility, QueueUrl=url,
-                                    ReceiptHandle=self.handles[message["MessageId"]],
-                                    VisibilityTimeout=0)
-            metrics.MESSAGES.labels(queue, "redrive").inc()
+        try:
+            if not self.dlq_url:  # the redrive policy moves it after its maxReceiveCount
+                await self.clients.call(self.clients.sqs.change_message_visibility, QueueUrl=url,
+                                        ReceiptHandle=self.handles[mid], VisibilityTimeout=0)
+                metrics.MESSAGES.labels(queue, "redrive").inc()
+                return None
+            await dead_letter(self.clients, self.dlq_url, url, message["Body"], error, key,
+                              self.dlq_limit)
+        except AWS_ERRORS as e:
+            metrics.ERRORS.labels("sqs").inc()
+            log.error("queue %s message %s: not set aside %s: %s; it will come back", queue, mid,
+                      f"into dead-letter queue {short_name(self.dlq_url)}" if self.dlq_url else
+                      "for the redrive policy", e)
             return None
-        await dead_letter(self.clients, self.dlq_url, url, message["Body"], error, key)
         return "dead_letter"
 
     async def _delete(self, url: str, message: dict, result: str) -> None:

@@ -7,9 +7,14 @@ no sync.dead_letter_queue), stops sync at start with the queue named.
 """
 from __future__ import annotations
 
+import logging
+
 from mailgate import UsageError, maildir
 from mailgate.config import Config
+from mailgate.s3sync.ack import DEAD_LETTER_SIZE
 from mailgate.s3sync.clients import AWS_ERRORS, Clients, error_code
+
+log = logging.getLogger("mailgate.sync")
 
 
 def load_domains(config: Config) -> frozenset[str]:
@@ -47,6 +52,19 @@ async def url_of(clients: Clients, queue: str) -> str:
     except AWS_ERRORS as e:
         raise UsageError(f"queue {queue}: {error_code(e)}: {e}") from None
     return answer["QueueUrl"]
+
+
+async def message_limit(clients: Clients, url: str) -> int:
+    """The queue's MaximumMessageSize (read once, at start: the dead letters are kept within
+    it); SQS's 256 KiB when it cannot be read (sqs:GetQueueAttributes not allowed)."""
+    try:
+        answer = await clients.call(clients.sqs.get_queue_attributes, QueueUrl=url,
+                                    AttributeNames=["MaximumMessageSize"])
+        return int(answer["Attributes"]["MaximumMessageSize"])
+    except (*AWS_ERRORS, KeyError, ValueError) as e:
+        log.warning("queue %s: MaximumMessageSize not readable (%s); dead letters are kept "
+                    "within %d bytes", short_name(url), error_code(e), DEAD_LETTER_SIZE)
+        return DEAD_LETTER_SIZE
 
 
 async def resolve(config: Config, clients: Clients, domains: frozenset[str]) -> list[str]:

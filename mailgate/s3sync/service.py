@@ -15,13 +15,13 @@ from mailgate import maillog
 from mailgate.config import Config, parse_hostport
 from mailgate.notify import notify
 from mailgate.s3sync import metrics
-from mailgate.s3sync.ack import Marker
+from mailgate.s3sync.ack import DEAD_LETTER_SIZE, Marker
 from mailgate.s3sync.claims import Claims
 from mailgate.s3sync.clients import Clients
 from mailgate.s3sync.feed import Feed
 from mailgate.s3sync.handover import Handover
 from mailgate.s3sync.inject import Injector
-from mailgate.s3sync.queues import load_domains, resolve, short_name, url_of
+from mailgate.s3sync.queues import load_domains, message_limit, resolve, short_name, url_of
 from mailgate.s3sync.replay import replay
 from mailgate.s3sync.secret import feed_secret
 from mailgate.store import open_store
@@ -60,6 +60,7 @@ async def feed(args, config: Config, clients: Clients, handover: Handover) -> in
     sync = config.sync
     urls = await resolve(config, clients, handover.domains)
     dlq = await url_of(clients, sync.dead_letter_queue) if sync.dead_letter_queue else ""
+    dlq_limit = await message_limit(clients, dlq) if dlq else DEAD_LETTER_SIZE
     if sync.metrics:
         try:
             metrics.serve(*parse_hostport(sync.metrics, "sync.metrics"))
@@ -71,7 +72,7 @@ async def feed(args, config: Config, clients: Clients, handover: Handover) -> in
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    feed = Feed(config, clients, handover, dlq)
+    feed = Feed(config, clients, handover, dlq, dlq_limit)
     log.info("mailgate sync ready: queues=%s inject=%s dead_letter=%s processed=%s",
              ",".join(map(short_name, urls)), sync.inject, short_name(dlq) if dlq else "redrive",
              sync.processed)
