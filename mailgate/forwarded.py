@@ -2,7 +2,9 @@
 whether the session is mailgate sync's (XFEED, proved by the shared secret).
 
 Both commands are refused (550 5.7.0) from outside `trusted_networks`, and only allowed after
-EHLO and before MAIL; what they set lasts one transaction.
+EHLO and before MAIL; what they set lasts one transaction. A transaction without XFORWARD ADDR
+from a trusted peer is local mail, unless it passed XFEED: the feed's mail came from the
+Internet, whether or not sync could name the client SES saw.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ class Forwarded:
     helo_needed)."""
 
     feed_verdicts: tuple[tuple[str, str], ...] = ()  # set by XFEED, for one transaction
+    fed: bool = False                                  # XFEED passed, for one transaction
 
     def client(self) -> Client:
         peer = self.session.peer
@@ -28,11 +31,12 @@ class Forwarded:
         fwd = self.xforward
         if "ADDR" in fwd:  # the original client's name is only what XFORWARD says
             name = "unknown"
+        named = "ADDR" in fwd
         return Client(addr=fwd.get("ADDR", addr), name=fwd.get("NAME", name),
                       helo=fwd.get("HELO", self.session.host_name or ""),
                       proto=fwd.get("PROTO", "ESMTP" if self.session.extended_smtp else "SMTP"),
-                      local=self.trusted and "ADDR" not in fwd,
-                      ident=fwd.get("IDENT", ""))
+                      local=self.trusted and not named and not self.fed,
+                      ident=fwd.get("IDENT", ""), origin_unknown=self.fed and not named)
 
     def _before_mail(self, allowed: bool) -> bool:
         """What XFORWARD and XFEED share: an allowed client, after EHLO, before MAIL."""
@@ -76,5 +80,5 @@ class Forwarded:
         if not hmac.compare_digest(parsed[0].encode("utf-8", "surrogateescape"), secret):
             self.reply(FEED_DENIED)
             return
-        self.feed_verdicts = parsed[1]
+        self.feed_verdicts, self.fed = parsed[1], True
         self.reply(FEED_OK)

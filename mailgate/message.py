@@ -27,6 +27,9 @@ class Client:
     # host or by a trusted system, not received from the Internet (auth does no SPF for it).
     local: bool = False
     ident: str = ""             # XFORWARD IDENT: the sending MTA's queue id (Postfix's)
+    # A feed session (XFEED: mail SES received from the Internet) that named no client (sync
+    # could not read SES's Received line): never local, but SPF has no address to check.
+    origin_unknown: bool = False
 
 
 @dataclass(frozen=True, slots=True)

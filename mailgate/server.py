@@ -322,6 +322,7 @@ class SMTPServer(Forwarded, asyncio.Protocol):
         self.envelope = Envelope()
         self.xforward = {}  # XFORWARD describes one transaction (Postfix XFORWARD_README)
         vars(self).pop("feed_verdicts", None)  # XFEED too
+        vars(self).pop("fed", None)
 
     def smtp_HELO(self, hostname: str | None) -> None:
         if not hostname:  # HELO's and EHLO's replies carry no enhanced code (RFC 2034 §3)

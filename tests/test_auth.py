@@ -631,6 +631,25 @@ def test_reject_action_quarantines_p_quarantine_and_spares_local_mail(gate: Gate
     assert (result(msg, "dmarc").result, msg["X-Mailgate-Quarantine"]) == ("fail", None)
 
 
+def test_a_feed_session_without_xforward_is_not_local_mail(gate: GateFactory, dove: Dovecot,
+                                                            module_root: Path) -> None:
+    """mailgate sync's session (XFEED) carries mail SES received from the Internet: without
+    XFORWARD (SES's Received line unreadable) it is still not local: SPF is none with a
+    comment, never checked against sync's own address, and DMARC is acted on."""
+    secret = module_root / "feed.secret"
+    secret.write_text("0123456789abcdef0123456789abcdef\n")
+    g = gate({"sync": {"secret_file": str(secret)}}, dmarc_action="reject")
+    m = mark()
+    with smtplib.SMTP(*g.smtp, local_hostname="mx.example.test", timeout=TIMEOUT) as client:
+        client.ehlo()
+        assert client.docmd("XFEED", "SECRET=0123456789abcdef0123456789abcdef")[0] == 250
+        client.sendmail("b@other.example", [ALICE], message(m, sender="a@quar.example"))
+    msg = delivered(dove, m)
+    assert "spf=none (feed without the client's address, not checked)" in our_header(msg)
+    assert "local mail" not in our_header(msg) and "smtp.helo" not in our_header(msg)
+    assert (result(msg, "dmarc").result, msg["X-Mailgate-Quarantine"]) == ("fail", "dmarc")
+
+
 def test_quarantine_action_marks_failures_of_reject_domains(gate: GateFactory,
                                                             dove: Dovecot) -> None:
     m = mark()

@@ -347,6 +347,23 @@ def test_ses_verdicts_in_authentication_results_only_from_the_feed(setup, aws, d
                                     if h.startswith("Authentication-Results: mx.example.test;"))
 
 
+@pytest.mark.parametrize("filters", [["auth"]])
+def test_without_ses_received_line_the_feed_is_still_not_local_mail(setup, aws, dovecot):
+    """No SES Received line to read: no XFORWARD. serve must not take sync's session for local
+    mail (no SPF, DMARC only annotated): SPF says none, with why; sync's address is not checked."""
+    gate, sync = setup
+    mark = uuid.uuid4().hex
+    aws.s3.put_object(Bucket=ARCHIVE, Key=f"ses/{mark}", Body=stored(mark, ses=False))
+    aws.sqs.send_message(QueueUrl=aws.queue, MessageBody=json.dumps(
+        ses_notification(f"ses/{mark}", [ALICE], ARCHIVE)))
+    once(sync)
+    [delivered] = dovecot.maildir_messages(ALICE)
+    [ours] = [h for h in headers(delivered, "Authentication-Results")
+              if h.startswith("Authentication-Results: mx.example.test;")]
+    assert "spf=none (feed without the client's address, not checked)" in ours
+    assert "local mail" not in ours and "127.0.0.1" not in ours
+
+
 def test_ses_notification_through_sns_and_raw(setup, aws, dovecot):
     gate, sync = setup
     topic = aws.sns.create_topic(Name="ses-inbound")["TopicArn"]

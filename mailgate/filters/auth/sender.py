@@ -98,11 +98,15 @@ async def check(resolver: Resolver, budget: Budget, client: Client, sender: str,
 
 
 def known(resolver: Resolver, client: Client, sender: str, receiver: str) -> Result | None:
-    """The check's Result without any lookup, or None: local mail, no client address, or a
-    result worked out for an earlier message while the answers pyspf read are fresh (the same
-    senders repeat: pyspf is most of the check's cost with a warm cache)."""
+    """The check's Result without any lookup, or None: local mail, a feed session that could
+    not name the client SES saw, no client address, or a result worked out for an earlier
+    message while the answers pyspf read are fresh (the same senders repeat: pyspf is most of
+    the check's cost with a warm cache)."""
     if client.local:
         return Result("spf", "none", "local mail, not checked", _props(sender, client.helo))
+    if client.origin_unknown:  # the peer (and its HELO) is sync's, not the sender's server
+        return Result("spf", "none", "feed without the client's address, not checked",
+                      _props(sender, ""))
     ip = client_address(client.addr)
     if ip is None:
         return Result("spf", "none", "no client address", _props(sender, client.helo))
