@@ -4,6 +4,8 @@
 "recipients alice@example.org" per lookup. The answer comes from the same cached Dovecot check
 the listeners use at RCPT (recipients.py): OK, NOTFOUND, or TEMP when Dovecot cannot be asked or
 anything goes wrong here, so Postfix answers 451 and the sender retries: never "unknown" by mistake.
+A valid SRS address of ours (where bounces of forwards come back) is OK: mailgate's own RCPT
+check then takes it from the null sender only.
 """
 from __future__ import annotations
 
@@ -106,6 +108,10 @@ class LookupServer:
         if not ADDRESS.fullmatch(key):  # "@domain" (catch-all), bare local parts, junk
             return self._count("notfound", "NOTFOUND ")
         try:
+            # A valid SRS address of ours: a bounce of a forward, which mailgate takes (its own
+            # RCPT check then wants the null sender). The sender is not known here.
+            if self.gateway.forwarder.senders.reverse(key) is not None:
+                return self._count("ok", f"OK {key}")
             reply = await self.gateway.recipients.check(key)
         # XXX our bug must become a retry (TEMP: Postfix says 451), never a "User unknown".
         except Exception:  # noqa: BLE001

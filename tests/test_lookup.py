@@ -6,13 +6,19 @@ answers come from the same cache the listener uses at RCPT.
 """
 from __future__ import annotations
 
+import re
 import smtplib
 import socket
 import urllib.request
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from peers import Mailgate, wait_until
+from mailgate.store import Rule
+from peers import Dovecot, Mailgate, lmtp_send, wait_until
+from policy import (FRIEND, backend, gates, lmtp, mark, message, moto_server,  # noqa: F401
+                    status, store_call)
+from relaysink import RelaySink
 
 ALICE, BOB, CAROL = "alice@example.test", "bob@example.test", "carol@example.test"
 NOBODY = "nobody@example.test"
@@ -155,3 +161,26 @@ def test_unknown_map_and_malformed_requests(dovecot, mailgate_factory) -> None:
         assert other.ask(ALICE).startswith("OK ")
     finally:
         other.close()
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+def test_a_valid_srs_address_of_ours_is_ok_for_postfix(gates, dove: Dovecot,
+                                                       relay: RelaySink) -> None:
+    """A bounce of a forward comes back to the SRS address it went out with. Both Postfix
+    modes ask this map at RCPT: anything but OK for it, and Postfix refuses the bounce with
+    550 5.1.1 before mailgate sees it."""
+    gate = gates()
+    store_call(gate, "set_rule", Rule(ALICE, forward=(FRIEND,), keep_copy=False))
+    assert status(lmtp(gate, [ALICE], message(mark()))[0]) == (250, "2.0.0")
+    srs = relay.wait_for(1)[0].sender
+    assert srs.startswith("SRS0=")
+    forged = re.sub(r"^SRS0=[^=]+=", "SRS0=AAAA=", srs)
+    socketmap = Socketmap(gate)
+    try:
+        assert socketmap.ask(srs) == f"OK {srs}"
+        assert socketmap.ask(forged) == "NOTFOUND "  # not our hash: an unknown user
+    finally:
+        socketmap.close()
+    # mailgate's own listener takes it too, from the null sender only
+    rcpt_replies, _ = lmtp_send(*gate.lmtp, "", [srs], f"Subject: bounce\r\n\r\n{srs}\r\n")
+    assert rcpt_replies[srs][0] == 250
