@@ -8,6 +8,7 @@ from __future__ import annotations
 import email
 import email.policy
 import json
+import re
 import urllib.request
 
 import pytest
@@ -160,6 +161,52 @@ def test_one_notice_per_message_and_recipient(gates, dove: Dovecot) -> None:
     [stored] = copies(dove, ALICE, m)
     assert stored.endswith(again.replace(b"\r\n", b"\n"))
     assert len(copies(dove, BOB, m)) == 1
+
+
+def report(m: str, ses_id: str, action: str, code: str) -> bytes:
+    """`dsn`, with another Action and Status for its one recipient."""
+    return re.sub(rb"Diagnostic-Code: [^\r]*", f"Diagnostic-Code: smtp; {code} ok".encode(),
+                  dsn(m, ses_id).replace(b"Action: failed", f"Action: {action}".encode())
+                  .replace(b"Status: 5.1.1", f"Status: {code}".encode()))
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+@pytest.mark.parametrize("action, code", [("delayed", "4.4.7"), ("delivered", "2.0.0"),
+                                          ("relayed", "2.0.0"), ("expanded", "2.0.0")])
+def test_a_dsn_that_reports_no_failure_is_delivered_as_it_is(gates, dove: Dovecot,
+                                                             action: str, code: str) -> None:
+    """A delay warning or a success report (RFC 3464 Action: delayed / delivered / relayed /
+    expanded) is not a bounce: no 'Undelivered' notice, the report itself arrives."""
+    gate = gates(("bounce",))
+    m = mark()
+    ses_id = f"0100019{m}-000000"
+    store_call(gate, "put_outbound", ses_id, {"original_sender": ALICE,
+                                              "subject": f"Lunch {m}?", "recipients": [FRIEND]})
+    warning = report(m, ses_id, action, code)
+    assert status(lmtp(gate, [ALICE], warning, sender="")[0]) == (250, "2.0.0")
+    [stored] = copies(dove, ALICE, m)
+    assert parsed(stored)["Subject"] != f"Undelivered: Lunch {m}?", \
+        f"Action: {action} turned into an 'Undelivered' notice"
+    assert stored.endswith(warning.replace(b"\r\n", b"\n"))
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+def test_the_real_failure_after_a_delay_warning_still_gets_its_notice(gates,
+                                                                      dove: Dovecot) -> None:
+    """The delay warning claims nothing: the failure that follows is told as a notice."""
+    gate = gates(("bounce",))
+    m = mark()
+    ses_id = f"0100019{m}-000000"
+    store_call(gate, "put_outbound", ses_id, {"original_sender": ALICE,
+                                              "subject": f"Lunch {m}?", "recipients": [FRIEND]})
+    assert status(lmtp(gate, [ALICE], report(m, ses_id, "delayed", "4.4.7"), sender="")[0]) \
+        == (250, "2.0.0")
+    assert status(lmtp(gate, [ALICE], dsn(m, ses_id), sender="")[0]) == (250, "2.0.0")
+    stored = copies(dove, ALICE, m)
+    assert len(stored) == 2
+    notices = [parsed(s) for s in stored if parsed(s)["Subject"] == f"Undelivered: Lunch {m}?"]
+    assert len(notices) == 1, "the real bounce arrived as a raw DSN"
+    assert "550 5.1.1" in notices[0].get_body(("plain",)).get_content()
 
 
 @pytest.mark.parametrize("backend", ["sqlite"], indirect=True)

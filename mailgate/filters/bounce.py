@@ -2,13 +2,13 @@
 
 The DSN's returned Message-ID gives the SES message id; the outbound table says who sent that
 message. Only a real bounce of it is acted on: null envelope sender (RFC 5321 §4.5.5; or
-MAILER-DAEMON@, as a feed may report it), sent to
-where bounces of our mail arrive (`rules.bounce_address`, an SRS address of ours for that
-sender, the forwarding recipient, the sender itself), and only for Final-Recipients the message
-went to, each told once (claimed in the store). The notice (which recipient failed, why, when;
-the DSN attached) goes to that sender in place of the DSN. Anything else, a DSN we cannot read,
-or one read while the store is unreachable, is delivered as it is. Parsing uses the stdlib's
-report support.
+MAILER-DAEMON@, as a feed may report it), sent to where bounces of our mail arrive
+(`rules.bounce_address`, an SRS address of ours for that sender, the forwarding recipient, the
+sender itself), and only for Final-Recipients the message went to whose `Action` is `failed`
+(a delay warning or a success report is no bounce), each told once (claimed in the store). The
+notice (which recipient failed, why, when; the DSN attached) goes to that sender in place of
+the DSN. Anything else, a DSN we cannot read, or one read while the store is unreachable, is
+delivered as it is. Parsing uses the stdlib's report support.
 """
 from __future__ import annotations
 
@@ -188,6 +188,12 @@ class Bounce:
         failures = [f for f in report.failures if not went_to or f.recipient.lower() in went_to]
         if not failures:
             return self._as_is(recipients, f"no Final-Recipient is one SES message {key} went to")
+        # Only a failure is a bounce (RFC 3464 §2.3.3): a delay warning or a success report
+        # (delayed, delivered, relayed, expanded) arrives as it is and claims nothing, so the
+        # real failure later still gets its notice.
+        failures = [f for f in failures if f.action == "failed"]
+        if not failures:
+            return self._as_is(recipients, f"SES message {key}: the report names no failure")
         # One notice per message and failed recipient: a repeated (or replayed) DSN arrives as
         # it is. Claimed before delivery: a notice lost to a retry leaves the DSN, not nothing.
         fresh = [f for f in failures
