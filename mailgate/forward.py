@@ -102,8 +102,9 @@ class Forwarder:
             first = group[0]
             data = (b"" if first.own else b"Delivered-To: " + first.recipient.encode() + b"\r\n") \
                 + head + (forwards[first.recipient].content or raw)
+            notice = forwards[first.recipient].content is not None
             jobs.append(self._local(env, group, data, deadline) if first.local
-                        else self._relay(env, group, data))
+                        else self._relay(env, group, data, notice))
         out: dict[Copy, Result] = {}
         for part in await asyncio.gather(*jobs):
             out.update(part)
@@ -114,18 +115,21 @@ class Forwarder:
         results = await self.deliverer.deliver(env, [c.target for c in copies], data, deadline)
         return dict(zip(copies, results))
 
-    async def _relay(self, env: Envelope, copies: list[Copy], data: bytes) -> dict[Copy, Result]:
+    async def _relay(self, env: Envelope, copies: list[Copy], data: bytes,
+                     notice: bool = False) -> dict[Copy, Result]:
+        """`notice`: the copies carry a notification in place of the message (a bounce
+        notice): it leaves with the null sender (RFC 5321 §4.5.5), so nothing answers it."""
         if self.resources is None:
             return {c: Result(c.target, FORWARD_DEFERRED, "none", "deferred", "no relay here")
                     for c in copies}
         try:
-            sender = self.senders.rewrite(env.sender)
+            sender = "" if notice else self.senders.rewrite(env.sender)
         except OSError as e:  # the SRS secret cannot be read or made: ours to fix, retried
             log.error("%s: cannot rewrite the sender for forwarding: %s", env.queue_id, e)
             return {c: Result(c.target, FORWARD_DEFERRED, "none", "deferred", f"SRS: {e}")
                     for c in copies}
         sent = await self.resources.outbound.send(sender, [c.target for c in copies], data)
-        if sent.message_id and env.sender:  # a bounce of a bounce is told to no one
+        if sent.message_id and sender:  # a bounce of a bounce (or notice) is told to no one
             await self._remember_sent(env, copies, sent.message_id)
         out = {}
         for c in copies:

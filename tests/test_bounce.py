@@ -145,6 +145,27 @@ def test_a_bounce_whose_sender_a_feed_wrote_as_mailer_daemon_is_still_one(gates,
 
 
 @pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+def test_a_notice_in_place_of_a_feed_dsn_leaves_with_the_null_sender(gates, dove: Dovecot,
+                                                                     relay: RelaySink) -> None:
+    """A DSN as the SES feed reports it (envelope sender MAILER-DAEMON@...) for a forward alice
+    made of SENDER's mail: the notice goes to SENDER through the relay with the null sender
+    (RFC 5321 4.5.5, RFC 3464 2), never an SRS address of MAILER-DAEMON@amazonses.com that an
+    auto-responder would answer and a bounce of the notice would go back to."""
+    gate = gates(("bounce",))
+    m = mark()
+    ses_id = f"0100019{m}-000000"
+    store_call(gate, "put_outbound", ses_id, {"original_sender": SENDER, "recipients": [FRIEND],
+                                              "forwarded_for": ALICE})
+    assert status(lmtp(gate, [ALICE], dsn(m, ses_id),
+                       sender="MAILER-DAEMON@amazonses.com")[0]) == (250, "2.0.0")
+    [notice] = relay.wait_for(1)
+    assert notice.recipients == (SENDER,)
+    assert parsed(notice.data)["Subject"] == f"Undelivered: Lunch {m}?"
+    assert notice.sender == "", f"the notice left with envelope sender <{notice.sender}>"
+    assert copies(dove, ALICE, m) == []
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
 def test_one_notice_per_message_and_recipient(gates, dove: Dovecot) -> None:
     """The same bounce again (a replay, or the remote MTA's second report) arrives as it is."""
     gate = gates(("bounce",))
