@@ -68,6 +68,8 @@ def test_block_add_list_remove(gate):
     assert cli(gate, "block", "add", ALICE, "*@Spam.Test").stdout == \
         "alice@example.test: *@spam.test blocked\n"
     assert "was blocked already" in cli(gate, "block", "add", ALICE, "*@spam.test").stdout
+    assert cli(gate, "block", "add", ALICE, "@spam.test").stdout == \
+        "alice@example.test: *@spam.test was blocked already\n"  # Postfix's form of *@spam.test
     cli(gate, "block", "add", ALICE, "*.bad.test")
     assert cli(gate, "block", "list", ALICE).stdout == "*.bad.test\n*@spam.test\n"
     assert cli(gate, "block", "list", BOB).stdout == ""
@@ -88,6 +90,7 @@ BAD_INPUT = [
     (("block", "add", "someone@elsewhere.test", "*@spam.test"), "elsewhere.test is not one of domains"),
     (("block", "add", ALICE, "spam.test"), "use *@domain, *.domain or an address"),
     (("block", "add", ALICE, "*@*"), "would block every sender"),
+    (("block", "add", ALICE, "x@"), "no domain after the @"),
     (("block", "remove", ALICE, "a b@x.test"), "no spaces"),
     (("rule", "set", ALICE, "--forward", "not-an-address"), "'not-an-address' is not an address"),
     (("rule", "set", ALICE, "--forward", "Alice@example.test"), "cannot forward to itself"),

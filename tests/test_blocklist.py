@@ -75,6 +75,15 @@ def test_domain_wildcards_match_subdomains_only_and_whole_names(dovecot, mailgat
         assert got(dovecot, ALICE, mark) == copies, sender
 
 
+def test_an_at_domain_pattern_blocks_that_domain(dovecot, mailgate_factory, backend):
+    """`@spam.test` (Postfix's access-map form) is `*@spam.test`: what the CLI says blocked is."""
+    gate = blocking_gate(mailgate_factory, backend, [(ALICE, "@spam.test")])
+    assert cli(gate, "block", "list", ALICE).stdout == "*@spam.test\n"
+    mark, _ = send(gate, "eve@spam.test", [ALICE, CAROL])
+    assert (got(dovecot, ALICE, mark), got(dovecot, CAROL, mark)) == (0, 1), \
+        "'@spam.test' said blocked, and eve@spam.test got through"
+
+
 def test_reject_refuses_at_rcpt_so_an_smtp_client_keeps_the_others(dovecot, mailgate_factory,
                                                                     backend):
     gate = blocking_gate(mailgate_factory, backend, [(ALICE, "*@spam.test")],

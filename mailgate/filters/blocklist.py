@@ -23,12 +23,17 @@ _FORBIDDEN = re.compile(r"[\s<>,;\"()\[\]\\\x00-\x1f\x7f]")
 
 
 def check_pattern(pattern: str) -> str:
-    """The pattern as stored (lower case), or ValueError saying what is wrong with it."""
+    """The pattern as stored (lower case; `@domain`, Postfix's access-map form, as
+    `*@domain`), or ValueError saying what is wrong with it."""
     pattern = pattern.strip().lower()
     if not pattern or _FORBIDDEN.search(pattern):
         raise ValueError(f"{pattern!r}: a pattern is an address with * wildcards, no spaces")
     if "@" not in pattern and not pattern.startswith("*."):
         raise ValueError(f"{pattern!r}: use *@domain, *.domain or an address")
+    if pattern.startswith("@"):
+        pattern = "*" + pattern
+    if "@" in pattern and not pattern.rpartition("@")[2].strip("."):
+        raise ValueError(f"{pattern!r}: no domain after the @")
     if not pattern.strip("*@."):
         raise ValueError(f"{pattern!r} would block every sender")
     return pattern

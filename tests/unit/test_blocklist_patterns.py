@@ -6,13 +6,15 @@ from mailgate.filters.blocklist import check_pattern, first_match
 
 @pytest.mark.parametrize("typed, stored", [
     ("*@Spam.Test", "*@spam.test"), (" eve@evil.test ", "eve@evil.test"),
-    ("*.bad.test", "*.bad.test"), ("*@*.bad.test", "*@*.bad.test"), ("news-*@x.test", "news-*@x.test")])
+    ("*.bad.test", "*.bad.test"), ("*@*.bad.test", "*@*.bad.test"), ("news-*@x.test", "news-*@x.test"),
+    ("@Spam.Test", "*@spam.test")])  # Postfix's access-map form of a whole domain
 def test_patterns_an_operator_may_type(typed, stored):
     assert check_pattern(typed) == stored
 
 
 @pytest.mark.parametrize("typed", ["", "spam.test", "*", "*@*", "*.*", "a b@x.test",
-                                   "<eve@x.test>", "eve@x.test,bob@x.test", "x@y\n.test"])
+                                   "<eve@x.test>", "eve@x.test,bob@x.test", "x@y\n.test",
+                                   "x@", "@", "*@", "x@."])  # no domain
 def test_patterns_refused(typed):
     with pytest.raises(ValueError):
         check_pattern(typed)
