@@ -1,7 +1,12 @@
 """Blocklist patterns: what an operator may type, and which senders each one matches."""
-import pytest
+import fnmatch
+import time
 
-from mailgate.filters.blocklist import check_pattern, first_match
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from mailgate.filters.blocklist import check_pattern, first_match, glob_match
 
 
 @pytest.mark.parametrize("typed, stored", [
@@ -32,3 +37,20 @@ def test_patterns_refused(typed):
     ("news-daily@x.test", ("eve@x.test", "news-*@x.test"), "news-*@x.test")])
 def test_which_sender_matches_which_pattern(sender, patterns, hit):
     assert first_match(sender, patterns) == hit
+
+
+@given(st.text("ab@.*", max_size=8), st.text("ab@.", max_size=10))
+def test_a_star_is_any_run_of_characters_and_nothing_else_is_special(pattern, text):
+    assert glob_match(pattern, text) == fnmatch.fnmatchcase(text, pattern)
+
+
+def test_a_pattern_with_several_stars_cannot_stall_the_event_loop():
+    """A pattern with a few stars (accepted by check_pattern, e.g. from the CLI or another tool
+    writing the table) meets a sender the attacker chooses (an address of legal length): the
+    match runs on the event loop, so it must not backtrack (a regex of `.*` took seconds)."""
+    pattern = check_pattern("*a*a*a*a*@x.test")
+    sender = "a" * 64 + "@" + "a" * 100 + ".test"
+    started = time.perf_counter()
+    assert first_match(sender, (pattern,)) is None
+    elapsed = time.perf_counter() - started
+    assert elapsed < 0.5, f"one match took {elapsed:.1f} s on the event loop"
