@@ -84,6 +84,17 @@ def test_an_at_domain_pattern_blocks_that_domain(dovecot, mailgate_factory, back
         "'@spam.test' said blocked, and eve@spam.test got through"
 
 
+def test_an_idn_pattern_blocks_the_same_domain_in_its_ascii_form(dovecot, mailgate_factory,
+                                                                  backend):
+    """`*@bücher.test` and `*@xn--bcher-kva.test` are one domain (IDNA); mail that is not
+    SMTPUTF8 names it in the ASCII form, so the pattern as the user sees the domain blocks it."""
+    gate = blocking_gate(mailgate_factory, backend, [(ALICE, "*@bücher.test")])
+    mark, _ = send(gate, "eve@xn--bcher-kva.test", [ALICE, CAROL])
+    assert (got(dovecot, ALICE, mark), got(dovecot, CAROL, mark)) == (0, 1), \
+        "*@bücher.test did not block eve@xn--bcher-kva.test"
+    gate.wait_log(r"blocklist: <eve@xn--bcher-kva.test> matches \*@bücher.test blocked by ")
+
+
 def test_reject_refuses_at_rcpt_so_an_smtp_client_keeps_the_others(dovecot, mailgate_factory,
                                                                     backend):
     gate = blocking_gate(mailgate_factory, backend, [(ALICE, "*@spam.test")],

@@ -1,5 +1,8 @@
 """blocklist: senders each recipient has blocked (`*@spam.test`, `*.bad.test`, `eve@x.test`).
 
+Matched case-insensitively, an internationalized domain in its ASCII form (A-labels) on both
+sides, so `*@bücher.test` blocks `eve@xn--bcher-kva.test` and the reverse.
+
 A blocked recipient's copy is discarded (250: no backscatter; logged with the pattern) or, with
 `[blocklist] action = "reject"`, refused with 550 5.7.1 — at RCPT already, so an SMTP client
 gets the refusal per recipient. One batch read per message. The store unreachable for an
@@ -7,6 +10,8 @@ address never read: that recipient is not checked, its mail delivered (fails ope
 """
 from __future__ import annotations
 
+import encodings.idna
+import functools
 import logging
 import re
 
@@ -60,13 +65,42 @@ def glob_match(pattern: str, text: str) -> bool:
     return pattern[p:].strip("*") == ""
 
 
+def a_labels(domain: str) -> str:
+    """The domain with each label in its ASCII form (IDNA: `bücher` is `xn--bcher-kva`), as
+    mail that is not SMTPUTF8 names it. A label with a `*` stays as it is; a domain that
+    cannot be converted stays as it is (it then matches only as written)."""
+    if domain.isascii():
+        return domain
+    labels = []
+    for label in domain.split("."):
+        if "*" in label or label.isascii():
+            labels.append(label)
+            continue
+        try:
+            labels.append(encodings.idna.ToASCII(label).decode("ascii"))
+        except UnicodeError:
+            return domain
+    return ".".join(labels)
+
+
+def comparable(address: str) -> str:
+    """A sender or a pattern as they are compared: lower case, the domain in A-labels."""
+    local, at, domain = address.lower().rpartition("@")
+    return local + at + a_labels(domain)
+
+
+@functools.lru_cache(maxsize=4096)
+def _comparable_pattern(pattern: str) -> str:
+    return comparable(pattern)
+
+
 def first_match(sender: str, patterns: tuple[str, ...]) -> str | None:
-    """The first pattern the sender matches (case-insensitively); the null sender <> matches
-    none."""
+    """The first pattern the sender matches (case-insensitively, an internationalized domain in
+    either form); the null sender <> matches none."""
     if not sender:
         return None
-    sender = sender.lower()
-    return next((p for p in patterns if glob_match(p.lower(), sender)), None)
+    sender = comparable(sender)
+    return next((p for p in patterns if glob_match(_comparable_pattern(p), sender)), None)
 
 
 class Blocklist:

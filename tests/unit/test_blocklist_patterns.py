@@ -11,7 +11,8 @@ from mailgate.filters.blocklist import check_pattern, first_match, glob_match
 
 @pytest.mark.parametrize("typed, stored", [
     ("*@Spam.Test", "*@spam.test"), (" eve@evil.test ", "eve@evil.test"),
-    ("*.bad.test", "*.bad.test"), ("*@*.bad.test", "*@*.bad.test"), ("news-*@x.test", "news-*@x.test"),
+    ("*.bad.test", "*.bad.test"), ("*@*.bad.test", "*@*.bad.test"),
+    ("news-*@x.test", "news-*@x.test"),
     ("@Spam.Test", "*@spam.test")])  # Postfix's access-map form of a whole domain
 def test_patterns_an_operator_may_type(typed, stored):
     assert check_pattern(typed) == stored
@@ -34,7 +35,14 @@ def test_patterns_refused(typed):
     ("a.b@x.test", ("a?b@x.test", "a[.]b@x.test"), None),  # only * is special
     ("a?b@x.test", ("a?b@x.test",), "a?b@x.test"),
     ("", ("*@spam.test", "*.bad.test"), None),
-    ("news-daily@x.test", ("eve@x.test", "news-*@x.test"), "news-*@x.test")])
+    ("news-daily@x.test", ("eve@x.test", "news-*@x.test"), "news-*@x.test"),
+    # IDNA: one domain, typed as the user sees it or as non-SMTPUTF8 mail names it
+    ("eve@xn--bcher-kva.test", ("*@bücher.test",), "*@bücher.test"),
+    ("eve@XN--BCHER-KVA.test", ("*@Bücher.test",), "*@Bücher.test"),
+    ("eve@bücher.test", ("*@xn--bcher-kva.test",), "*@xn--bcher-kva.test"),
+    ("eve@mail.xn--bcher-kva.test", ("*.bücher.test",), "*.bücher.test"),
+    ("eve@mail.xn--bcher-kva.test", ("*@*.bücher.test",), "*@*.bücher.test"),
+    ("eve@xn--bcher-kva.test", ("*@bucher.test",), None)])
 def test_which_sender_matches_which_pattern(sender, patterns, hit):
     assert first_match(sender, patterns) == hit
 
