@@ -3,11 +3,13 @@
 Our mailboxes get their copy through the same delivery as any recipient; other targets through
 the relay, envelope sender rewritten (SRS or `rules.bounce_address`: SPF and DMARC p=reject
 senders still pass), with `Delivered-To: <recipient>` on top so a loop is seen; a bounce to one
-of our SRS addresses goes back to the original sender. A copy failing temporarily defers the
-recipient (4xx) and the copies that made it are remembered, so the retry does not double them;
-a target refusing for good leaves the message in the recipient's own mailbox (delivered there
-now, without a local copy), logged. The own mailbox refusing for good (over quota) is that
-recipient's 5xx, as any delivery's, and the copies that went are remembered.
+of our SRS addresses goes back to the original sender. A target gets one copy of a message,
+however many of its recipients forward to it and also when it is a recipient itself. A copy
+failing temporarily defers the recipient (4xx) and the copies that made it are remembered, so
+the retry does not double them; a target refusing for good leaves the message in the
+recipient's own mailbox (delivered there now, without a local copy), logged. The own mailbox
+refusing for good (over quota) is that recipient's 5xx, as any delivery's, and the copies that
+went are remembered.
 """
 from __future__ import annotations
 
@@ -65,10 +67,13 @@ class Forwarder:
         """One Result per forwarding recipient. `head`: the trace and filter headers."""
         digest = await record.digest(env, raw)
         plans = {rcpt: plan(rcpt, v, self.domains) for rcpt, v in forwards.items()}
+        shared = self._shared(plans, forwards)
         done = {c: self._already(c) for cs in plans.values() for c in cs
                 if record.seen(self._key(record, digest, c))}
-        todo = [c for cs in plans.values() for c in cs if c not in done]
+        todo = [c for cs in plans.values() for c in cs if c not in done and c not in shared]
         done.update(await self._deliver(env, todo, forwards, head, raw, deadline))
+        for c, went in shared.items():  # its target's one copy answers for it
+            done.setdefault(c, done[went])
         out = {}
         for rcpt, copies in plans.items():
             out[rcpt] = await self._settle(env, rcpt, copies, done, forwards[rcpt], head, raw,
@@ -79,6 +84,23 @@ class Forwarder:
                         record.remember(self._key(record, digest, c))
         await record.flush()  # in the store before the client hears the 4xx
         return out
+
+    @staticmethod
+    def _shared(plans: dict[str, list[Copy]], forwards: dict[str, Verdict]) -> dict[Copy, Copy]:
+        """One copy of the message per target (compared case-insensitively): a forward to
+        another recipient of the message, or to a target two recipients forward to, is not
+        made again. Maps each copy not made to the one that goes (own mailboxes first, so the
+        copy without our Delivered-To is kept). A notice (content of its own) is not the
+        message: never merged."""
+        first: dict[str, Copy] = {}
+        shared = {}
+        everyone = [c for cs in plans.values() for c in cs
+                    if forwards[c.recipient].content is None]
+        for c in sorted(everyone, key=lambda c: not c.own):
+            went = first.setdefault(c.target.lower(), c)
+            if went is not c:
+                shared[c] = went
+        return shared
 
     @staticmethod
     def _key(record: DeliveryRecord, digest: bytes, copy: Copy) -> bytes:

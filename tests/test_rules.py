@@ -65,6 +65,35 @@ def test_bounce_to_the_srs_address_goes_back_to_the_original_sender(gates, dove:
         assert status(rcpt_replies[address]) == (550, "5.1.1"), (address, sender)
 
 
+def test_a_forward_to_another_recipient_of_the_same_message_gives_it_one_copy(
+        gates, dove: Dovecot) -> None:
+    """alice forwards to bob; a message to alice AND bob: bob gets it once (Postfix's alias
+    expansion and cleanup's duplicate removal would give one copy too), and alice is answered
+    250 for the copy that went."""
+    gate = alice_forwards(gates, BOB)
+    m = mark()
+    replies = lmtp(gate, [ALICE, BOB], message(m, to=f"{ALICE}>, <{BOB}"))
+    assert [status(r) for r in replies] == [(250, "2.0.0")] * 2
+    assert copies(dove, ALICE, m) == []
+    [got] = copies(dove, BOB, m)
+    assert b"Delivered-To: alice" not in got  # bob's own copy, not the forwarded one
+    gate.wait_log(rf"to=<{ALICE}>, .*status=sent")
+
+
+def test_two_forwards_to_one_target_send_it_one_copy(gates, dove: Dovecot,
+                                                     relay: RelaySink) -> None:
+    """alice and bob both forward to friend@elsewhere: one message to both is one copy there."""
+    gate = alice_forwards(gates, FRIEND)
+    store_call(gate, "set_rule", Rule(BOB, forward=(FRIEND.upper(),), keep_copy=False))
+    m = mark()
+    replies = lmtp(gate, [ALICE, BOB], message(m))
+    assert [status(r) for r in replies] == [(250, "2.0.0")] * 2
+    # each recipient was answered after its copies went: all that is sent is at the sink
+    [got] = relay.received()
+    assert got.recipients == (FRIEND,) and m.encode() in got.data
+    assert copies(dove, ALICE, m) == [] and copies(dove, BOB, m) == []
+
+
 def test_forward_with_keep_copy(gates, dove: Dovecot, relay: RelaySink) -> None:
     gate = alice_forwards(gates, FRIEND, keep_copy=True)
     m = mark()
