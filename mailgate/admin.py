@@ -92,17 +92,20 @@ def rule(args: argparse.Namespace, config: Config) -> int:
 def set_rule(args: argparse.Namespace, config: Config, rcpt: str) -> int:
     """Options given change the rule; the others keep what it had."""
     changes = changed_fields(args, rcpt)
-
-    async def update(store: Store) -> Rule:
-        old = (await store.rules([rcpt])).get(rcpt) or Rule(rcpt)
-        new = dataclasses.replace(old, **changes)
-        if new.vacation and not new.body:
-            new = dataclasses.replace(new, body=DEFAULT_BODY)
-        check_dates(new)
-        await store.set_rule(new)
-        return new
-    print(show(with_store(config, update)), end="")
+    print(show(with_store(config, lambda store: change_rule(store, rcpt, changes))), end="")
     return 0
+
+
+async def change_rule(store: Store, rcpt: str, changes: dict[str, Any]) -> Rule:
+    """Read the rule, change the fields given, write the whole item back. The read is
+    consistent (`Store.rule`), or the write could undo a change made just before."""
+    old = await store.rule(rcpt) or Rule(rcpt)
+    new = dataclasses.replace(old, **changes)
+    if new.vacation and not new.body:
+        new = dataclasses.replace(new, body=DEFAULT_BODY)
+    check_dates(new)
+    await store.set_rule(new)
+    return new
 
 
 def changed_fields(args: argparse.Namespace, rcpt: str) -> dict[str, Any]:

@@ -129,6 +129,7 @@ def test_store_init_creates_missing_tables_and_prints_the_least_iam_policy(gate,
         "dynamodb:Scan", "dynamodb:DescribeTable", "dynamodb:CreateTable",
         "dynamodb:UpdateTimeToLive"}
     assert "dynamodb:UpdateItem" in admin["Action"] and "dynamodb:Scan" not in admin["Action"]
+    assert "dynamodb:GetItem" in admin["Action"]  # rule set's consistent read
     assert "arn:aws:dynamodb:us-east-1:*:table/mailgate-state" in service["Resource"]
     assert not cli(gate, "store", "init").stdout.startswith("created")
 

@@ -19,7 +19,7 @@ from typing import Any, Awaitable, Callable
 import pytest
 
 from backends import moto_server  # noqa: F401 (fixture)
-from mailgate.admin import with_store
+from mailgate.admin import change_rule, with_store
 from mailgate.config import Config, Store as StoreSection
 from mailgate.store import Rule, StoreUnavailable, open_store
 from mailgate.store import sqlite as sqlite_store
@@ -70,6 +70,26 @@ def test_rule_set_replaces_and_clear_removes(config):
     assert run(config, lambda s: s.clear_rule(ALICE)) is True
     assert run(config, lambda s: s.clear_rule(ALICE)) is False
     assert run(config, lambda s: s.rules([ALICE])) == {}
+
+
+def test_rule_set_reads_the_rule_it_changes_consistently(config):
+    """`rule set` reads the rule and writes the whole item back: on DynamoDB that read must be
+    strongly consistent (an eventually consistent one may return the item as it was before the
+    last write, and the write would undo that change). Seen in the requests boto3 sends."""
+    run(config, lambda s: s.set_rule(Rule(ALICE, forward=("a@x.test",))))
+    sent: list[tuple[str, Any]] = []
+
+    async def change(store):
+        if config.store.backend == "dynamodb":
+            store.client().meta.events.register(
+                "provide-client-params.dynamodb.*",
+                lambda params, model, **_: sent.append((model.name, params.get("ConsistentRead"))))
+        return await change_rule(store, ALICE, {"keep_copy": False})
+
+    assert run(config, change) == Rule(ALICE, forward=("a@x.test",), keep_copy=False)
+    if config.store.backend == "dynamodb":
+        assert sent == [("GetItem", True), ("PutItem", None)], sent
+    assert run(config, lambda s: s.rule(BOB)) is None
 
 
 def test_blocked_patterns_per_address(config):

@@ -66,6 +66,9 @@ class Store(Protocol):
         """Unexpired keys that start with `prefix` (read once at start, not per message)."""
 
     # -- admin (the CLI) and start -------------------------------------------------------
+    async def rule(self, address: str) -> Rule | None:
+        """One address's rule as it is now (a strongly consistent read, no cache): the read
+        before a change, so `rule set` never writes a whole item over a newer one."""
     async def set_rule(self, rule: Rule) -> None: ...
     async def clear_rule(self, address: str) -> bool: ...
     async def add_block(self, address: str, pattern: str) -> bool:

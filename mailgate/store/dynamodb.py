@@ -133,6 +133,13 @@ class DynamoStore:
         return await self.call(ddb.state_keys, self.tables["state"], prefix, time.time())
 
     # -- admin ---------------------------------------------------------------------------
+    async def rule(self, address: str) -> Rule | None:
+        """GetItem with ConsistentRead, past the cache: a BatchGetItem (as filters read) may
+        return the item as it was before the last write."""
+        item = await self.call(ddb.get, self.tables["rules"], {"email_address": normal(address)},
+                               True)
+        return rule_from_item(address, item) if item else None
+
     async def set_rule(self, rule: Rule) -> None:
         self.memory.drop("rules", normal(rule.address))
         await self.call(ddb.put, self.tables["rules"], rule_to_item(rule))

@@ -18,7 +18,7 @@ SERVICE = {
 }
 # kind -> actions, for the admin commands (block, rule, store init)
 ADMIN = {
-    "rules": ("BatchGetItem", "PutItem", "DeleteItem"),
+    "rules": ("GetItem", "BatchGetItem", "PutItem", "DeleteItem"),  # GetItem: rule set's read
     "blocked": ("BatchGetItem", "UpdateItem"),
     "outbound": (),
     "state": (),

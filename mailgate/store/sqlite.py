@@ -33,6 +33,9 @@ class SQLiteStore:
         self._claims = 0
 
     # -- reads ---------------------------------------------------------------------------
+    async def rule(self, address: str) -> Rule | None:
+        return (await self.rules([address])).get(address)  # one file: every read is current
+
     async def rules(self, addresses: Sequence[str]) -> dict[str, Rule]:
         rows = await self._batch("SELECT * FROM rules WHERE email_address IN ({})", addresses)
         by_key = {row["email_address"]: row for row in rows}
