@@ -57,11 +57,13 @@ SUPPRESSED = [
     ("Precedence: bulk\r\n", SENDER, "Precedence: bulk"),
     ("Precedence: list\r\n", SENDER, "Precedence: list"),
     ("Precedence: junk\r\n", SENDER, "Precedence: junk"),
+    ("Precedence: Bulk (newsletter)\r\n", SENDER, "Precedence: bulk"),
     ("", "MAILER-DAEMON@remote.test", "system sender"),
     ("", "owner-team@lists.test", "system sender"),
     ("", "team-request@lists.test", "system sender"),
     ("", "noreply@shop.test", "system sender"),
     ("", "no-reply@shop.test", "system sender"),
+    ("", "no-reply+orders@shop.test", "system sender"),
 ]
 
 

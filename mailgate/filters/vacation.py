@@ -40,7 +40,7 @@ ADDRESS_HEADERS = ("To", "Cc", "Bcc", "Resent-To", "Resent-Cc", "Resent-Bcc")
 # Senders that are programs (RFC 3834 §2, Pigeonhole's list, and the usual no-reply names).
 SYSTEM_SENDER = re.compile(
     r"^(mailer-daemon([-+].*)?|listserv|majordomo|owner-.*|.*-request|.*-owner|"
-    r"no[-_.]?reply(-.*)?|do[-_.]?not[-_.]?reply(-.*)?|bounces?([-+].*)?)@", re.IGNORECASE)
+    r"no[-_.]?reply([-+].*)?|do[-_.]?not[-_.]?reply([-+].*)?|bounces?([-+].*)?)@", re.IGNORECASE)
 CONTROLS = re.compile(r"[\x00-\x1f\x7f]+")
 AUTO_KEYWORD = re.compile(r"[^\s;(]*")
 MSGID = re.compile(r"<[^<>\s]+>")
@@ -75,7 +75,8 @@ def why_not(message: Message, recipient: str) -> str:
     listed = next((h for h in LIST_HEADERS if h in headers), None)
     if listed:
         return f"list mail ({listed})"
-    precedence = header_text(headers, "Precedence").strip().lower()
+    # the keyword, whatever its case and the comment or spaces around it ("Bulk (digest)")
+    precedence = AUTO_KEYWORD.match(header_text(headers, "Precedence").strip())[0].lower()
     if precedence in ("bulk", "list", "junk"):
         return f"Precedence: {precedence}"
     if not sender.isascii():  # an SMTPUTF8 address cannot be written in a plain header
