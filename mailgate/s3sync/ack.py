@@ -12,6 +12,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import re
 import time
 
 from mailgate.config import Config
@@ -126,7 +127,7 @@ def dead_letter_record(queue_url: str, body: str, error: str, key: str,
     dead-letter queue's MaximumMessageSize): the key, queue and error always; the body whole if
     it fits, else cut, with `truncated`, `body_sha256` and `body_length` (bytes) of the whole."""
     error = error[:ERROR_KEPT]
-    attributes = {name: {"DataType": "String", "StringValue": value[:1024] or "-"}
+    attributes = {name: {"DataType": "String", "StringValue": _attribute(value[:1024]) or "-"}
                   for name, value in (("error", error), ("queue", queue_url), ("key", key))}
     room = limit - sum(len(name.encode()) + len(a["DataType"]) + len(a["StringValue"].encode())
                        for name, a in attributes.items())
@@ -143,6 +144,15 @@ def dead_letter_record(queue_url: str, body: str, error: str, key: str,
         left = 0
     record["body"] = _fit(body, left)
     return json.dumps(record), attributes
+
+
+# What SQS takes in a message attribute (XML's characters): a key or an error with a control
+# character in it would have the dead letter refused, and the poison message come back for ever.
+_NOT_XML = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+
+
+def _attribute(value: str) -> str:
+    return _NOT_XML.sub("?", value)
 
 
 def _fit(text: str, room: int) -> str:

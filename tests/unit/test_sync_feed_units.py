@@ -51,3 +51,17 @@ def test_a_dead_letter_fits_its_queue_whatever_the_body_escapes_to():
             assert size > limit - 12   # cut no shorter than it has to be
     text, _ = dead_letter_record("https://sqs/q", "small", "why", "", 262_144)
     assert json.loads(text)["body"] == "small" and "truncated" not in json.loads(text)
+
+
+def test_a_dead_letters_attributes_hold_only_what_sqs_takes():
+    """SQS refuses a message attribute with a character outside XML's (a control character, a
+    lone surrogate): the dead letter of an object whose key has one would never be sent."""
+    import re
+
+    from mailgate.s3sync.ack import dead_letter_record
+    _, attributes = dead_letter_record("https://sqs/q", "body", "bad \x00 byte\x1b[31m",
+                                       "s3://b/in\x01box/\udcff", 262_144)
+    allowed = re.compile("[\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]*")
+    for name, attribute in attributes.items():
+        assert allowed.fullmatch(attribute["StringValue"]), (name, attribute)
+    assert attributes["key"]["StringValue"] == "s3://b/in?box/?"
