@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import email
+import gc
 import hashlib
 import json
 import os
@@ -852,3 +853,133 @@ def test_signed_message_relayed_through_postfix_still_verifies(
     assert words(msg)[1:3] == [("dkim", "pass"), ("dmarc", "pass")]
     # XFORWARD told mailgate the client swaks connected from, not Postfix's own address
     assert "(client 127.0.0.1)" in our_header(msg)
+
+
+# ---------------------------------------------------------------- found in review (11-25)
+
+OURS = "mx.example.test"
+
+
+def claimed_ids(msg) -> list[str]:
+    """The authserv-id of every Authentication-Results, as authres reads it (unfolded)."""
+    ids = []
+    for value in msg.get_all("Authentication-Results", []):
+        unfolded = " ".join(value.replace("\r\n", "\n").split("\n"))
+        try:
+            ids.append(authres.AuthenticationResultsHeader.parse(
+                "Authentication-Results: " + unfolded).authserv_id.lower())
+        except authres.core.AuthResError:
+            ids.append("<unparseable>")
+    return ids
+
+
+def test_a_forged_result_padded_past_4096_characters_is_removed(gate: GateFactory,
+                                                                 dove: Dovecot) -> None:
+    # Folded white space (obs-FWS, every line under 998 octets) before our authserv-id: the
+    # reader stops after 4096 characters, sees no id there and keeps the field.
+    m = mark()
+    padding = "".join("\r\n\t" + " " * 900 for _ in range(5))
+    forged = (f"Authentication-Results:{padding}\r\n\t{OURS}; spf=pass "
+              "smtp.mailfrom=x@signed.example; dkim=pass header.d=signed.example; dmarc=pass\r\n")
+    assert send(gate(), message(m, headers=forged), "b@pass.example",
+                f"ADDR={OUT} HELO={HELO}")[0] == 250
+    msg = delivered(dove, m)
+    assert claimed_ids(msg).count(OURS) == 1, claimed_ids(msg)
+
+
+def test_a_dmarc_record_with_a_huge_pct_is_delivered_not_deferred(gate: GateFactory,
+                                                                  dove: Dovecot,
+                                                                  dns: DnsServer) -> None:
+    # 5000 digits of pct= (a TXT record of 20 strings): int() raises ValueError in
+    # parse_record, Auth.check fails, and every message from that domain is 451 for ever.
+    dns.txt("_dmarc.hugepct.example", "v=DMARC1; p=none; pct=" + "0" * 4997 + "100")
+    m = mark()
+    code, text = send(gate(), message(m, sender="a@hugepct.example"), "b@pass.example")
+    assert code == 250, (code, text)
+    # read as p=none (the digits are 100 however many zeros lead): no alignment, so fail
+    assert result(delivered(dove, m), "dmarc").result == "fail"
+
+
+def test_an_invalid_sp_is_no_reason_to_reject_a_subdomain(gate: GateFactory, dove: Dovecot,
+                                                          dns: DnsServer) -> None:
+    # RFC 7489 §6.6.3 step 6: "sp" not valid and no rua=: no DMARC processing for the message.
+    # mailgate reads the bad sp= as p=reject and refuses mail from every subdomain.
+    dns.txt("_dmarc.badsp.example", "v=DMARC1; p=reject; sp=rejected")
+    m = mark()
+    code, text = send(gate(dmarc_action="reject"), message(m, sender="a@news.badsp.example"),
+                      "b@other.example", f"ADDR={OUT} HELO={HELO}")
+    assert code == 250, (code, text)
+    assert result(delivered(dove, m), "dmarc").result != "fail"
+
+
+def test_an_idn_sender_aligns_with_its_from_domain(gate: GateFactory, dove: Dovecot,
+                                                    dns: DnsServer) -> None:
+    # SMTPUTF8 mail: MAIL FROM in U-labels, From in U-labels (RFC 6532). SPF passes for
+    # bücher.example (pyspf looks up the A-label); the From domain is turned into its A-label
+    # but the SPF domain is not, so the two never align: dmarc=fail, and p=reject refuses
+    # good mail (RFC 8616 §4: compare IDNs in one form).
+    dns.txt("xn--bcher-kva.example", "v=spf1 ip4:192.0.2.0/24 -all")
+    dns.txt("_dmarc.xn--bcher-kva.example", "v=DMARC1; p=reject")
+    def send_utf8(g, m: str) -> tuple[int, bytes]:
+        data = message(m).replace(b"From: <a@signed.example>", "From: <a@bücher.example>".encode())
+        with smtplib.SMTP(*g.smtp, local_hostname="client.test", timeout=TIMEOUT) as client:
+            client.ehlo()
+            assert client.docmd("XFORWARD", f"ADDR={IN} HELO={HELO}")[0] == 250
+            client.command_encoding = "utf-8"
+            assert client.mail("b@bücher.example", ["SMTPUTF8"])[0] == 250
+            assert client.rcpt(ALICE)[0] == 250
+            return client.data(data)
+    m = mark()
+    assert send_utf8(gate(), m)[0] == 250
+    msg = delivered(dove, m)
+    assert (result(msg, "spf").result, result(msg, "dmarc").result) == ("pass", "pass")
+    code, text = send_utf8(gate(dmarc_action="reject"), mark())
+    assert code == 250, (code, text)
+
+
+def test_a_header_of_megabytes_leaves_the_loop_running(dns: DnsServer, tmp_path: Path) -> None:
+    """10 MB of short header fields (thousands of ARC-Seals, then a forged Authentication-
+    Results): every field is read, so the forgery is still found, but not on the event loop
+    in one go: a task that yields at every turn of the loop keeps getting turns. In process,
+    with the module's DNS server. The loop's own CPU time between turns is measured, not wall
+    time: under a parallel test run other processes stretch wall time, not the work done."""
+    from mailgate.message import Client, Envelope, Message
+    config = validate(build(Config, {"hostname": OURS, "domains": ["example.test"],
+                                     "data_dir": str(tmp_path),
+                                     "dns": {"nameservers": [dns.address]}}, ""))
+    line = b"ARC-Seal: i=1; a=rsa-sha256; d=x.example; s=y; cv=none; b=abcd\r\n"
+    forged = b"Authentication-Results: " + OURS.encode() + b"; dkim=pass header.d=x.example\r\n"
+    raw = (line * (10 * 1024 * 1024 // len(line)) + forged
+           + b"From: <a@x.example>\r\n\r\nbody\r\n")
+    env = Envelope("Q1", "a@x.example", (ALICE,), Client(OUT, helo=HELO), 0.0)
+    beats: list[float] = []
+
+    async def heartbeat() -> None:
+        while True:
+            await asyncio.sleep(0)
+            beats.append(time.thread_time())
+
+    async def check():
+        auth = Auth(config, Resources(config))
+        beat = asyncio.create_task(heartbeat())
+        await asyncio.sleep(0.05)
+        beats.clear()
+        started = time.thread_time()
+        outcome = await auth.check(Message(env, raw))
+        times = [started, *beats, time.thread_time()]
+        beat.cancel()
+        await auth.dns.close()
+        return outcome, times
+    # Not measured: the cyclic GC's own pauses (a full collection over the 160,000 fields
+    # read, a quarter second in this pytest process), which any code that reads them pays.
+    gc.disable()
+    try:
+        with restored():
+            outcome, times = asyncio.run(check())
+    finally:
+        gc.enable()
+    start = raw.index(forged)
+    assert outcome.drop == ((start, start + len(forged)),)
+    assert b"arc=fail" in b"".join(outcome.headers)
+    gaps = sorted(((b - a, a - times[0]) for a, b in zip(times, times[1:])), reverse=True)
+    assert gaps[0][0] < 0.1, gaps[:5]

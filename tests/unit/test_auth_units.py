@@ -2,6 +2,7 @@
 DMARC records and alignment, the rendered header (parsed back with authres), config checks."""
 import time
 
+import authres
 import pytest
 
 from mailgate import config, pipeline
@@ -282,3 +283,114 @@ def test_arc_has_only_its_three_words_even_when_dns_fails():
     # RFC 8617 registers none, pass and fail for arc; a key lookup that failed is a fail
     assert signatures._verify_arc(b"", None, 1, True, False) == (
         "fail", "key lookup failed (temporary)")
+
+
+OURS = "mx.example.test"
+
+
+# ---------------------------------------------------------------- forged Authentication-Results
+
+@pytest.mark.parametrize("padding", [
+    b" " * 4100,                                    # white space (lines over 998 are taken)
+    b"\r\n\t" + b"\r\n\t".join([b" " * 900] * 5),   # the same, folded (obs-FWS)
+    b"()" * 2100,                                   # many short comments, each closed
+    b" " * 4090,                                    # the id straddles the 4096th character
+], ids=["spaces", "folded", "comments", "straddling"])
+def test_a_claim_of_our_id_after_long_padding_is_still_removed(padding):
+    value = padding + b" mx.example.test; dkim=pass header.d=victim.example"
+    raw = b"Authentication-Results:" + value + b"\r\nFrom: a@victim.example\r\n\r\nbody\r\n"
+    # Every reader of the header sees our authserv-id (authres does, once unfolded) ...
+    unfolded = raw.split(b"\r\nFrom")[0].replace(b"\r\n\t", b" ").decode()
+    assert authres.AuthenticationResultsHeader.parse(unfolded).authserv_id == OURS
+    # ... so it must go, or a forged dkim=pass reaches the mailbox under our name
+    assert len(fields.forged_results(fields.read(raw), OURS)) == 1
+
+
+# ---------------------------------------------------------------- DMARC records
+
+def test_a_huge_pct_is_a_record_not_a_crash():
+    # A TXT record may hold many 255-octet strings: 5000 digits of pct= made int() raise
+    # ValueError (Python's 4300-digit limit), out of Auth.check: 451 for every message of
+    # that From domain, forever, instead of a DMARC result.
+    text = "v=DMARC1; p=reject; pct=" + "0" * 5000 + "1"
+    answer = Answer("_dmarc.hostile.example", "TXT", ((text.encode(),),), True, 0.0)
+    dmarc._policy_in([answer])   # must not raise
+
+
+@pytest.mark.parametrize("text, policy", [
+    # RFC 7489 §6.6.3 step 6: a record with an "sp" tag that is not valid: with rua=, act as
+    # if "v=DMARC1; p=none" was retrieved; without, no DMARC processing at all
+    ("v=DMARC1; p=reject; sp=bogus", None),
+    ("v=DMARC1; p=reject; sp=bogus; rua=mailto:d@x.example", dmarc.Policy("none", "none")),
+])
+def test_an_invalid_sp_is_not_read_as_p(text, policy):
+    assert dmarc.parse_record(text) == policy
+
+
+# ---------------------------------------------------------------- the event loop
+
+def test_a_header_of_many_arc_seals_does_not_hold_the_event_loop():
+    # signatures.check reads every ARC-Seal and ARC-Message-Signature with dkimpy's tag
+    # parser, on the loop, before it looks at how many there are (more than 50 is "fail"
+    # anyway): 10 MB of short ARC-Seal fields held every other session for seconds (50 MB,
+    # the default message_size, for ~20 s). The module promises some 30 ms at a time.
+    import asyncio
+    import time
+
+    from mailgate.config.sections import Dns
+    from mailgate.dns import Resolver
+    from mailgate.filters.auth import signatures
+
+    line = b"ARC-Seal: i=1; a=rsa-sha256; d=x.example; s=y; cv=none; b=abcd\r\n"
+    raw = line * (10 * 1024 * 1024 // len(line)) + b"From: a@x.example\r\n\r\nbody\r\n"
+    header = fields.read(raw)
+
+    async def run() -> float:
+        resolver = Resolver(Dns(nameservers=("127.0.0.1:9",), timeout=0.2, budget=0.5))
+        longest, last, done = 0.0, time.monotonic(), False
+
+        async def ticker():
+            nonlocal longest, last
+            while not done:
+                await asyncio.sleep(0)
+                now = time.monotonic()
+                longest, last = max(longest, now - last), now
+        tick = asyncio.ensure_future(ticker())
+        await asyncio.sleep(0)
+        last = time.monotonic()
+        try:
+            _, arc = await signatures.check(resolver, resolver.budget(), raw, header, 5, 4096)
+        finally:
+            done = True
+            await tick
+            await resolver.close()
+        assert arc.result == "fail"
+        return longest
+    longest = asyncio.run(run())
+    assert longest < 0.5, f"the loop stood still for {longest:.2f} s"
+
+
+# ---------------------------------------------------------------- IDN alignment
+
+def test_spf_for_a_u_label_sender_aligns_with_the_same_from_domain():
+    # The From domain is turned into its A-label (fields._domain_of), the SPF domain is kept
+    # as MAIL FROM wrote it (U-labels under SMTPUTF8): one domain, two forms, never aligned.
+    from mailgate.filters.auth import sender
+    spf = sender._result("192.0.2.1", "b@bücher.example", "mail.example", ("pass", ""))
+    from_domain, problem = fields.from_domain(fields.read("From: <a@bücher.example>\r\n\r\n"
+                                                          .encode()))
+    assert (from_domain, problem) == ("xn--bcher-kva.example", "")
+    assert dmarc.evaluate(from_domain, dmarc.Policy("reject", "reject"), False, spf, []) == \
+        ("pass", "none")
+
+
+@pytest.mark.parametrize("raw", [
+    b"A: 1\r\nB: 2\r\n cont\r\nnot a field\r\nC:3\r\n\r\nbody\r\n",
+    b"A: 1\r\nB: 2",                         # no body, no final CRLF
+    b"\r\nbody\r\n",                          # no header at all
+    b"X: y\r\n" * 25 + b"bad\r\n" * 7 + b"Z: z\r\n\r\n",
+])
+@pytest.mark.parametrize("lines", [1, 2, 3, 1000])
+def test_reading_in_slices_reads_what_reading_at_once_does(raw, lines):
+    import asyncio
+    assert asyncio.run(fields.read_in_slices(raw, lines)) == fields.read(raw)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from publicsuffixlist import PublicSuffixList
 
 from mailgate.dns import Budget, DnsError, Resolver
+from mailgate.filters.auth.fields import a_labels
 from mailgate.filters.auth.results import Result
 
 POLICIES = ("none", "quarantine", "reject")
@@ -54,16 +55,24 @@ def parse_record(text: str) -> Policy | None:
         if eq:
             tags[name.strip().lower()] = value.strip()
     p = tags.get("p", "").lower()
-    if p not in POLICIES:
+    sp = tags.get("sp", p).lower()
+    if p not in POLICIES or sp not in POLICIES:
+        # §6.6.3 step 6: an invalid p= or sp= is no policy, or p=none if reports are asked for
         if "rua" not in tags:
             return None
-        p = "none"  # an invalid p= with reports asked for: act as p=none (§6.6.3)
-    sp = tags.get("sp", p).lower()
-    pct = tags.get("pct", "100")
-    return Policy(p, sp if sp in POLICIES else p,
-                  "s" if tags.get("adkim", "r").lower() == "s" else "r",
+        p = sp = "none"
+    return Policy(p, sp, "s" if tags.get("adkim", "r").lower() == "s" else "r",
                   "s" if tags.get("aspf", "r").lower() == "s" else "r",
-                  min(100, int(pct)) if pct.isdigit() else 100)
+                  _percent(tags.get("pct", "100")))
+
+
+def _percent(text: str) -> int:
+    """pct= (0 to 100; anything else is 100, the default). Digits are counted before int():
+    a record may hold thousands, past what int() takes (ValueError)."""
+    digits = text.lstrip("0")
+    if not (text.isascii() and text.isdigit()):
+        return 100
+    return int(digits or "0") if len(digits) <= 3 else 100
 
 
 # RFC 7489 §6.4: "v" *WSP "=" *WSP "DMARC1", then the end or ";" (the "v" in any case, the
@@ -113,8 +122,11 @@ def published(policy: Policy, at_org: bool, from_domain: str) -> str:
 
 
 def aligned(domain: str, from_domain: str, mode: str) -> bool:
+    """RFC 7489 §3.1, an internationalized domain compared in its A-label form: SMTPUTF8 mail
+    may name it in U-labels in MAIL FROM or d= (the From domain is already in A-labels)."""
     if not domain:
         return False
+    domain, from_domain = a_labels(domain), a_labels(from_domain)
     if mode == "s":
         return domain == from_domain
     return org_domain(domain) == org_domain(from_domain)
