@@ -3,8 +3,9 @@
 Runs every configured filter on the message, as serve would (same config, same store, same
 DNS), with Resources(dry_run=True), and prints per recipient each filter's verdict and reason
 and the outcome. Nothing is delivered, sent or remembered: explain never reaches the gateway,
-which is what delivers, forwards and sends auto-replies. A filter failing is shown, as the 451
-serve would answer.
+which is what delivers, forwards and sends auto-replies, and the filters get a store whose
+writes do nothing (resources.ReadOnlyStore: bounce's "told" claim is not made). A filter
+failing is shown, as the 451 serve would answer.
 """
 from __future__ import annotations
 

@@ -4,7 +4,8 @@ these are not: a change to [dns], [store] or [relay] needs a restart).
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 from mailgate.config import Config
 
@@ -33,7 +34,8 @@ class Resources:
     def store(self) -> Store:
         if self._store is None:
             from mailgate.store import open_store
-            self._store = open_store(self.config)
+            store = open_store(self.config)
+            self._store = ReadOnlyStore(store) if self.dry_run else store
         return self._store
 
     @property
@@ -47,3 +49,43 @@ class Resources:
         for resource in (self._outbound, self._store, self._dns):
             if resource is not None:
                 await resource.close()
+
+
+class ReadOnlyStore:
+    """The store as `mailgate explain` sees it: reads pass through, writes do nothing, and a
+    claim answers what the real one would answer now (True unless the key is there) without
+    recording it. So explaining a bounce or an auto-reply leaves the real message its notice
+    or reply: explain "delivers, sends and remembers nothing" (README)."""
+
+    def __init__(self, store: Store):
+        self._store = store
+
+    def __getattr__(self, name: str) -> Any:   # reads: rules, blocked, outbound, seen, keys, rule
+        return getattr(self._store, name)
+
+    async def claim(self, key: str, ttl: float) -> bool:
+        return not await self._store.seen(key)
+
+    async def put_outbound(self, message_id: str, item: dict) -> None:
+        pass
+
+    async def forget(self, key: str) -> None:
+        pass
+
+    async def set_rule(self, rule: Any) -> None:
+        pass
+
+    async def clear_rule(self, address: str) -> bool:
+        return False
+
+    async def add_block(self, address: str, pattern: str) -> bool:
+        return False
+
+    async def remove_block(self, address: str, pattern: str) -> bool:
+        return False
+
+    async def ensure_tables(self, kinds: Sequence[str] = ()) -> list[str]:
+        return []
+
+    async def close(self) -> None:
+        await self._store.close()

@@ -103,3 +103,28 @@ def test_later_filters_see_what_earlier_ones_found_as_in_serve(tmp_path, backend
                                          "filters_for_tests:ShowsFindings"])
     out = explain(gate, tmp_path, BOB)
     assert "  shows      continue  was told spf=fail\n" in out, out
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+def test_explaining_a_bounce_or_a_vacation_leaves_the_real_message_its_notice(tmp_path, backend):
+    # The bounce filter claims "told" per SES message and recipient before it builds the notice:
+    # explain must not make that claim for the real DSN, nor remember a vacation reply.
+    from test_bounce import dsn
+    gate = explainer(tmp_path, backend, ["rules", "vacation", "bounce"])
+    ses_id = "0100019explain-000000"
+    with_store(load(str(gate.config_path), environ={}), lambda store: store.put_outbound(
+        ses_id, {"original_sender": ALICE, "recipients": ["friend@elsewhere.test"]}))
+    (tmp_path / "away.txt").write_text("Back Monday.\n")
+    cli(gate, "rule", "set", BOB, "--forward", "friend@elsewhere.test", "--vacation", "on",
+        "--subject", "Away", "--body-file", str(tmp_path / "away.txt"))
+    (tmp_path / "dsn.eml").write_bytes(dsn("x", ses_id))
+    (tmp_path / "bob.eml").write_bytes(b"From: ann@remote.test\nTo: bob@example.test\n"
+                                       b"Subject: Lunch\n\nMonday?\n")
+    for _ in range(2):
+        out = cli(gate, "explain", str(tmp_path / "dsn.eml"), "--from", "<>", "--to", ALICE).stdout
+        assert f"bounce: SES message {ses_id} from <{ALICE}>: notice instead of the DSN" in out, out
+        out = cli(gate, "explain", str(tmp_path / "bob.eml"), "--from", "ann@remote.test",
+                  "--to", BOB).stdout
+        assert "vacation: reply to <ann@remote.test> once delivered" in out, out
+        assert "would send: auto-reply to <ann@remote.test>" in out, out
+    assert state_keys(gate) == []

@@ -1,0 +1,112 @@
+"""Review of the operations part: each test here failed on the code it was written against."""
+from __future__ import annotations
+
+import asyncio
+import socket
+from pathlib import Path
+
+from backends import cli
+from conftest import USERS
+from mailgate.config import load
+from mailgate.store import open_store
+from peers import Mailgate, wait_until
+
+ALICE, BOB, CAROL = USERS
+FRIEND = "friend@elsewhere.test"
+TESTS = Path(__file__).parent
+
+
+def test_xforward_attributes_cannot_forge_log_lines(dovecot, mailgate_factory) -> None:
+    """XFORWARD values are xtext: "+0A" decodes to a newline. maillog writes NAME (client=),
+    IDENT (orig_queue_id=) and HELO (the NOQUEUE reject line) as they are, so a client on a
+    trusted network (any local process on 127.0.0.1) writes whole lines of its choosing into
+    the log operators grep (trace.py cleans the same values for the Received header)."""
+    from peers import smtp_client
+    gate = mailgate_factory()
+    forged = "FORGED+3A+20to=<bob@example.test>,+20status=sent"
+    with smtp_client(gate.smtp) as client:
+        code, _ = client.docmd("XFORWARD", f"NAME=mail.example.net+0A{forged} ADDR=192.0.2.7 "
+                                           f"IDENT=ABC+0A{forged} HELO=h+0A{forged}")
+        assert code == 250
+        client.mail("sender@remote.test")
+        assert client.rcpt("nobody@example.test")[0] == 550    # the reject line: helo=
+        assert client.rcpt(ALICE)[0] == 250
+        code, text = client.data(b"Subject: hi\r\n\r\nhello\r\n")
+        assert code == 250
+    queue_id = text.decode().rsplit(" ", 1)[1]
+    gate.wait_log(rf"{queue_id}: from=<sender@remote\.test>, to=<{ALICE}>")
+    forged_lines = [line for line in gate.log_text().splitlines() if line.startswith("FORGED")]
+    assert forged_lines == []
+
+
+def test_admin_commands_as_the_service_user_use_the_units_store(monkeypatch) -> None:
+    """README: "Run these as root or as the service user". In a vmail shell (`runuser -u vmail
+    -- mailgate block add ...`, HOME=/var/vmail from the guide's useradd) data_dir defaults to
+    ~/.local/share/mailgate, so the block or rule lands in a store serve never reads: the unit's
+    data_dir is $STATE_DIRECTORY=/var/lib/mailgate. Root's shell gets that one; vmail's not."""
+    from mailgate import config
+    monkeypatch.setattr(config, "SYSTEM_CONFIG", Path("/nonexistent/mailgate.toml"))
+    for name in ("STATE_DIRECTORY", "XDG_DATA_HOME"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", "/var/vmail")
+    monkeypatch.setattr(config.sections.os, "geteuid", lambda: 5000)   # vmail
+    shell = config.load(None, {}).data_dir
+    monkeypatch.setenv("STATE_DIRECTORY", "/var/lib/mailgate")         # systemd/mailgate.service
+    unit = config.load(None, {}).data_dir
+    assert shell == unit
+
+
+def test_internal_smtp_port_moves_the_feed_with_the_listener() -> None:
+    """INTERNAL_SMTP_PORT, the seed deployment's port of the internal listener, is honoured for
+    listen.smtp only: sync.inject ("serve's SMTP listener") stays 127.0.0.1:10025, so a sync
+    started with the same environment injects where nothing listens."""
+    from mailgate.config import load
+    cfg = load(None, {"INTERNAL_SMTP_PORT": "2525", "MAILGATE_CONFIG": ""})
+    assert cfg.listen.smtp == "127.0.0.1:2525"
+    assert cfg.sync.inject == cfg.listen.smtp
+
+
+def test_an_unknown_environment_name_is_named_as_the_operator_set_it(tmp_path) -> None:
+    """A stray MAILGATE_* variable stops every command with "config error: foo: unknown key",
+    naming a key no config file holds; the variable that caused it is not named."""
+    import subprocess
+    import sys
+    from peers import REPO
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), "MAILGATE_FOO": "1",
+           "HOME": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-m", "mailgate", "check-config"], env=env,
+                          capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "MAILGATE_FOO" in proc.stderr, proc.stderr
+
+
+def test_doctor_finds_no_address_mappings_before_mailgate(tmp_path: Path) -> None:
+    """FILTER_README's content-filter recipe puts receive_override_options=no_address_mappings
+    on the smtpd that has the content_filter (and the shipped main.cf snippet warns against it:
+    "virtual aliases must be expanded before the filter"). mailgate delivers itself and nothing
+    expands them afterwards, so postmaster@ (the guide's alias) reaches mailgate unexpanded and
+    is refused 550 5.1.1 after Postfix queued it: a bounce. doctor says "no problems found"."""
+    from test_doctor import build
+    site = build(tmp_path, "content-filter")
+    site.postconf("-P", "smtp/inet/receive_override_options=no_address_mappings")
+    result = site.doctor()
+    assert result.returncode == 1, result.stdout
+    assert "no_address_mappings" in result.stdout, result.stdout
+
+
+def test_health_listens_on_ipv6_loopback_as_metrics_does(dovecot, mailgate_factory) -> None:
+    """health.listen = "[::1]:P" passes check-config (as metrics.listen does, which works), but
+    http.server's ThreadingHTTPServer is AF_INET only: serve exits 2 with "cannot listen on
+    [::1]:P: Unknown error -9; ... stop what holds that address", nothing holding it."""
+    import json
+    import urllib.request
+    from peers import PeerError, free_port
+    gate = mailgate_factory({"health": {"listen": f"[::1]:{free_port()}"},
+                             "metrics": {"listen": f"[::1]:{free_port()}"}}, start=False)
+    try:
+        gate.start()
+    except PeerError as e:
+        raise AssertionError(str(e).splitlines()[-1]) from None
+    host, port = gate.address("health", "listen")
+    with urllib.request.urlopen(f"http://[{host}]:{port}/health", timeout=10) as response:
+        assert json.load(response)["status"] == "ok"
