@@ -24,6 +24,13 @@ IGNORED_MAIL_PARAMS = {"RET", "ENVID", "AUTH"}       # DSN and AUTH: Postfix may
 IGNORED_RCPT_PARAMS = {"NOTIFY", "ORCPT"}
 
 
+def printable(text: str) -> str:
+    """Control characters and DEL as "?", as Postfix's printable() does to what a client said
+    before it logs it: an XFORWARD value ("+0A" is a newline) or a HELO name cannot start a
+    log line of its own."""
+    return PATH_CONTROL.sub("?", text)
+
+
 def xtext_decode(value: str) -> str:
     """RFC 3461 xtext: +XX hex escapes."""
     out, i = [], 0

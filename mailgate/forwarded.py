@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hmac
 
-from mailgate.commands import XFORWARD_ATTRS, parse_xfeed, xtext_decode
+from mailgate.commands import XFORWARD_ATTRS, parse_xfeed, printable, xtext_decode
 from mailgate.message import Client
 from mailgate.verdict import (BAD_ARGUMENTS, BAD_SEQUENCE, FEED_DENIED, FEED_OK, XFORWARD_DENIED,
                               XFORWARD_OK)
@@ -59,8 +59,8 @@ class Forwarded:
             if not eq or name.upper() not in XFORWARD_ATTRS:
                 self.reply(BAD_ARGUMENTS, f"Bad XFORWARD attribute {name!r}: ")
                 return
-            if value not in ("[UNAVAILABLE]", "[TEMPUNAVAIL]"):
-                attrs[name.upper()] = xtext_decode(value)
+            if value not in ("[UNAVAILABLE]", "[TEMPUNAVAIL]"):   # no control characters
+                attrs[name.upper()] = printable(xtext_decode(value))
         if not attrs and not arg:
             self.reply(BAD_ARGUMENTS)
             return

@@ -21,6 +21,7 @@ import time
 from typing import TYPE_CHECKING
 
 from mailgate import metrics
+from mailgate.commands import printable
 from mailgate.config import Log
 
 if TYPE_CHECKING:
@@ -113,14 +114,18 @@ def _syslog(settings: Log) -> tuple[logging.Handler | None, str]:
     return handler, ""
 
 
+# What a client said (HELO name, XFORWARD attributes, addresses) goes through printable() on the
+# way into a line: forwarded.py and the path parser already refuse or replace control
+# characters, this keeps a line one line whatever a later change lets through.
 def client_text(name: str, addr: str) -> str:
-    return f"{name}[{addr}]"
+    return printable(f"{name}[{addr}]")
 
 
 def delivery(queue_id: str, sender: str, recipient: str, relay: str, delay: float,
              dsn: str, status: str, detail: str) -> None:
     log.info("%s: from=<%s>, to=<%s>, relay=%s, delay=%s, dsn=%s, status=%s (%s)",
-             queue_id, sender, recipient, relay, delay_text(delay), dsn, status, detail)
+             queue_id, printable(sender), printable(recipient), relay, delay_text(delay), dsn,
+             status, printable(detail))
 
 
 def delay_text(seconds: float) -> str:
@@ -135,7 +140,8 @@ def delay_text(seconds: float) -> str:
 def reject(stage: str, client: str, reply: object, sender: str | None, recipient: str,
            proto: str, helo: str) -> None:
     log.info("NOQUEUE: reject: %s from %s: %s; from=<%s> to=<%s> proto=%s helo=<%s>",
-             stage, client, reply, sender or "", recipient, proto, helo)
+             stage, printable(client), printable(str(reply)), printable(sender or ""),
+             printable(recipient), printable(proto), printable(helo))
 
 
 def transaction(env: Envelope, size: int, results: list[Result], listener: str) -> None:
@@ -143,8 +149,8 @@ def transaction(env: Envelope, size: int, results: list[Result], listener: str) 
     qid = env.queue_id
     # orig_queue_id= as Postfix's smtpd logs it: grep one id to follow a message through both.
     log.info("%s: client=%s%s", qid, client_text(env.client.name, env.client.addr),
-             f", orig_queue_id={env.client.ident}" if env.client.ident else "")
-    log.info("%s: from=<%s>, size=%d, nrcpt=%d", qid, env.sender, size, len(results))
+             f", orig_queue_id={printable(env.client.ident)}" if env.client.ident else "")
+    log.info("%s: from=<%s>, size=%d, nrcpt=%d", qid, printable(env.sender), size, len(results))
     delay = asyncio.get_running_loop().time() - env.received_at
     for r in results:
         delivery(qid, env.sender, r.recipient, r.relay, delay, r.reply.status, r.status,

@@ -93,3 +93,37 @@ def test_syslog_socket_missing_falls_back_to_stderr(dovecot, mailgate_factory, p
     gate.wait_log(rf"mailgate\[{gate.pid}\]: warning: syslog: cannot write to "
                   rf"{re.escape(str(peer_root))}/no-such\.sock \(.*\): logging to stderr only$")
     deliver(gate)
+
+
+def test_what_a_client_says_cannot_forge_log_lines(dovecot, mailgate_factory) -> None:
+    """XFORWARD values are xtext ("+0A" is a newline) and a HELO name may hold a bare CR: the
+    client= and orig_queue_id= fields and the reject line's helo= show them with "?" for each
+    control character, as Postfix's printable() does, never as lines of the client's choosing."""
+    gate = mailgate_factory()
+    forged = "FORGED+3A+20to=<bob@example.test>,+20status=sent"
+    with smtplib.SMTP(*gate.smtp, local_hostname="client.log.test", timeout=20) as client:
+        client.ehlo()
+        code, _ = client.docmd("XFORWARD", f"NAME=mail.example.net+0A{forged} ADDR=192.0.2.7 "
+                                           f"IDENT=ABC+0D+0A{forged} HELO=h+0A{forged}")
+        assert code == 250
+        client.mail(SENDER)
+        assert client.rcpt("nobody@example.test")[0] == 550    # the reject line: helo=
+        assert client.rcpt(ALICE)[0] == 250
+        code, text = client.data(b"Subject: hi\r\n\r\nhello\r\n")
+        assert code == 250
+    queue_id = text.decode().rsplit(" ", 1)[1]
+    gate.wait_log(rf"{queue_id}: from=<{SENDER}>, to=<{ALICE}>")
+    with socket.create_connection(gate.smtp, timeout=20) as s:   # a bare CR in EHLO
+        reader = s.makefile("rb")
+        reader.readline()
+        s.sendall(b"EHLO h\rFORGED: to=<x>\r\nMAIL FROM:<" + SENDER.encode() + b">\r\n"
+                  b"RCPT TO:<nobody@example.test>\r\n")
+        while not reader.readline().startswith(b"550"):
+            pass
+    gate.wait_log(r"NOQUEUE: reject: RCPT from localhost\[127\.0\.0\.1\]: 550 .*"
+                  r"helo=<h\?FORGED: to=<x>>$")
+    text = gate.log_text()
+    assert f"{queue_id}: client=mail.example.net?FORGED: to=<bob@example.test>, status=sent" \
+           f"[192.0.2.7], orig_queue_id=ABC??FORGED: to=<bob@example.test>, status=sent" in text
+    assert "helo=<h?FORGED: to=<bob@example.test>, status=sent>" in text
+    assert [line for line in text.splitlines() if line.startswith("FORGED")] == []

@@ -16,29 +16,6 @@ FRIEND = "friend@elsewhere.test"
 TESTS = Path(__file__).parent
 
 
-def test_xforward_attributes_cannot_forge_log_lines(dovecot, mailgate_factory) -> None:
-    """XFORWARD values are xtext: "+0A" decodes to a newline. maillog writes NAME (client=),
-    IDENT (orig_queue_id=) and HELO (the NOQUEUE reject line) as they are, so a client on a
-    trusted network (any local process on 127.0.0.1) writes whole lines of its choosing into
-    the log operators grep (trace.py cleans the same values for the Received header)."""
-    from peers import smtp_client
-    gate = mailgate_factory()
-    forged = "FORGED+3A+20to=<bob@example.test>,+20status=sent"
-    with smtp_client(gate.smtp) as client:
-        code, _ = client.docmd("XFORWARD", f"NAME=mail.example.net+0A{forged} ADDR=192.0.2.7 "
-                                           f"IDENT=ABC+0A{forged} HELO=h+0A{forged}")
-        assert code == 250
-        client.mail("sender@remote.test")
-        assert client.rcpt("nobody@example.test")[0] == 550    # the reject line: helo=
-        assert client.rcpt(ALICE)[0] == 250
-        code, text = client.data(b"Subject: hi\r\n\r\nhello\r\n")
-        assert code == 250
-    queue_id = text.decode().rsplit(" ", 1)[1]
-    gate.wait_log(rf"{queue_id}: from=<sender@remote\.test>, to=<{ALICE}>")
-    forged_lines = [line for line in gate.log_text().splitlines() if line.startswith("FORGED")]
-    assert forged_lines == []
-
-
 def test_admin_commands_as_the_service_user_use_the_units_store(monkeypatch) -> None:
     """README: "Run these as root or as the service user". In a vmail shell (`runuser -u vmail
     -- mailgate block add ...`, HOME=/var/vmail from the guide's useradd) data_dir defaults to
