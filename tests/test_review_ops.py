@@ -16,23 +16,6 @@ FRIEND = "friend@elsewhere.test"
 TESTS = Path(__file__).parent
 
 
-def test_admin_commands_as_the_service_user_use_the_units_store(monkeypatch) -> None:
-    """README: "Run these as root or as the service user". In a vmail shell (`runuser -u vmail
-    -- mailgate block add ...`, HOME=/var/vmail from the guide's useradd) data_dir defaults to
-    ~/.local/share/mailgate, so the block or rule lands in a store serve never reads: the unit's
-    data_dir is $STATE_DIRECTORY=/var/lib/mailgate. Root's shell gets that one; vmail's not."""
-    from mailgate import config
-    monkeypatch.setattr(config, "SYSTEM_CONFIG", Path("/nonexistent/mailgate.toml"))
-    for name in ("STATE_DIRECTORY", "XDG_DATA_HOME"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("HOME", "/var/vmail")
-    monkeypatch.setattr(config.sections.os, "geteuid", lambda: 5000)   # vmail
-    shell = config.load(None, {}).data_dir
-    monkeypatch.setenv("STATE_DIRECTORY", "/var/lib/mailgate")         # systemd/mailgate.service
-    unit = config.load(None, {}).data_dir
-    assert shell == unit
-
-
 def test_internal_smtp_port_moves_the_feed_with_the_listener() -> None:
     """INTERNAL_SMTP_PORT, the seed deployment's port of the internal listener, is honoured for
     listen.smtp only: sync.inject ("serve's SMTP listener") stays 127.0.0.1:10025, so a sync

@@ -25,14 +25,27 @@ class EnvValue(str):
     """A value from the environment: text to convert, where TOML values must already be typed."""
 
 
+SYSTEM_DATA_DIR = "/var/lib/mailgate"   # the unit's StateDirectory=mailgate
+
+
 def default_data_dir() -> str:
-    """systemd's StateDirectory, else /var/lib/mailgate for root, else the user's data dir."""
+    """systemd's StateDirectory; else /var/lib/mailgate for root and for whoever may write it
+    (the service user: `runuser -u vmail -- mailgate block add ...` must reach the store serve
+    reads); else the user's data dir."""
     if os.environ.get("STATE_DIRECTORY"):
         return os.environ["STATE_DIRECTORY"].split(":")[0]
-    if os.geteuid() == 0:
-        return "/var/lib/mailgate"
+    if os.geteuid() == 0 or _writable_dir(SYSTEM_DATA_DIR):
+        return SYSTEM_DATA_DIR
     base = os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share")
     return os.path.join(base, "mailgate")
+
+
+def _writable_dir(path: str) -> bool:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    return os.path.isdir(path) and (st.st_uid == os.geteuid() or os.access(path, os.W_OK))
 
 
 @dataclass(frozen=True)

@@ -165,6 +165,28 @@ def test_sync_unit_and_a_root_shell_share_the_exactly_once_memory(monkeypatch):
     assert unit_data_dir("mailgate.service", monkeypatch) == shell
 
 
+def test_admin_commands_as_the_service_user_use_the_units_store(tmp_path, monkeypatch):
+    """README: "Run these as root or as the service user". In a vmail shell (`runuser -u vmail
+    -- mailgate block add ...`) the block must land in the store serve reads: the unit's
+    StateDirectory, which vmail owns, not ~/.local/share/mailgate. A user who may not write it
+    keeps the per-user default. (SYSTEM_DATA_DIR stands for /var/lib/mailgate here.)"""
+    import os
+    state = tmp_path / "var-lib-mailgate"
+    monkeypatch.setattr(config.sections, "SYSTEM_DATA_DIR", str(state), raising=False)
+    monkeypatch.setattr(config, "SYSTEM_CONFIG", REPO / "no-such-file.toml")
+    for name in ("STATE_DIRECTORY", "XDG_DATA_HOME"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    vmail = os.getuid() or 5000     # a user other than root: the test may run as root
+    monkeypatch.setattr(config.sections.os, "geteuid", lambda: vmail)
+    assert config.load(None, {}).data_dir == str(tmp_path / "home/.local/share/mailgate")
+    state.mkdir(mode=0o700)         # as systemd makes StateDirectory=mailgate for User=vmail
+    os.chown(state, vmail, -1)
+    shell = config.load(None, {}).data_dir
+    monkeypatch.setenv("STATE_DIRECTORY", str(state))        # systemd/mailgate.service
+    assert shell == config.load(None, {}).data_dir == str(state)
+
+
 def test_a_reload_applies_what_the_rebuilt_chain_reads_and_keeps_what_was_built_once():
     import dataclasses
     from mailgate.config import Config
