@@ -16,16 +16,6 @@ FRIEND = "friend@elsewhere.test"
 TESTS = Path(__file__).parent
 
 
-def test_internal_smtp_port_moves_the_feed_with_the_listener() -> None:
-    """INTERNAL_SMTP_PORT, the seed deployment's port of the internal listener, is honoured for
-    listen.smtp only: sync.inject ("serve's SMTP listener") stays 127.0.0.1:10025, so a sync
-    started with the same environment injects where nothing listens."""
-    from mailgate.config import load
-    cfg = load(None, {"INTERNAL_SMTP_PORT": "2525", "MAILGATE_CONFIG": ""})
-    assert cfg.listen.smtp == "127.0.0.1:2525"
-    assert cfg.sync.inject == cfg.listen.smtp
-
-
 def test_an_unknown_environment_name_is_named_as_the_operator_set_it(tmp_path) -> None:
     """A stray MAILGATE_* variable stops every command with "config error: foo: unknown key",
     naming a key no config file holds; the variable that caused it is not named."""

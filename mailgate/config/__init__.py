@@ -49,6 +49,11 @@ LEGACY_ENV = {
     "METRICS_PORT": ("metrics", "listen", "port"),
     "HEALTH_PORT": ("health", "listen", "port"),
 }
+# Keys that follow a legacy name too unless they are set themselves (file or MAILGATE_*): sync
+# injects into serve's SMTP listener, wherever INTERNAL_SMTP_PORT moved it.
+LEGACY_FOLLOW = {
+    "INTERNAL_SMTP_PORT": ("sync", "inject", "port"),
+}
 
 
 def find_file(explicit: str | None, environ: Mapping[str, str]) -> Path | None:
@@ -104,7 +109,10 @@ NOT_CONFIG = {"MAILGATE_CONFIG", "MAILGATE_DEBUG", "MAILGATE_FAULT"}
 
 
 def apply_environment(raw: dict[str, Any], environ: Mapping[str, str]) -> None:
-    for name, (section, key, part) in LEGACY_ENV.items():
+    follow = [(name, target) for name, target in LEGACY_FOLLOW.items()
+              if environ.get(name) and target[1] not in raw.get(target[0], {})
+              and not environ.get(f"MAILGATE_{target[0]}_{target[1]}".upper())]
+    for name, (section, key, part) in [*LEGACY_ENV.items(), *follow]:
         if environ.get(name):
             current = raw.get(section, {}).get(key) or getattr(SECTIONS[section](), key)
             host, _, port = current.rpartition(":")

@@ -68,6 +68,20 @@ def test_environment_overrides_one_key(tmp_path, env, key, value):
     assert getattr(getattr(cfg, key[0]), key[1]) == value
 
 
+def test_internal_smtp_port_moves_the_feed_with_the_listener(tmp_path):
+    """sync.inject is "serve's SMTP listener": INTERNAL_SMTP_PORT, which moves listen.smtp,
+    moves it too (else a sync started with the same environment injects where nothing
+    listens), unless sync.inject is set itself, in the file or as MAILGATE_SYNC_INJECT."""
+    cfg = config.load(write(tmp_path, GOOD), {"INTERNAL_SMTP_PORT": "2525"})
+    assert cfg.listen.smtp == cfg.sync.inject == "127.0.0.1:2525"
+    cfg = config.load(write(tmp_path, GOOD), {"INTERNAL_SMTP_PORT": "2525",
+                                              "MAILGATE_SYNC_INJECT": "127.0.0.1:2626"})
+    assert (cfg.listen.smtp, cfg.sync.inject) == ("127.0.0.1:2525", "127.0.0.1:2626")
+    own = write(tmp_path, GOOD + '[sync]\ninject = "unix:/run/mailgate/smtp"\n')
+    cfg = config.load(own, {"INTERNAL_SMTP_PORT": "2525"})
+    assert (cfg.listen.smtp, cfg.sync.inject) == ("127.0.0.1:2525", "unix:/run/mailgate/smtp")
+
+
 def test_list_from_environment(tmp_path):
     cfg = config.load(write(tmp_path, GOOD), {"MAILGATE_DOMAINS": "a.test, b.test"})
     assert cfg.domains == ("a.test", "b.test")
