@@ -15,7 +15,7 @@ import urllib.error
 import urllib.request
 
 from mailgate import UsageError, __version__
-from mailgate.config import ConfigError, find_file, load
+from mailgate.config import ConfigError, find_file, load, stray_environment
 
 CONFIG_HELP = ("TOML file (default: $MAILGATE_CONFIG, /etc/mailgate/mailgate.toml if present, "
                "else embedded defaults)")
@@ -118,6 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from mailgate.pipeline import validate
         config = validate(load(args.config))
+        for name in sorted(stray_environment(os.environ)):   # a Kubernetes service link
+            print(f"mailgate: warning: {name} (environment): not a mailgate setting, ignored",
+                  file=sys.stderr)
         module, _, function = VERBS[args.command].rpartition(":")
         namespace = importlib.import_module(module) if module else sys.modules[__name__]
         return getattr(namespace, function)(args, config)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, Mapping
@@ -20,7 +21,7 @@ from mailgate.config.sections import (DAYS, HOURS, MINUTES, SECONDS, SECTIONS, A
 __all__ = ["DAYS", "HOURS", "MINUTES", "SECONDS", "KiB", "MiB", "Auth", "Blocklist", "Config",
            "ConfigError", "Delivery", "Dns", "Health", "Limits", "Listen", "Log", "Metrics",
            "Pipeline", "Relay", "Rules", "Store", "Sync", "Vacation", "find_file", "load",
-           "parse_hostport", "parse_nameserver", "validate"]
+           "parse_hostport", "parse_nameserver", "stray_environment", "validate"]
 
 SYSTEM_CONFIG = Path("/etc/mailgate/mailgate.toml")
 
@@ -106,34 +107,68 @@ def _user() -> str:
 
 # MAILGATE_* names that are not config keys.
 NOT_CONFIG = {"MAILGATE_CONFIG", "MAILGATE_DEBUG", "MAILGATE_FAULT"}
+# What Kubernetes sets for a Service named mailgate or mailgate-<anything> (MAILGATE_PORT,
+# MAILGATE_METRICS_SERVICE_HOST, MAILGATE_PORT_25_TCP_ADDR, ...): never a config key.
+SERVICE_LINK = re.compile(r"_(SERVICE_HOST|SERVICE_PORT(_\w+)?|PORT(_\d+_(TCP|UDP|SCTP)"
+                          r"(_ADDR|_PORT|_PROTO)?)?)\Z")
+TOP_LEVEL = {f.name for f in dataclasses.fields(Config)} - set(SECTIONS)
 
 
 def apply_environment(raw: dict[str, Any], environ: Mapping[str, str]) -> None:
     follow = [(name, target) for name, target in LEGACY_FOLLOW.items()
-              if environ.get(name) and target[1] not in raw.get(target[0], {})
+              if environ.get(name) and target[1] not in _table(raw, target[0])
               and not environ.get(f"MAILGATE_{target[0]}_{target[1]}".upper())]
     for name, (section, key, part) in [*LEGACY_ENV.items(), *follow]:
         if environ.get(name):
-            current = raw.get(section, {}).get(key) or getattr(SECTIONS[section](), key)
+            current = _table(raw, section).get(key) or getattr(SECTIONS[section](), key)
             host, _, port = current.rpartition(":")
             value = f"{environ[name]}:{port}" if part == "host" else f"{host}:{environ[name]}"
             raw.setdefault(section, {})[key] = EnvValue(value)
     for name, keys in LEGACY_VALUES.items():
         if environ.get(name):
             for section, key in keys:
+                _table(raw, section)
                 raw.setdefault(section, {})[key] = EnvValue(environ[name])
+    ignored = stray_environment(environ) | NOT_CONFIG
     for name, value in environ.items():
-        if name.startswith("MAILGATE_") and name not in NOT_CONFIG:
-            set_dotted(raw, name[len("MAILGATE_"):].lower(), EnvValue(value))
+        if name.startswith("MAILGATE_") and name not in ignored:
+            set_dotted(raw, name, EnvValue(value))
+
+
+def stray_environment(environ: Mapping[str, str]) -> set[str]:
+    """MAILGATE_* names that do not look like a setting at all: ignored (the commands warn),
+    where one that names a section or top-level key it does not have is a config error.
+    Kubernetes' service links, or a variable of another program, must not stop mailgate."""
+    return {name for name in environ
+            if name.startswith("MAILGATE_") and name not in NOT_CONFIG
+            and (SERVICE_LINK.search(name) or _section_key(name)[0] not in SECTIONS
+                 and name[len("MAILGATE_"):].lower() not in TOP_LEVEL)}
+
+
+def _section_key(name: str) -> tuple[str, str]:
+    section, _, key = name[len("MAILGATE_"):].lower().partition("_")
+    return section, key
+
+
+def _table(raw: dict[str, Any], section: str) -> dict[str, Any]:
+    """raw's section, to add an environment value to."""
+    return raw.get(section, {})
 
 
 def set_dotted(raw: dict[str, Any], name: str, value: str) -> None:
-    """MAILGATE_DELIVERY_LMTP_TIMEOUT -> raw['delivery']['lmtp_timeout'] (section first)."""
-    section, _, key = name.partition("_")
+    """MAILGATE_DELIVERY_LMTP_TIMEOUT -> raw['delivery']['lmtp_timeout'] (section first); a key
+    the section does not have is an error naming the variable as it was set."""
+    section, key = _section_key(name)
     if section in SECTIONS:
+        if not key:
+            raise ConfigError(f"{name} (environment): [{section}] is a section: set "
+                              f"{name}_<KEY>")
+        if key not in {f.name for f in dataclasses.fields(SECTIONS[section])}:
+            raise ConfigError(f"{name} (environment): unknown key {section}.{key}")
+        _table(raw, section)
         raw.setdefault(section, {})[key] = value
     else:
-        raw[name] = value
+        raw[name[len("MAILGATE_"):].lower()] = value
 
 
 def build(cls: type, raw: Any, prefix: str) -> Any:

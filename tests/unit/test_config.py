@@ -128,6 +128,46 @@ def check_config(*args):
                           capture_output=True, text=True, timeout=30)
 
 
+def check_config_with(tmp_path, text, **env):
+    """check-config on `text` with only these variables (and what Python needs) set."""
+    import os
+    base = {k: v for k, v in os.environ.items() if k in ("PATH", "LANG", "LC_ALL")}
+    return subprocess.run([sys.executable, "-m", "mailgate", "check-config", "-c",
+                           write(tmp_path, text)],
+                          env={**base, "PYTHONPATH": str(REPO), "HOME": str(tmp_path), **env},
+                          capture_output=True, text=True, timeout=30, cwd=tmp_path)
+
+
+def test_an_unknown_environment_key_is_named_as_the_operator_set_it(tmp_path):
+    """A MAILGATE_<SECTION>_<KEY> with a key the section lacks (a typo) stops every command,
+    naming the variable, not a key no config file holds."""
+    typo = check_config_with(tmp_path, GOOD, MAILGATE_DELIVERY_LMTP_TIMOUT="3")
+    assert (typo.returncode, typo.stderr) == (2, (
+        "mailgate: config error: MAILGATE_DELIVERY_LMTP_TIMOUT (environment): unknown key "
+        "delivery.lmtp_timout\n"))
+    bare = check_config_with(tmp_path, GOOD, MAILGATE_LISTEN="127.0.0.1:25")
+    assert (bare.returncode, bare.stderr) == (2, (
+        "mailgate: config error: MAILGATE_LISTEN (environment): [listen] is a section: set "
+        "MAILGATE_LISTEN_<KEY>\n"))
+
+
+def test_a_variable_that_is_no_setting_at_all_is_ignored_with_a_warning(tmp_path):
+    """Kubernetes sets MAILGATE_PORT=tcp://... and friends in every pod of a namespace with a
+    Service named mailgate (or mailgate-metrics): they must not stop mailgate. Named on stderr,
+    so a misspelt top-level key is seen; the file stays strict."""
+    stray = check_config_with(tmp_path, GOOD, MAILGATE_FOO="1",
+                              MAILGATE_PORT="tcp://10.0.0.7:25",
+                              MAILGATE_PORT_25_TCP_ADDR="10.0.0.7",
+                              MAILGATE_METRICS_SERVICE_HOST="10.0.0.8",
+                              MAILGATE_HOSTNAME="mx.other.test")
+    assert stray.returncode == 0, stray.stderr
+    assert stray.stderr == "".join(
+        f"mailgate: warning: {name} (environment): not a mailgate setting, ignored\n"
+        for name in ("MAILGATE_FOO", "MAILGATE_METRICS_SERVICE_HOST", "MAILGATE_PORT",
+                     "MAILGATE_PORT_25_TCP_ADDR"))
+    assert stray.stdout.endswith("mailgate.toml: ok\n")
+
+
 def test_check_config_cli(tmp_path):
     good = check_config("-c", write(tmp_path, GOOD))
     assert good.returncode == 0, good.stderr
