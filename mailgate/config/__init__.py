@@ -151,8 +151,11 @@ def _section_key(name: str) -> tuple[str, str]:
 
 
 def _table(raw: dict[str, Any], section: str) -> dict[str, Any]:
-    """raw's section, to add an environment value to."""
-    return raw.get(section, {})
+    """raw's section, to add an environment value to: a file's `listen = "x"` is an error."""
+    table = raw.get(section, {})
+    if not isinstance(table, dict):
+        raise ConfigError(f"{section}: expected a table")
+    return table
 
 
 def set_dotted(raw: dict[str, Any], name: str, value: str) -> None:

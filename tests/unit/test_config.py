@@ -168,6 +168,16 @@ def test_a_variable_that_is_no_setting_at_all_is_ignored_with_a_warning(tmp_path
     assert stray.stdout.endswith("mailgate.toml: ok\n")
 
 
+@pytest.mark.parametrize("env", [{"MAILGATE_LISTEN_SMTP": "127.0.0.1:2525"},
+                                 {"INTERNAL_SMTP_PORT": "2525"}])
+def test_a_string_where_a_table_belongs_is_a_config_error_with_the_environment_too(tmp_path,
+                                                                                   env):
+    text = 'hostname = "mx.example.test"\ndomains = ["example.test"]\nlisten = "x"\n'
+    wrong = check_config_with(tmp_path, text, **env)
+    assert (wrong.returncode, wrong.stderr) == (2, "mailgate: config error: listen: expected a "
+                                                   "table\n")
+
+
 def test_check_config_cli(tmp_path):
     good = check_config("-c", write(tmp_path, GOOD))
     assert good.returncode == 0, good.stderr
