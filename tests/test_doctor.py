@@ -179,6 +179,37 @@ def test_content_filter_on_the_submission_port(mode_b: Site) -> None:
     assert line.startswith("postfix: master.cf submission/inet sets content_filter=")
 
 
+def test_no_address_mappings_on_the_filtered_smtpd(mode_b: Site) -> None:
+    """FILTER_README's content-filter recipe puts receive_override_options=no_address_mappings
+    on the smtpd with the content_filter, for the re-injection to expand aliases. mailgate
+    delivers itself: postmaster@ (the guide's alias) reaches it unexpanded and is refused after
+    Postfix queued it, a bounce."""
+    mode_b.postconf("-P", "smtp/inet/receive_override_options=no_address_mappings")
+    [line] = mode_b.findings()
+    assert line.startswith("postfix: master.cf smtp/inet sets receive_override_options="
+                           "no_address_mappings, which turns off virtual alias expansion: "), line
+    assert "reaches mailgate unexpanded" in line
+    assert line.endswith("Fix: remove no_address_mappings from smtp/inet")
+
+
+def test_no_address_mappings_in_main_cf(site: Site) -> None:
+    site.postconf("-e", "receive_override_options = no_unknown_recipient_checks, "
+                  "no_address_mappings")
+    found = site.findings()
+    assert any(line.startswith("postfix: receive_override_options = no_unknown_recipient_checks,"
+                               " no_address_mappings in main.cf turns off virtual alias "
+                               "expansion: ") for line in found), found
+
+
+def test_no_address_mappings_where_mailgate_is_not_reached_is_no_problem(mode_b: Site) -> None:
+    """The re-injection listener of mailgate's own mail (master.cf.content-filter) skips the
+    filter: what it does with aliases is not mailgate's to judge."""
+    mode_b.postconf("-M", "127.0.0.1:10026/inet=127.0.0.1:10026 inet n - n - 10 smtpd "
+                    "-o content_filter= -o receive_override_options=no_address_mappings")
+    result = mode_b.doctor()
+    assert (result.returncode, result.stderr) == (0, ""), result
+
+
 def test_dovecot_lmtp_not_at_delivery_lmtp(site: Site) -> None:
     edit(site.snippet, "port = 24", "port = 2424")
     [line] = site.findings()

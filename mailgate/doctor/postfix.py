@@ -110,7 +110,8 @@ def check(config: Config, config_dir: str | None) -> tuple[list[Finding], str]:
     found += duplicates(pf) + domain_found
     mode, target_found = transport(pf, config)
     words = f"postfix: {mode}" + (f" ({note})" if note else "")
-    return found + target_found + rcpt_rejection(pf, config) + filter_scope(pf), words
+    return (found + target_found + rcpt_rejection(pf, config) + filter_scope(pf)
+            + alias_expansion(pf, mode.startswith("mode B"))), words
 
 
 def duplicates(pf: Postfix) -> list[Finding]:
@@ -283,4 +284,33 @@ def filter_scope(pf: Postfix) -> list[Finding]:
                                  "local or outbound mail submitted there goes through mailgate, "
                                  "which refuses it as relaying (550 5.7.1)",
                                  f"remove -o content_filter from {s.key}"))
+    return found
+
+
+NO_MAPPINGS = ("mailgate does no alias expansion and nothing expands them after it, so mail to "
+               "a virtual alias (postmaster@, abuse@) reaches mailgate unexpanded and is "
+               "refused 550 5.1.1 after Postfix queued it: a bounce")
+
+
+def alias_expansion(pf: Postfix, filtered: bool) -> list[Finding]:
+    """receive_override_options=no_address_mappings on the way to mailgate: FILTER_README's
+    re-injection design, where the filter's re-injection expands aliases. mailgate delivers
+    itself. Mode A: every service that takes mail in; mode B: those with the content_filter."""
+    def off(value: str) -> bool:
+        return "no_address_mappings" in re.split(r"[\s,]+", value)
+    found = []
+    if off(pf.main.get("receive_override_options", "")):
+        found.append(Finding("postfix", "receive_override_options = "
+                             f"{pf.main['receive_override_options']} in main.cf turns off "
+                             f"virtual alias expansion: {NO_MAPPINGS}",
+                             "postconf -e 'receive_override_options = ' (or remove "
+                             "no_address_mappings from it)"))
+    for s in pf.services:
+        value = s.options.get("receive_override_options", "")
+        if (s.command in ("smtpd", "pickup", "qmqpd") and off(value)
+                and (not filtered or pf.param(s, "content_filter"))):
+            found.append(Finding("postfix", f"master.cf {s.key} sets receive_override_options="
+                                 f"{value}, which turns off virtual alias expansion: "
+                                 f"{NO_MAPPINGS}",
+                                 f"remove no_address_mappings from {s.key}"))
     return found
