@@ -89,7 +89,17 @@ def serve(config: Config, lmtp: str | None = None) -> ThreadingHTTPServer | None
         return None
     handler = type("Handler", (_Handler,), {"config": config, "started": time.monotonic(),
                                             "lmtp": lmtp})
-    httpd = ThreadingHTTPServer(parse_hostport(config.health.listen, "health.listen"), handler)
+    host, port = parse_hostport(config.health.listen, "health.listen")
+    httpd = _server_class(host, port)((host, port), handler)
     httpd.daemon_threads = True
     threading.Thread(target=httpd.serve_forever, name="health", daemon=True).start()
     return httpd
+
+
+def _server_class(host: str, port: int) -> type[ThreadingHTTPServer]:
+    """ThreadingHTTPServer in the address family of `host` (it is AF_INET only, so "[::1]:P"
+    failed), as prometheus_client picks it for metrics.listen. A name that does not resolve
+    raises socket.gaierror, an OSError."""
+    family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                flags=socket.AI_PASSIVE)[0][0]
+    return type("HTTPServer", (ThreadingHTTPServer,), {"address_family": family})

@@ -14,6 +14,7 @@ import dataclasses
 import logging
 import os
 import signal
+import socket
 import tempfile
 
 from mailgate import __version__, health, maildir, maillog, metrics
@@ -82,6 +83,10 @@ def check_data_dir(path: str) -> None:
 
 
 def cannot_listen(key: str, address: str, error: OSError) -> ConfigError:
+    if isinstance(error, socket.gaierror) or (error.errno or 0) < 0:
+        # getaddrinfo's errors (negative EAI_* codes): the address itself, not its holder
+        reason = error.strerror or str(error)
+        return ConfigError(f"{key}: cannot listen on {address}: {reason}; change {key}")
     reason = os.strerror(error.errno) if error.errno else str(error)  # uvloop's text is long
     return ConfigError(f"{key}: cannot listen on {address}: {reason}; "
                        f"change {key} or stop what holds that address")

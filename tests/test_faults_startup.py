@@ -62,6 +62,18 @@ def test_port_in_use_is_one_line_naming_the_key_exit_2(mailgate_factory, section
     assert not any(port_open(p, h) for h, p in gate.tcp_listeners if p != port)
 
 
+def test_an_address_that_cannot_be_resolved_is_said_so_not_blamed_on_a_holder(
+        mailgate_factory):
+    """getaddrinfo's error (errno negative, socket.gaierror) is about the address itself:
+    nothing holds it, so the line says why and asks for another address only."""
+    gate = mailgate_factory({"health": {"listen": "[fe80::1%nosuchif]:8080"}}, start=False)
+    done = serve_until_exit(gate)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.splitlines()[-1] == (
+        "mailgate: config error: health.listen: cannot listen on [fe80::1%nosuchif]:8080: "
+        "Name or service not known; change health.listen")
+
+
 def test_unwritable_data_dir_is_one_line_exit_2(mailgate_factory, peer_root):
     data_dir = peer_root / "state"
     gate = mailgate_factory({"data_dir": str(data_dir)}, user="vmail", start=False)

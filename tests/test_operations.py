@@ -241,6 +241,20 @@ def test_health_domains_and_status_follow_dovecot(dovecot: Dovecot, mailgate_fac
     assert status.returncode == 1 and "not answering" in status.stdout, status.stdout
 
 
+def test_health_and_status_on_ipv6_loopback_as_metrics(dovecot: Dovecot, mailgate_factory) -> None:
+    """health.listen = "[::1]:P" passes check-config, as metrics.listen does; serve must listen
+    there (http.server's ThreadingHTTPServer alone is AF_INET only) and `mailgate status` ask it."""
+    gate = mailgate_factory({"health": {"listen": f"[::1]:{free_port()}"},
+                             "metrics": {"listen": f"[::1]:{free_port()}"}})
+    host, port = gate.address("health", "listen")
+    assert host == "::1"
+    code, body = http_get(f"http://[::1]:{port}/health")
+    assert code == 200 and body["status"] == "ok", body
+    status = status_command(gate)
+    assert status.returncode == 0, status.stdout + status.stderr
+    assert ": ok " in status.stdout, status.stdout
+
+
 # ---------------------------------------------------------------- sd_notify (Type=notify)
 
 def datagrams(sock: socket.socket, until: str) -> list[str]:
