@@ -97,6 +97,7 @@ class Gateway(Sessions):
                        server.client(), loop.time(), envelope.body_8bit, envelope.smtp_utf8,
                        server.feed_verdicts)
         raw = envelope.original_content
+        maillog.received(env, len(raw))
         if await scan_bare_newline(raw):
             results = [Result(r, BARE_NEWLINE, "none", "bounced", "bare newline in DATA")
                        for r in env.recipients]

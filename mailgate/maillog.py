@@ -144,13 +144,20 @@ def reject(stage: str, client: str, reply: object, sender: str | None, recipient
              printable(recipient), printable(proto), printable(helo))
 
 
-def transaction(env: Envelope, size: int, results: list[Result], listener: str) -> None:
-    """A message's lines once it is answered (client, from, one per recipient), and its counts."""
+def received(env: Envelope, size: int) -> None:
+    """A message's first lines, as soon as it has its queue id (client, from), so that what the
+    filters and delivery log about it comes after them, as in Postfix's log."""
     qid = env.queue_id
     # orig_queue_id= as Postfix's smtpd logs it: grep one id to follow a message through both.
     log.info("%s: client=%s%s", qid, client_text(env.client.name, env.client.addr),
              f", orig_queue_id={printable(env.client.ident)}" if env.client.ident else "")
-    log.info("%s: from=<%s>, size=%d, nrcpt=%d", qid, printable(env.sender), size, len(results))
+    log.info("%s: from=<%s>, size=%d, nrcpt=%d", qid, printable(env.sender), size,
+             len(env.recipients))
+
+
+def transaction(env: Envelope, size: int, results: list[Result], listener: str) -> None:
+    """A message's lines once it is answered (one per recipient), and its counts."""
+    qid = env.queue_id
     delay = asyncio.get_running_loop().time() - env.received_at
     for r in results:
         delivery(qid, env.sender, r.recipient, r.relay, delay, r.reply.status, r.status,

@@ -536,6 +536,21 @@ def test_log_lines_read_like_postfix(dovecot: Dovecot, mailgate_factory) -> None
     assert gate.log_text().count(f"{queue_id}: from=<{SENDER}>, to=") == 1
 
 
+def test_a_messages_first_line_is_its_client_line(dovecot: Dovecot, mailgate_factory) -> None:
+    """As in Postfix's log, grep of a queue id starts with client= and from=: what delivery
+    says on the way (here the maildir fallback, Dovecot stopped) comes after them."""
+    gate = mailgate_factory()
+    dovecot.stop()
+    _, (code, text) = send(gate, [ALICE], message(uuid.uuid4().hex))
+    assert code == 250, text
+    queue_id = re.fullmatch(r"2\.0\.0 Ok: queued as (\w+)", text.decode()).group(1)
+    gate.wait_log(rf"{queue_id}: from=<{SENDER}>, to=<{ALICE}>, relay=maildir, .*status=sent")
+    lines = [line.split(f"{queue_id}: ", 1)[1] for line in gate.log_text().splitlines()
+             if f"{queue_id}: " in line]
+    assert lines[0].startswith("client=") and lines[1].startswith(f"from=<{SENDER}>, size="), lines
+    assert any(line.startswith("Dovecot did not take") for line in lines[2:]), lines
+
+
 def test_syslog_lines_go_to_facility_mail(dovecot: Dovecot, mailgate_factory, peer_root) -> None:
     """With log.syslog on, the same lines reach the syslog socket as mail.info (<22>)."""
     path = peer_root / "syslog.sock"
