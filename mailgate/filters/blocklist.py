@@ -10,12 +10,12 @@ address never read: that recipient is not checked, its mail delivered (fails ope
 """
 from __future__ import annotations
 
-import encodings.idna
 import functools
 import logging
 import re
 
 from mailgate import metrics
+from mailgate.address import a_labels
 from mailgate.config import Config
 from mailgate.message import Message
 from mailgate.pipeline import FilterResult
@@ -63,24 +63,6 @@ def glob_match(pattern: str, text: str) -> bool:
         else:
             return False
     return pattern[p:].strip("*") == ""
-
-
-def a_labels(domain: str) -> str:
-    """The domain with each label in its ASCII form (IDNA: `bücher` is `xn--bcher-kva`), as
-    mail that is not SMTPUTF8 names it. A label with a `*` stays as it is; a domain that
-    cannot be converted stays as it is (it then matches only as written)."""
-    if domain.isascii():
-        return domain
-    labels = []
-    for label in domain.split("."):
-        if "*" in label or label.isascii():
-            labels.append(label)
-            continue
-        try:
-            labels.append(encodings.idna.ToASCII(label).decode("ascii"))
-        except UnicodeError:
-            return domain
-    return ".".join(labels)
 
 
 def comparable(address: str) -> str:

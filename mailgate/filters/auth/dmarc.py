@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 from publicsuffixlist import PublicSuffixList
 
+from mailgate.address import a_labels
 from mailgate.dns import Budget, DnsError, Resolver
-from mailgate.filters.auth.fields import a_labels
 from mailgate.filters.auth.results import Result
 
 POLICIES = ("none", "quarantine", "reject")

@@ -12,6 +12,8 @@ import functools
 import re
 from dataclasses import dataclass
 
+from mailgate.address import a_labels
+
 # name (printable, no colon), optional WSP before the colon (obsolete syntax, still seen and
 # still honoured by mail clients), the value with its continuation lines.
 _FIELD = re.compile(rb"([\x21-\x39\x3b-\x7e]+)[ \t]*:([^\r\n]*(?:\r\n[ \t][^\r\n]*)*)\r\n")
@@ -178,20 +180,8 @@ def _domain_of(value: bytes) -> tuple[str, str]:
         return "", "From has no domain"
     if len(domains) > 1:
         return "", "From names several domains"
-    domain = a_labels(domains.pop())
+    domain = a_labels(domains.pop())   # already lower case, no final dot
     return (domain, "") if is_domain(domain) else ("", "From domain is not a domain name")
-
-
-def a_labels(domain: str) -> str:
-    """An internationalized domain in the form DNS holds it (A-labels, `xn--…`), lower case,
-    so that one domain in two forms is one (RFC 8616 §4); as it is if it cannot be converted."""
-    domain = domain.rstrip(".").lower()
-    if domain.isascii():
-        return domain
-    try:
-        return domain.encode("idna").decode("ascii")
-    except UnicodeError:
-        return domain
 
 
 # A repeated sender's From is parsed once (30 us a message); long values, rare, are not kept.
