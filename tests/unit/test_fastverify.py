@@ -11,6 +11,7 @@ import hashlib
 
 import dkim
 import dkim.crypto
+import dkim.util
 import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
@@ -104,3 +105,64 @@ def test_canonicalization_helpers_give_what_dkimpy_gives(text: bytes) -> None:
             fastverify.unfold_header_value)
     for mine, dkimpy in zip(ours, fastverify._DKIMPY_CANONICAL):
         assert mine(text) == dkimpy(text)
+
+
+# ------------------------------------------------ a message's tags, parsed and checked once
+
+TAG_LIST = st.lists(st.sampled_from([b"v=1", b"a=rsa-sha256", b"d=x.test", b"s=sel", b"b=QUJD",
+                                     b"bh=QUJD", b"h=from:to", b"t=1", b"x=9", b" ", b"\r\n\t",
+                                     b";", b"=", b"1x=y", b"d=a;d=b", b"c=relaxed"]),
+                    max_size=12).map(b";".join)
+
+
+def _outcome(call, *args):
+    try:
+        return "ok", call(*args)
+    except Exception as e:  # noqa: BLE001 - the outcome compared is the exception's type
+        return "raised", type(e)
+
+
+@settings(max_examples=300, deadline=None)
+@given(TAG_LIST)
+def test_tags_parse_as_dkimpy_parses(tag_list: bytes) -> None:
+    tags = fastverify.Tags()
+    expected = _outcome(dkim.util.parse_tag_value, tag_list)
+    assert _outcome(tags.parse, tag_list) == expected
+    assert _outcome(tags.parse, tag_list + b"\r\n") == expected   # dkimpy's values end in CRLF
+
+
+def test_each_parse_gives_a_dict_of_its_own() -> None:
+    """dkimpy keeps the dict it gets as the signature's fields: a change to one must not reach
+    the next reader of the same signature."""
+    tags = fastverify.Tags()
+    first = tags.parse(b"v=1; d=sender.test; s=sel")
+    first[b"d"] = b"forged.test"
+    assert tags.parse(b"v=1; d=sender.test; s=sel")[b"d"] == b"sender.test"
+
+
+def test_a_check_passed_holds_for_that_second_only(monkeypatch) -> None:
+    """x= is checked against the clock (with dkimpy's 10 h of slop): a signature that was
+    still valid a second ago must be checked again, and fail, now."""
+    now = 1_800_000_000
+    monkeypatch.setattr(fastverify.time, "time", lambda: now + 0.5)
+    tags = fastverify.Tags()
+    sig = tags.parse(b"v=1; a=rsa-sha256; b=QUJD; bh=QUJD; d=x.test; h=from; s=sel; "
+                     + b"x=%d" % (now - 36000))
+    tags.validate(sig)                  # at the edge of the slop: still valid
+    tags.validate(sig)                  # the same second: known
+    monkeypatch.setattr(fastverify.time, "time", lambda: now + 1.5)
+    with pytest.raises(dkim.ValidationError, match="x= value is past"):
+        tags.validate(sig)
+    with pytest.raises(dkim.ValidationError, match="missing"):
+        tags.validate({k: v for k, v in sig.items() if k != b"s"})
+
+
+def test_dkimpy_reads_the_message_tags_only_while_reading_it() -> None:
+    """Inside `reading`, dkimpy's parse and checks are the message's; outside, dkimpy's own."""
+    tags = fastverify.Tags()
+    message = signed()
+    with fastverify.reading(tags):
+        assert dkim.verify(message, dnsfunc=dns) is True
+    assert len(tags.parsed) == 1 and len(tags.valid) == 1   # the one DKIM-Signature
+    assert dkim.verify(signed(MESSAGE.replace(b"hello", b"another")), dnsfunc=dns) is True
+    assert len(tags.parsed) == 1 and len(tags.valid) == 1   # not this message's

@@ -73,25 +73,28 @@ class Signature:
         return f"{self.selector}._domainkey.{self.domain}".lower()
 
 
-def read_signature(value: bytes, arc: bool = False) -> Signature:
+def read_signature(value: bytes, arc: bool = False,
+                   tags: fastverify.Tags | None = None) -> Signature:
+    """`tags`: the message's, so that dkimpy does not parse and check them again."""
+    tags = tags or fastverify.Tags()
     try:
-        tags = dkim.util.parse_tag_value(value)
+        parsed = tags.parse(value)
     except dkim.util.InvalidTagValueList as e:
         return Signature("", "", "", f"bad tag list: {e}")
-    text = {k.decode("ascii", "replace"): v.decode("ascii", "replace") for k, v in tags.items()}
+    text = {k.decode("ascii", "replace"): v.decode("ascii", "replace") for k, v in parsed.items()}
     sig = Signature(text.get("d", "").rstrip("."), text.get("s", ""),
                     "".join(text.get("b", "").split())[:8], "")
     try:
         required = [b"i", b"a", b"b", b"d", b"s"] if arc else [b"v", b"a", b"b", b"bh", b"d",
                                                                   b"h", b"s"]
-        dkim.validate_signature_fields(tags, required, arc)
+        tags.validate(parsed, required, arc)
     except dkim.DKIMException as e:
         return Signature(sig.domain, sig.selector, sig.b, str(e))
     # XXX dkimpy's checks crash on some hostile values (IndexError for i= equal to d=); what
     # it cannot read is a signature with a syntax problem, not a reason to defer the mail.
     except Exception as e:  # noqa: BLE001
         return Signature(sig.domain, sig.selector, sig.b, f"unreadable: {type(e).__name__}")
-    signed = [name.strip().lower() for name in tags.get(b"h", b"").split(b":")]
+    signed = [name.strip().lower() for name in parsed.get(b"h", b"").split(b":")]
     if not arc and b"from" not in signed:
         return Signature(sig.domain, sig.selector, sig.b, FROM_NOT_SIGNED, len(signed))
     return Signature(sig.domain, sig.selector, sig.b, "", len(signed))
@@ -175,10 +178,17 @@ def _verify_one(verifier: dkim.DKIM, index: int, sig: Signature, keys: _Keys) ->
 
 
 def verify(raw: bytes, sigs: list[Signature], fetched: dict[str, object], max_bits: int,
-           arc: tuple[int, bool]) -> tuple[list[tuple[str, str]], tuple[str, str]]:
+           arc: tuple[int, bool], tags: fastverify.Tags | None = None,
+           ) -> tuple[list[tuple[str, str]], tuple[str, str]]:
     """DKIM (result, comment) per signature, and the ARC chain's; safe in a worker thread.
     `arc`: (number of ARC sets, whether one of their key lookups failed, whether one of
-    their signatures is too costly to verify)."""
+    their signatures is too costly to verify); `tags`: those read_signature read."""
+    with fastverify.reading(tags or fastverify.Tags()):
+        return _verify(raw, sigs, fetched, max_bits, arc)
+
+
+def _verify(raw: bytes, sigs: list[Signature], fetched: dict[str, object], max_bits: int,
+            arc: tuple[int, bool]) -> tuple[list[tuple[str, str]], tuple[str, str]]:
     keys = _Keys(fetched, max_bits)
     try:
         verifier = dkim.DKIM(raw, logger=_QUIET)
@@ -215,8 +225,8 @@ def _verify_arc(raw: bytes, keys: _Keys, sets: int, lookup_failed: bool,
 async def check(resolver: Resolver, budget: Budget, raw: bytes, header: Header,
                 max_signatures: int, max_bits: int) -> tuple[list[Result], Result]:
     """A dkim Result per signature checked (dkim=none without any) and the arc Result."""
-    values = header.values(b"dkim-signature")
-    sigs = [read_signature(v) for v in values[:max_signatures]]
+    values, tags = header.values(b"dkim-signature"), fastverify.Tags()
+    sigs = [read_signature(v, tags=tags) for v in values[:max_signatures]]
     sigs = [Signature(s.domain, s.selector, s.b, TOO_COSTLY, s.signed)
             if not s.problem and s.costly(len(header.fields)) else s for s in sigs]
     seals, arc_sigs = header.values(b"arc-seal"), header.values(b"arc-message-signature")
@@ -224,7 +234,7 @@ async def check(resolver: Resolver, budget: Budget, raw: bytes, header: Header,
     if max(len(seals), len(arc_sigs)) > MAX_ARC_SETS:  # "fail" unread: a header of thousands
         arc_sets, arc = max(len(seals), len(arc_sigs)), []  # would hold the loop for seconds
     else:
-        arc = [read_signature(v, arc=True) for v in (*seals, *arc_sigs)]
+        arc = [read_signature(v, True, tags) for v in (*seals, *arc_sigs)]
     if not sigs and not arc_sets:
         return [Result("dkim", "none")], Result("arc", "none")
     if not sigs and arc_sets > MAX_ARC_SETS:  # nothing for dkimpy to read the message for
@@ -234,7 +244,7 @@ async def check(resolver: Resolver, budget: Budget, raw: bytes, header: Header,
                             arc_names | {s.key_name for s in sigs if s.domain and s.selector})
     arc_failed = any(keys[name] is FAILED for name in arc_names)
     arc_costly = any(s.costly(len(header.fields)) for s in arc)
-    work = (raw, sigs, keys, max_bits, (arc_sets, arc_failed, arc_costly))
+    work = (raw, sigs, keys, max_bits, (arc_sets, arc_failed, arc_costly), tags)
     if len(raw) * (len(sigs) + 2 * arc_sets) <= INLINE_WORK:
         dkim_results, (arc_result, arc_why) = verify(*work)
     else:
