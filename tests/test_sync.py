@@ -922,6 +922,7 @@ def test_sigterm_gives_back_what_waits_for_a_worker(setup, aws, dovecot):
                  "MAILGATE_SYNC_VISIBILITY_TIMEOUT": "30"}).start()
     wait_until(lambda: aws.counts(aws.queue) == (0, 3), SYNC_BOUND,
                what="the three messages received (one delivering, two waiting for the worker)")
+    gate.wait_log(r": client=", SYNC_BOUND)   # the first begun, not only received
     assert feed.stop() == 0   # SIGTERM while the first is in serve's Slow filter
     assert len(dovecot.maildir_messages(ALICE)) == 1
     assert aws.counts(aws.queue) == (2, 0)   # given back: visible at once, for the next run
