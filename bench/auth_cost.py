@@ -33,7 +33,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import probes  # noqa: E402
 
 SECTION_START, SECTION_END = "<!-- bench/auth_cost.py -->", "<!-- /bench/auth_cost.py -->"
-NOTES = "## Notes"
 WARMUP = 50
 SIGNER = "sender.bench.example"
 # Where the instructions go, by what callgrind names: the object file, or for code inlined
@@ -175,15 +174,8 @@ def section(facts: dict, args: argparse.Namespace, rows: list[tuple[str, Counter
     return "\n".join(lines + ["", SECTION_END])
 
 
-def write_section(path: Path, text: str) -> None:
-    """Into `## Notes` (which bench/throughput.py carries over), replacing an earlier one."""
-    old = path.read_text() if path.exists() else "# Benchmarks\n"
-    if SECTION_START in old:
-        new = re.sub(re.escape(SECTION_START) + ".*?" + re.escape(SECTION_END), lambda _: text,
-                     old, flags=re.DOTALL)
-    else:
-        new = old.rstrip("\n") + ("\n\n" if NOTES in old else f"\n\n{NOTES}\n\n") + text
-    path.write_text(new.rstrip("\n") + "\n")
+def write_section(path: Path, section: str) -> None:
+    probes.write_notes_section(path, section, SECTION_START, SECTION_END)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -40,7 +40,6 @@ DOMAIN, SENDER, FRIEND = "example.test", "bench@client.test", "friend@elsewhere.
 TARGET = 0.8
 FULL_CHAIN = "bounce,blocklist,rules,vacation"
 SECTION_START, SECTION_END = "<!-- bench/policy_chain.py -->", "<!-- /bench/policy_chain.py -->"
-NOTES = "## Notes"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -182,14 +181,7 @@ def report(args: argparse.Namespace, runs: list[dict], forwards: int, facts: dic
 
 
 def write_section(path: Path, section: str) -> None:
-    """Into `## Notes` (which bench/throughput.py carries over), replacing an earlier one."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    if SECTION_START in text:
-        text = re.sub(re.escape(SECTION_START) + ".*?" + re.escape(SECTION_END), lambda _: section,
-                      text, flags=re.DOTALL)
-    else:
-        text = text.rstrip("\n") + ("\n\n" if NOTES in text else f"\n\n{NOTES}\n\n") + section
-    path.write_text(text.rstrip("\n") + "\n")
+    probes.write_notes_section(path, section, SECTION_START, SECTION_END)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -233,3 +233,17 @@ class PySpy:
                 inclusive[frame] += int(count)
         return {"samples": total, "own": own, "inclusive": inclusive, "components": components,
                 "rate": PYSPY_RATE}
+
+
+# ---------------------------------------------------------------- BENCHMARKS.md
+
+def write_notes_section(path: Path, section: str, start: str, end: str) -> None:
+    """`section` (which opens with the marker `start` and closes with `end`) into `## Notes`,
+    which bench/throughput.py carries over, replacing an earlier one."""
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    if start in text:
+        text = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: section, text,
+                      flags=re.DOTALL)
+    else:
+        text = text.rstrip("\n") + ("\n\n" if "## Notes" in text else "\n\n## Notes\n\n") + section
+    path.write_text(text.rstrip("\n") + "\n")
