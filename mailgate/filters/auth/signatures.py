@@ -81,9 +81,9 @@ def read_signature(value: bytes, arc: bool = False,
         parsed = tags.parse(value)
     except dkim.util.InvalidTagValueList as e:
         return Signature("", "", "", f"bad tag list: {e}")
-    text = {k.decode("ascii", "replace"): v.decode("ascii", "replace") for k, v in parsed.items()}
-    sig = Signature(text.get("d", "").rstrip("."), text.get("s", ""),
-                    "".join(text.get("b", "").split())[:8], "")
+    def text(tag: bytes) -> str:
+        return parsed.get(tag, b"").decode("ascii", "replace")
+    sig = Signature(text(b"d").rstrip("."), text(b"s"), "".join(text(b"b").split())[:8], "")
     try:
         required = [b"i", b"a", b"b", b"d", b"s"] if arc else [b"v", b"a", b"b", b"bh", b"d",
                                                                   b"h", b"s"]
