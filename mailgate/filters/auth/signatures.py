@@ -81,6 +81,7 @@ def read_signature(value: bytes, arc: bool = False,
         parsed = tags.parse(value)
     except dkim.util.InvalidTagValueList as e:
         return Signature("", "", "", f"bad tag list: {e}")
+
     def text(tag: bytes) -> str:
         return parsed.get(tag, b"").decode("ascii", "replace")
     sig = Signature(text(b"d").rstrip("."), text(b"s"), "".join(text(b"b").split())[:8], "")
