@@ -311,9 +311,8 @@ def section(facts: dict, args: argparse.Namespace, runs: list[Run], prof: dict |
 
 def baseline(checkout: Path) -> str:
     """The baseline checkout's commit, as the report names it."""
-    done = subprocess.run(["git", "-C", str(checkout), "rev-parse", "--short", "HEAD"],
-                          capture_output=True, text=True)
-    return f"commit {done.stdout.strip()}" if done.returncode == 0 else f"`{checkout}`"
+    commit = probes.revision(checkout)
+    return f"commit {commit}" if commit else f"`{checkout}`"
 
 
 def write(path: Path, text: str) -> None:

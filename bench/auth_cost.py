@@ -143,14 +143,6 @@ def measure(checkout: Path, root: Path, load: Path, child: Path, n: int) -> Coun
     return per
 
 
-def revision(checkout: Path) -> str:
-    done = subprocess.run(["git", "-C", str(checkout), "rev-parse", "--short", "HEAD"],
-                          capture_output=True, text=True)
-    dirty = subprocess.run(["git", "-C", str(checkout), "status", "--porcelain", "mailgate"],
-                           capture_output=True, text=True).stdout.strip()
-    return done.stdout.strip() + (" + uncommitted changes" if dirty else "")
-
-
 def section(facts: dict, args: argparse.Namespace, rows: list[tuple[str, Counter]]) -> str:
     places = sorted({p for _, per in rows for p in per if p != "total"},
                     key=lambda p: -rows[0][1][p])
@@ -193,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = []
         for checkout in checkouts:
             per = measure(checkout, root, load, child, args.messages)
-            rows.append((f"{revision(checkout)}" + (" (this checkout)" if checkout == REPO
+            rows.append((f"{probes.revision(checkout)}" + (" (this checkout)" if checkout == REPO
                                                    else " (--baseline)"), per))
             print(f"{checkout}: {per['total']:.0f} instructions per message", file=sys.stderr)
         write_section(args.output, section(probes.describe(root), args, rows))

@@ -139,9 +139,10 @@ def _cpu_model() -> str:
     return found.group(1) if found else platform.processor() or "unknown"
 
 
-def _revision() -> str:
-    commit = _command("git", "-C", str(REPO), "rev-parse", "--short", "HEAD")
-    dirty = _command("git", "-C", str(REPO), "status", "--porcelain", "--", "mailgate")
+def revision(checkout: Path = REPO) -> str:
+    """The checkout's commit, and whether its mailgate/ differs from it."""
+    commit = _command("git", "-C", str(checkout), "rev-parse", "--short", "HEAD")
+    dirty = _command("git", "-C", str(checkout), "status", "--porcelain", "--", "mailgate")
     return commit + (" + uncommitted changes in mailgate/" if dirty else "")
 
 
@@ -152,7 +153,7 @@ def describe(root: Path) -> dict[str, str]:
                    f"{platform.system()} {platform.release()}, "
                    f"{_command('sh', '-c', '. /etc/os-release && echo $PRETTY_NAME')}",
         "filesystem": _command("df", "--output=fstype", str(root)).splitlines()[-1],
-        "mailgate": f"{_package('mailgate')} (git {_revision()})",
+        "mailgate": f"{_package('mailgate')} (git {revision()})",
         "python": platform.python_version(),
         "uvloop": _package("uvloop"),
         "dovecot": _command("dovecot", "--version"),
