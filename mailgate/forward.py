@@ -7,7 +7,8 @@ of our SRS addresses goes back to the original sender. A target gets one copy of
 however many of its recipients forward to it and also when it is a recipient itself. A copy
 failing temporarily defers the recipient (4xx) and the copies that made it are remembered, so
 the retry does not double them; a target refusing for good leaves the message in the
-recipient's own mailbox (delivered there now, without a local copy), logged. The own mailbox
+recipient's own mailbox (delivered there now, without a local copy, unless another recipient's
+forward put it there already), logged. The own mailbox
 refusing for good (over quota) is that recipient's 5xx, as any delivery's, and the copies that
 went are remembered.
 """
@@ -176,9 +177,13 @@ class Forwarder:
         if temporary is not None:
             reply = results[temporary].reply if temporary.own else FORWARD_DEFERRED
             return self._result(rcpt, results, reply, "deferred")
-        if failed and not any(c.own for c in copies):
+        refused_by = ", ".join(c.target for c in failed)
+        if failed and not any(c.own for c in copies) and self._filled(rcpt, done):
+            log.warning("%s: forward for <%s> refused by %s: <%s>'s mailbox has it "
+                        "(forwarded there)", env.queue_id, rcpt, refused_by, rcpt)
+        elif failed and not any(c.own for c in copies):
             log.warning("%s: forward for <%s> refused by %s: keeping it in <%s>'s mailbox",
-                        env.queue_id, rcpt, ", ".join(c.target for c in failed), rcpt)
+                        env.queue_id, rcpt, refused_by, rcpt)
             own = Copy(rcpt, rcpt, True, True)
             results.update(await self._deliver(env, [own], {rcpt: verdict}, head, raw, deadline))
             if not results[own].ok:
@@ -195,6 +200,13 @@ class Forwarder:
             # that was delivered, to a sender who may be forged. Logged only.
         delivered = DELIVERED.with_text(DELIVERED.text.format(queue_id=env.queue_id))
         return self._result(rcpt, results, delivered, "sent")
+
+    @staticmethod
+    def _filled(rcpt: str, done: dict[Copy, Result]) -> bool:
+        """Whether another recipient's forward put this message in rcpt's mailbox already: a
+        second copy kept there for a refused forward would be a duplicate."""
+        return any(c.local and c.target.lower() == rcpt.lower() and r.ok
+                   for c, r in done.items())
 
     @staticmethod
     def _result(rcpt: str, results: dict[Copy, Result], reply, status: str) -> Result:

@@ -201,6 +201,23 @@ def test_target_refused_for_good_keeps_the_message_here(gates, dove: Dovecot,
     gate.wait_log(rf"forward for <{ALICE}> refused by {FRIEND}: keeping it in <{ALICE}>'s")
 
 
+
+def test_refused_forward_kept_in_a_mailbox_another_forward_filled_gives_one_copy(
+        gates, dove: Dovecot, relay: RelaySink) -> None:
+    """alice forwards to friend@elsewhere, who refuses for good; bob forwards to alice. A
+    message to both: alice's mailbox already has bob's forward of it, so keeping alice's
+    refused forward there must not add a second copy."""
+    gate = alice_forwards(gates, FRIEND)
+    store_call(gate, "set_rule", Rule(BOB, forward=(ALICE,), keep_copy=False))
+    relay.refuse_rcpt = "550 5.1.1 no such user here"
+    m = mark()
+    replies = lmtp(gate, [ALICE, BOB], message(m, to=f"{ALICE}>, <{BOB}"))
+    assert [status(r) for r in replies] == [(250, "2.0.0")] * 2
+    [kept] = copies(dove, ALICE, m)
+    assert b"\nDelivered-To: bob@example.test\n" in kept
+    assert copies(dove, BOB, m) == []
+    gate.wait_log(rf"forward for <{ALICE}> refused by {FRIEND}: <{ALICE}>'s mailbox has it")
+
 def test_rule_cleared_means_local_delivery(gates, dove: Dovecot, relay: RelaySink) -> None:
     gate = alice_forwards(gates, FRIEND)
     assert store_call(gate, "clear_rule", ALICE)
