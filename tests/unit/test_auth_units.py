@@ -4,13 +4,16 @@ import time
 
 import authres
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mailgate import config, pipeline
 from mailgate.config import ConfigError
 from mailgate.filters.auth import dmarc, fields
 from mailgate.filters.auth import signatures
 from mailgate.filters.auth.signatures import read_signature
-from mailgate.filters.auth.results import Result, parse, render
+from mailgate.filters.auth import results
+from mailgate.filters.auth.results import WORDS, Result, parse, render
 from mailgate.gateway import without
 from mailgate.filters.auth.sender import client_address
 from mailgate.dns import Answer
@@ -243,6 +246,25 @@ def test_hostile_values_cannot_break_the_header():
     parsed = parse(header)
     assert [(r.method, r.result) for r in parsed.results] == [("dkim", "fail"), ("spf", "fail")]
     assert parsed.results[0].header_d is None and parsed.results[0].header_s == "sel"
+
+
+
+_VALUES = st.one_of(st.sampled_from(["", "abcdefgh", "ab/cd+ef", "AAAA====", "x.example",
+                                     'a"b', "a;b", "é"]), st.text(max_size=12))
+
+
+@settings(max_examples=300, deadline=None)
+@given(method=st.sampled_from(["dkim", "spf", "arc"]), result=st.sampled_from(WORDS),
+       comment=st.sampled_from(["", "bad sig", "evil) x ("]),
+       props=st.lists(st.tuples(st.sampled_from(["header", "smtp"]),
+                                st.sampled_from(["d", "s", "b", "mailfrom"]), _VALUES),
+                      max_size=4))
+def test_a_clause_rendered_with_its_header_b_apart_is_what_authres_writes(method, result,
+                                                                          comment, props):
+    """render() writes a dkim clause's header.b on its own (so the rest can be cached): the
+    text must be authres's own rendering of the whole clause."""
+    clause = Result(method, result, comment, tuple(props))
+    assert results._clause_text(clause) == str(results._clause(clause))
 
 
 # ---------------------------------------------------------------- config

@@ -67,6 +67,17 @@ def _text(result: Result) -> str:
     return str(_clause(result))
 
 
+def _clause_text(result: Result) -> str:
+    """_text, where a dkim clause's header.b (different in every message, so never found in
+    the cache) is rendered alone after the rest of its clause, which repeats. authres writes
+    the properties in order, one space apart: the same text (tests compare the two)."""
+    props = result.props
+    if props and props[-1][:2] == ("header", "b") and props[-1][2] and safe_value(props[-1][2]):
+        rest = _text(Result(result.method, result.result, result.comment, props[:-1]))
+        return f"{rest} {authres.AuthenticationResultProperty(*props[-1])}"
+    return _text(result)
+
+
 def feed_clauses(verdicts: tuple[tuple[str, str], ...]) -> list[authres.AuthenticationResult]:
     """The trusted feed's own verdicts (e.g. x-ses-spam=pass), one clause each, as given;
     a pair that is not a method keyword and a result word is left out."""
@@ -78,7 +89,7 @@ def feed_clauses(verdicts: tuple[tuple[str, str], ...]) -> list[authres.Authenti
 def render(authserv_id: str, results: list[Result],
            feed: tuple[tuple[str, str], ...] = ()) -> bytes:
     """The header line, folded one clause per line, CRLF-terminated."""
-    clauses = [_text(r) for r in results] + [str(c) for c in feed_clauses(feed)]
+    clauses = [_clause_text(r) for r in results] + [str(c) for c in feed_clauses(feed)]
     value = ";\r\n\t".join([authserv_id.lower(), *clauses]) if clauses else f"{authserv_id}; none"
     return f"Authentication-Results: {value}\r\n".encode("ascii", "replace")
 
