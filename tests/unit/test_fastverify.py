@@ -111,7 +111,9 @@ def test_canonicalization_helpers_give_what_dkimpy_gives(text: bytes) -> None:
 
 TAG_LIST = st.lists(st.sampled_from([b"v=1", b"a=rsa-sha256", b"d=x.test", b"s=sel", b"b=QUJD",
                                      b"bh=QUJD", b"h=from:to", b"t=1", b"x=9", b" ", b"\r\n\t",
-                                     b";", b"=", b"1x=y", b"d=a;d=b", b"c=relaxed"]),
+                                     b";", b"=", b"1x=y", b"d=a;d=b", b"c=relaxed", b"_a=1",
+                                     b"A_1=2", b"\xc3\xa9=1", b" x = y ", b"x==y", b"x",
+                                     b"\x00b=1", b"b\x00=1"]),
                     max_size=12).map(b";".join)
 
 

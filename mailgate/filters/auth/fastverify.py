@@ -16,7 +16,9 @@ skipped when a substring test shows they would change nothing (header values rar
 or two blanks in a row): 18 % of the instructions of `Auth.check` (bench/auth_cost.py). Each
 signature's tags were parsed and validated twice, once to read them before any key lookup
 (signatures.py) and again inside dkimpy's verify: another 10 %. `Tags` keeps them for the
-message in hand, and dkimpy reads them from there while `reading` it. `install()` swaps all of
+message in hand, and dkimpy reads them from there while `reading` it; they are parsed by
+`parse_tags`, dkimpy's parser in fewer steps (2 microseconds for a DKIM-Signature, not 8; a
+property test holds it to dkimpy's results and exceptions). `install()` swaps all of
 these into dkimpy, for DKIM and ARC alike.
 """
 from __future__ import annotations
@@ -111,7 +113,7 @@ class Tags:
         key = tag_list.strip()
         tags = self.parsed.get(key)
         if tags is None:
-            tags = self.parsed[key] = _DKIMPY_PARSE(key)
+            tags = self.parsed[key] = parse_tags(key)
         return dict(tags)
 
     def validate(self, sig: dict, mandatory_fields=_DKIM_TAGS, arc: bool = False) -> None:
@@ -119,6 +121,25 @@ class Tags:
         if passed not in self.valid:
             _DKIMPY_VALIDATE(sig, list(mandatory_fields), arc)
             self.valid.add(passed)
+
+
+def parse_tags(tag_list: bytes) -> dict:
+    """dkimpy's parse_tag_value (the same dict, the same exceptions), without its two Python
+    steps per tag that cost most: a list built to unpack `key, value`, and a pattern looked up
+    in re's cache to test the name's first character (`^[a-zA-Z](\\w)*` asks no more)."""
+    tags = {}
+    specs = tag_list.strip().split(b";")
+    if not specs[-1]:   # a trailing semicolon is valid
+        specs.pop()
+    for spec in specs:
+        key, eq, value = spec.partition(b"=")
+        key = key.strip()
+        if not eq or not key[:1].isalpha():   # bytes: ASCII letters only, as [a-zA-Z]
+            raise dkim.util.InvalidTagSpec(spec)
+        if key in tags:
+            raise dkim.util.DuplicateTag(key)
+        tags[key] = value.strip()
+    return tags
 
 
 _reading = threading.local()   # the Tags of the message dkimpy verifies in this thread
