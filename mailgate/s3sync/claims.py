@@ -15,6 +15,7 @@ import enum
 import hashlib
 import logging
 
+from mailgate.address import fold
 from mailgate.s3sync import metrics
 from mailgate.store import Store, StoreUnavailable
 
@@ -35,8 +36,10 @@ class Claim(enum.Enum):
 
 def mailbox_key(recipient: str) -> str:
     """One mailbox however SES spelt it: what a claim is keyed by, and what recipients are
-    deduplicated by (two spellings of one mailbox would otherwise wait on each other's lock)."""
-    return recipient.lower()
+    deduplicated by (two spellings of one mailbox would otherwise wait on each other's lock).
+    A-Z only, as serve and Dovecot (%Lu) fold: str.lower() would make U+212A KELVIN SIGN a
+    "k", and so drop another mailbox's copy as a duplicate."""
+    return fold(recipient)
 
 
 def identity(bucket: str, key: str, etag: str, recipient: str) -> str:

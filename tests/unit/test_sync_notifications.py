@@ -9,7 +9,7 @@ import pytest
 
 from mailgate import UsageError, config
 from mailgate.commands import parse_xfeed
-from mailgate.s3sync import headers
+from mailgate.s3sync import claims, headers
 from mailgate.s3sync.inject import xtext
 from mailgate.s3sync.notifications import BadNotification, parse
 from mailgate.s3sync.queues import load_domains, queue_names
@@ -131,6 +131,18 @@ def test_lf_only_headers_and_domain_split():
                                        frozenset({"example.test"}))
     assert (ours, foreign) == (["a@Example.Test"], ["b@x.test"])
 
+
+
+def test_only_ascii_case_makes_two_spellings_one_mailbox():
+    """Dovecot lower-cases A-Z only (%Lu): KELVIN SIGN (U+212A) is not "k", so
+    \u212aim@ and kim@ are two recipients, each with a claim of its own; dropping one as a
+    duplicate would lose its copy."""
+    kelvin = "\u212aim@example.test"
+    ours, _ = headers.in_domains([kelvin, "kim@example.test", "KIM@example.test"],
+                                 frozenset({"example.test"}))
+    assert ours == [kelvin, "kim@example.test"]
+    key = claims.mailbox_key
+    assert key(kelvin) != key("kim@example.test") == key("KIM@example.test")
 
 def test_xtext_escapes_plus_equals_space_and_non_ascii():
     assert xtext("a+b=c d\u00e9") == "a+2Bb+3Dc+20d+C3+A9"
