@@ -8,9 +8,8 @@ however many of its recipients forward to it and also when it is a recipient its
 failing temporarily defers the recipient (4xx) and the copies that made it are remembered, so
 the retry does not double them; a target refusing for good leaves the message in the
 recipient's own mailbox (delivered there now, without a local copy, unless another recipient's
-forward put it there already), logged. The own mailbox
-refusing for good (over quota) is that recipient's 5xx, as any delivery's, and the copies that
-went are remembered.
+forward put it there already), logged. The own mailbox refusing for good (over quota) is that
+recipient's 5xx, as any delivery's, and the copies that went are remembered.
 """
 from __future__ import annotations
 

@@ -201,7 +201,6 @@ def test_target_refused_for_good_keeps_the_message_here(gates, dove: Dovecot,
     gate.wait_log(rf"forward for <{ALICE}> refused by {FRIEND}: keeping it in <{ALICE}>'s")
 
 
-
 def test_refused_forward_kept_in_a_mailbox_another_forward_filled_gives_one_copy(
         gates, dove: Dovecot, relay: RelaySink) -> None:
     """alice forwards to friend@elsewhere, who refuses for good; bob forwards to alice. A
@@ -217,6 +216,7 @@ def test_refused_forward_kept_in_a_mailbox_another_forward_filled_gives_one_copy
     assert b"\nDelivered-To: bob@example.test\n" in kept
     assert copies(dove, BOB, m) == []
     gate.wait_log(rf"forward for <{ALICE}> refused by {FRIEND}: <{ALICE}>'s mailbox has it")
+
 
 def test_rule_cleared_means_local_delivery(gates, dove: Dovecot, relay: RelaySink) -> None:
     gate = alice_forwards(gates, FRIEND)

@@ -248,7 +248,6 @@ def test_hostile_values_cannot_break_the_header():
     assert parsed.results[0].header_d is None and parsed.results[0].header_s == "sel"
 
 
-
 _VALUES = st.one_of(st.sampled_from(["", "abcdefgh", "ab/cd+ef", "AAAA====", "x.example",
                                      'a"b', "a;b", "é"]), st.text(max_size=12))
 

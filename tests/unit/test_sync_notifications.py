@@ -132,7 +132,6 @@ def test_lf_only_headers_and_domain_split():
     assert (ours, foreign) == (["a@Example.Test"], ["b@x.test"])
 
 
-
 def test_only_ascii_case_makes_two_spellings_one_mailbox():
     """Dovecot lower-cases A-Z only (%Lu): KELVIN SIGN (U+212A) is not "k", so
     \u212aim@ and kim@ are two recipients, each with a claim of its own; dropping one as a
@@ -143,6 +142,7 @@ def test_only_ascii_case_makes_two_spellings_one_mailbox():
     assert ours == [kelvin, "kim@example.test"]
     key = claims.mailbox_key
     assert key(kelvin) != key("kim@example.test") == key("KIM@example.test")
+
 
 def test_xtext_escapes_plus_equals_space_and_non_ascii():
     assert xtext("a+b=c d\u00e9") == "a+2Bb+3Dc+20d+C3+A9"
